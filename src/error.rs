@@ -1,0 +1,174 @@
+//! The crate's one error type.
+
+use std::path::PathBuf;
+
+/// Every failure the library reports; messages name the value and what was expected.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A sample shape that is empty or has a zero dimension.
+    #[error("invalid x_dims {dims:?}: {reason}")]
+    InvalidXDims {
+        /// The shape that was given.
+        dims: Vec<usize>,
+        /// Why it was refused.
+        reason: &'static str,
+    },
+
+    /// A batch size of zero.
+    #[error("batch size must be at least 1, got 0")]
+    ZeroBatch,
+
+    /// A step count of zero.
+    #[error("number of inference steps must be at least 1, got 0")]
+    ZeroSteps,
+
+    /// A name (method, schedule, dataset, ...) that is not known.
+    #[error("unknown {kind} {name:?}; expected one of: {known}")]
+    UnknownName {
+        /// What kind of name it was ("integration method", "dataset", ...).
+        kind: &'static str,
+        /// The name that was given.
+        name: String,
+        /// The known names, comma-separated.
+        known: String,
+    },
+
+    /// A step function returned a tensor of the wrong shape.
+    #[error("step function returned shape {got:?}, expected {expected:?} (the shape of x)")]
+    StepShape {
+        /// The shape of `x`.
+        expected: Vec<usize>,
+        /// The shape returned.
+        got: Vec<usize>,
+    },
+
+    /// A step function returned a tensor of the wrong dtype.
+    #[error("step function returned dtype {got:?}, expected {expected:?} (the dtype of x)")]
+    StepDType {
+        /// The dtype of `x`.
+        expected: candle_core::DType,
+        /// The dtype returned.
+        got: candle_core::DType,
+    },
+
+    /// A step function returned a tensor on another device.
+    #[error("step function returned a tensor on {got}, expected {expected} (the device of x)")]
+    StepDevice {
+        /// The device of `x`.
+        expected: String,
+        /// The device returned.
+        got: String,
+    },
+
+    /// The state held NaN or infinity after a step.
+    #[error("non-finite value (NaN or infinity) in the state after step {step} (t = {t:.6})")]
+    NonFinite {
+        /// The 1-based index of the step that produced it.
+        step: usize,
+        /// The time reached by that step.
+        t: f64,
+    },
+
+    /// A shape that does not fit what the operation needs.
+    #[error("{what}: expected shape {expected}, got {got:?}")]
+    Shape {
+        /// What was being checked.
+        what: String,
+        /// The expected shape, in words or numbers.
+        expected: String,
+        /// The shape found.
+        got: Vec<usize>,
+    },
+
+    /// An argument outside its allowed range.
+    #[error("invalid {name} {value}: {expected}")]
+    InvalidArgument {
+        /// The argument's name.
+        name: &'static str,
+        /// The value given, as text.
+        value: String,
+        /// What is allowed.
+        expected: String,
+    },
+
+    /// A model file that cannot be used.
+    #[error("model file {}: {reason}", path.display())]
+    ModelFile {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// A model tensor whose shape disagrees with the metadata.
+    #[error("model file {}: tensor {key:?} has shape {got:?}, expected {expected:?}", path.display())]
+    ModelTensorShape {
+        /// The file.
+        path: PathBuf,
+        /// The tensor's key.
+        key: String,
+        /// The shape implied by the metadata.
+        expected: Vec<usize>,
+        /// The shape in the file.
+        got: Vec<usize>,
+    },
+
+    /// A data file (CSV, .npy) that cannot be read.
+    #[error("data file {}: {reason}", path.display())]
+    DataFile {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong, with the line where there is one.
+        reason: String,
+    },
+
+    /// An operating-system error on a file.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+
+    /// A training run that diverged or was misconfigured.
+    #[error("training: {0}")]
+    Training(String),
+
+    /// The adaptive solver hit its step cap before reaching the end time.
+    #[error("adaptive solver stopped after {steps} steps at t = {t:.6} (max_steps reached before t = {t_end})")]
+    MaxStepsReached {
+        /// Steps taken.
+        steps: usize,
+        /// Time reached.
+        t: f64,
+        /// Time that was to be reached.
+        t_end: f64,
+    },
+
+    /// An error from candle's tensor operations.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+/// The crate's result type.
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    /// An [`Error::InvalidArgument`] for `name = value`, with what was expected.
+    pub fn invalid(name: &'static str, value: impl ToString, expected: impl Into<String>) -> Self {
+        Error::InvalidArgument {
+            name,
+            value: value.to_string(),
+            expected: expected.into(),
+        }
+    }
+
+    /// An [`Error::Io`] for a path.
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}

@@ -1,0 +1,22 @@
+//! Flow-matching generative models on candle.
+//!
+//! A flow-matching model turns Gaussian noise at t = 0 into data at t = 1 by integrating a
+//! velocity field v(x, t). This crate gives the seed's sampler ([`FlowMatching`] under the
+//! [`Diffusion`] trait and the [`StepFn`] protocol), ODE solvers, time schedules, the
+//! `velocity-mlp` model shared with PyTorch, and training helpers.
+
+pub mod cli;
+pub mod diffusion;
+pub mod error;
+pub mod flow_matching;
+pub mod io;
+pub mod model;
+pub mod schedule;
+pub mod solver;
+
+pub use diffusion::{Diffusion, Sample, SampleOptions, StepFn, XDims};
+pub use error::{Error, Result};
+pub use flow_matching::{FlowMatching, TimestepSampler, TrainingBatch};
+pub use model::{VelocityMlp, VelocityMlpConfig};
+pub use schedule::Schedule;
+pub use solver::{AdaptiveOptions, Method};

@@ -1,0 +1,564 @@
+//! The `velocity-mlp` model of `shared/spec/velocity-mlp.md`: time features, an optional class
+//! embedding, and an MLP with SiLU, stored as safetensors that PyTorch reads too.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::VarMap;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use rand_distr::{Distribution, StandardNormal};
+
+use crate::diffusion::{StepFn, XDims};
+use crate::error::{Error, Result};
+use crate::io::atomic_write;
+
+/// `2 pi` rounded to float32 first, as the reference computes `((2*pi) * t) * f`.
+const TWO_PI_F32: f32 = 2.0 * std::f32::consts::PI;
+
+/// The hyper-parameters of a velocity-mlp (the file's metadata plus F and K).
+#[derive(Debug, Clone, PartialEq)]
+pub struct VelocityMlpConfig {
+    /// The sample shape.
+    pub x_dims: XDims,
+    /// Hidden width H.
+    pub hidden: usize,
+    /// Number of hidden layers (at least 1).
+    pub depth: usize,
+    /// Number of classes; 0 for an unconditional model.
+    pub num_classes: usize,
+    /// Number of time frequencies F.
+    pub num_freqs: usize,
+    /// Width K of the class embedding (unused when unconditional).
+    pub cond_dim: usize,
+}
+
+impl VelocityMlpConfig {
+    /// An unconditional model with hidden 256, depth 3, 16 frequencies.
+    pub fn new(x_dims: XDims) -> Self {
+        VelocityMlpConfig {
+            x_dims,
+            hidden: 256,
+            depth: 3,
+            num_classes: 0,
+            num_freqs: 16,
+            cond_dim: 16,
+        }
+    }
+
+    /// Checks that every size is usable.
+    pub fn validate(&self) -> Result<()> {
+        if self.hidden == 0 {
+            return Err(Error::invalid("hidden", 0, "at least 1"));
+        }
+        if self.depth == 0 {
+            return Err(Error::invalid("depth", 0, "at least 1"));
+        }
+        if self.num_freqs == 0 {
+            return Err(Error::invalid("number of frequencies", 0, "at least 1"));
+        }
+        if self.num_classes > 0 && self.cond_dim == 0 {
+            return Err(Error::invalid(
+                "class embedding width",
+                0,
+                "at least 1 for a conditional model",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The input width of the first layer, `D + 2F (+ K)`.
+    pub fn input_dim(&self) -> usize {
+        self.x_dims.numel()
+            + 2 * self.num_freqs
+            + if self.num_classes > 0 {
+                self.cond_dim
+            } else {
+                0
+            }
+    }
+
+    /// Every tensor key with its expected shape, in file order.
+    pub fn expected_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        let (h, d) = (self.hidden, self.x_dims.numel());
+        let mut v = vec![("time_embed.freqs".to_string(), vec![self.num_freqs])];
+        if self.num_classes > 0 {
+            v.push((
+                "cond_embed.weight".to_string(),
+                vec![self.num_classes + 1, self.cond_dim],
+            ));
+        }
+        for l in 0..=self.depth {
+            let in_dim = if l == 0 { self.input_dim() } else { h };
+            let out_dim = if l == self.depth { d } else { h };
+            v.push((format!("net.{}.weight", 2 * l), vec![out_dim, in_dim]));
+            v.push((format!("net.{}.bias", 2 * l), vec![out_dim]));
+        }
+        v
+    }
+
+    /// The safetensors `__metadata__` of this config.
+    pub fn metadata(&self) -> HashMap<String, String> {
+        HashMap::from([
+            ("format".to_string(), "velocity-mlp".to_string()),
+            ("version".to_string(), "1".to_string()),
+            ("x_dims".to_string(), self.x_dims.to_string()),
+            ("hidden".to_string(), self.hidden.to_string()),
+            ("depth".to_string(), self.depth.to_string()),
+            ("num_classes".to_string(), self.num_classes.to_string()),
+        ])
+    }
+}
+
+/// A velocity field `v(x, t [, c])` as the spec's MLP.
+#[derive(Debug, Clone)]
+pub struct VelocityMlp {
+    config: VelocityMlpConfig,
+    freqs: Tensor,
+    cond: Option<Tensor>,
+    /// `(weight [out, in], bias [out])` for each of the `depth + 1` linear layers.
+    layers: Vec<(Tensor, Tensor)>,
+}
+
+impl VelocityMlp {
+    /// A freshly initialised model whose trainable weights live in `varmap` under the spec's
+    /// keys (PyTorch's default initialisation, drawn from a seeded generator). The frequencies
+    /// `logspace(0, 2, F)` are fixed, not variables.
+    pub fn init(
+        config: VelocityMlpConfig,
+        varmap: &VarMap,
+        device: &Device,
+        seed: u64,
+    ) -> Result<Self> {
+        config.validate()?;
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut tensors = HashMap::new();
+        let f = config.num_freqs;
+        let freqs: Vec<f32> = (0..f)
+            .map(|i| {
+                if f == 1 {
+                    1.0
+                } else {
+                    10f64.powf(2.0 * i as f64 / (f - 1) as f64) as f32
+                }
+            })
+            .collect();
+        tensors.insert(
+            "time_embed.freqs".to_string(),
+            Tensor::from_vec(freqs, f, device)?,
+        );
+        let data = varmap.data();
+        let mut vars = data
+            .lock()
+            .map_err(|_| Error::Training("the variable map's lock is poisoned".into()))?;
+        for (key, shape) in config.expected_shapes() {
+            if key == "time_embed.freqs" {
+                continue;
+            }
+            let n: usize = shape.iter().product();
+            let values: Vec<f32> = if key == "cond_embed.weight" {
+                (0..n).map(|_| StandardNormal.sample(&mut rng)).collect()
+            } else {
+                let fan_in = if key.ends_with(".weight") {
+                    shape[1]
+                } else {
+                    config_fan_in(&config, &key)
+                };
+                let bound = 1.0 / (fan_in as f32).sqrt();
+                (0..n).map(|_| rng.random_range(-bound..bound)).collect()
+            };
+            let var = Var::from_tensor(&Tensor::from_vec(values, shape, device)?)?;
+            tensors.insert(key.clone(), var.as_tensor().clone());
+            vars.insert(key, var);
+        }
+        Self::from_tensors(config, &tensors, Path::new("<new model>"))
+    }
+
+    /// Builds a model from tensors under the spec's keys, checking each shape.
+    pub fn from_tensors(
+        config: VelocityMlpConfig,
+        tensors: &HashMap<String, Tensor>,
+        path: &Path,
+    ) -> Result<Self> {
+        config.validate()?;
+        for (key, shape) in config.expected_shapes() {
+            let t = tensors.get(&key).ok_or_else(|| Error::ModelFile {
+                path: path.to_path_buf(),
+                reason: format!("missing tensor {key:?} (expected shape {shape:?})"),
+            })?;
+            if t.dims() != shape.as_slice() {
+                return Err(Error::ModelTensorShape {
+                    path: path.to_path_buf(),
+                    key,
+                    expected: shape,
+                    got: t.dims().to_vec(),
+                });
+            }
+        }
+        let get = |k: &str| tensors[k].clone();
+        let layers = (0..=config.depth)
+            .map(|l| {
+                (
+                    get(&format!("net.{}.weight", 2 * l)),
+                    get(&format!("net.{}.bias", 2 * l)),
+                )
+            })
+            .collect();
+        Ok(VelocityMlp {
+            freqs: get("time_embed.freqs"),
+            cond: (config.num_classes > 0).then(|| get("cond_embed.weight")),
+            layers,
+            config,
+        })
+    }
+
+    /// Loads a velocity-mlp file; every tensor is checked against the metadata.
+    ///
+    /// ```no_run
+    /// let model = flow_matching::VelocityMlp::load("model.safetensors", &candle_core::Device::Cpu)?;
+    /// # Ok::<(), flow_matching::Error>(())
+    /// ```
+    pub fn load(path: impl AsRef<Path>, device: &Device) -> Result<Self> {
+        let (config, tensors) = read_file(path.as_ref(), device)?;
+        Self::from_tensors(config, &tensors, path.as_ref())
+    }
+
+    /// The hyper-parameters.
+    pub fn config(&self) -> &VelocityMlpConfig {
+        &self.config
+    }
+
+    /// The device the weights are on.
+    pub fn device(&self) -> &Device {
+        self.freqs.device()
+    }
+
+    /// The model's tensors under the spec's keys.
+    pub fn tensors(&self) -> Vec<(String, Tensor)> {
+        let mut v = vec![("time_embed.freqs".to_string(), self.freqs.clone())];
+        if let Some(c) = &self.cond {
+            v.push(("cond_embed.weight".to_string(), c.clone()));
+        }
+        for (l, (w, b)) in self.layers.iter().enumerate() {
+            v.push((format!("net.{}.weight", 2 * l), w.clone()));
+            v.push((format!("net.{}.bias", 2 * l), b.clone()));
+        }
+        v
+    }
+
+    /// The first-layer weight and every layer, for the fused CPU kernels.
+    pub(crate) fn layers(&self) -> &[(Tensor, Tensor)] {
+        &self.layers
+    }
+
+    /// The time frequencies `[F]`.
+    pub(crate) fn freqs(&self) -> &Tensor {
+        &self.freqs
+    }
+
+    /// The class embedding `[num_classes + 1, K]`, when conditional.
+    pub(crate) fn cond_embed(&self) -> Option<&Tensor> {
+        self.cond.as_ref()
+    }
+
+    /// A copy whose weights are detached from any autograd graph, for sampling.
+    pub fn detach(&self) -> Self {
+        VelocityMlp {
+            config: self.config.clone(),
+            freqs: self.freqs.detach(),
+            cond: self.cond.as_ref().map(|c| c.detach()),
+            layers: self
+                .layers
+                .iter()
+                .map(|(w, b)| (w.detach(), b.detach()))
+                .collect(),
+        }
+    }
+
+    /// A copy on another device.
+    pub fn to_device(&self, device: &Device) -> Result<Self> {
+        Ok(VelocityMlp {
+            config: self.config.clone(),
+            freqs: self.freqs.to_device(device)?,
+            cond: self
+                .cond
+                .as_ref()
+                .map(|c| c.to_device(device))
+                .transpose()?,
+            layers: self
+                .layers
+                .iter()
+                .map(|(w, b)| Ok((w.to_device(device)?, b.to_device(device)?)))
+                .collect::<Result<_>>()?,
+        })
+    }
+
+    /// Writes the model as a velocity-mlp file (temporary name, then rename).
+    pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
+        self.save_with(path, &[])
+    }
+
+    /// Writes the model with extra tensors (an EMA copy, optimizer state) under other keys.
+    pub fn save_with(&self, path: impl AsRef<Path>, extra: &[(String, Tensor)]) -> Result<()> {
+        let mut all: Vec<(String, Tensor)> = self
+            .tensors()
+            .into_iter()
+            .map(|(k, t)| Ok((k, t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?)))
+            .collect::<Result<_>>()?;
+        for (k, t) in extra {
+            all.push((k.clone(), t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?));
+        }
+        let meta = self.config.metadata();
+        let path = path.as_ref();
+        let bytes = safetensors::serialize(all.iter().map(|(k, t)| (k.as_str(), t)), Some(meta))
+            .map_err(|e| Error::ModelFile {
+                path: path.to_path_buf(),
+                reason: format!("cannot serialize: {e}"),
+            })?;
+        atomic_write(path, &bytes)
+    }
+
+    /// Validates class labels for a batch of `batch` rows and returns them as a `[B]` u32 tensor.
+    pub fn labels_tensor(&self, labels: &[u32], batch: usize) -> Result<Tensor> {
+        if self.config.num_classes == 0 {
+            return Err(Error::invalid(
+                "labels",
+                format!("{labels:?}"),
+                "no labels: this model is unconditional (num_classes = 0)",
+            ));
+        }
+        if labels.len() != batch {
+            return Err(Error::invalid(
+                "labels",
+                format!("{} labels", labels.len()),
+                format!("one label per sample ({batch})"),
+            ));
+        }
+        if let Some(bad) = labels
+            .iter()
+            .find(|&&l| l as usize > self.config.num_classes)
+        {
+            return Err(Error::invalid(
+                "label",
+                bad,
+                format!(
+                    "a class in 0..{} or {} for no condition",
+                    self.config.num_classes, self.config.num_classes
+                ),
+            ));
+        }
+        Ok(Tensor::from_vec(labels.to_vec(), batch, self.device())?)
+    }
+
+    /// The time features `[B, 2F]` of per-row times `t` (any shape with B elements).
+    pub fn time_features(&self, t: &Tensor, batch: usize) -> Result<Tensor> {
+        if t.elem_count() != batch {
+            return Err(Error::Shape {
+                what: "t".into(),
+                expected: format!("{batch} elements, one per sample"),
+                got: t.dims().to_vec(),
+            });
+        }
+        let t = t.reshape((batch, 1))?.to_dtype(self.freqs.dtype())?;
+        let a = t
+            .affine(TWO_PI_F32 as f64, 0.0)?
+            .broadcast_mul(&self.freqs.unsqueeze(0)?)?;
+        Ok(Tensor::cat(&[a.sin()?, a.cos()?], 1)?)
+    }
+
+    /// The velocity for `x` `[B, *x_dims]`, times `t` (B elements) and labels `[B]` (u32;
+    /// `None` means the null class for a conditional model).
+    pub fn forward(&self, x: &Tensor, t: &Tensor, labels: Option<&Tensor>) -> Result<Tensor> {
+        let b = self.check_x(x)?;
+        let dtype = x.dtype();
+        let mut parts = vec![x
+            .reshape((b, self.config.x_dims.numel()))?
+            .to_dtype(DType::F32)?];
+        parts.push(self.time_features(t, b)?);
+        if let Some(k) = self.class_features(labels, b)? {
+            parts.push(k);
+        }
+        let mut h = Tensor::cat(&parts, 1)?;
+        let last = self.layers.len() - 1;
+        for (i, (w, bias)) in self.layers.iter().enumerate() {
+            h = h.matmul(&w.t()?)?.broadcast_add(bias)?;
+            if i < last {
+                h = h.silu()?;
+            }
+        }
+        Ok(h.reshape(x.dims())?.to_dtype(dtype)?)
+    }
+
+    fn check_x(&self, x: &Tensor) -> Result<usize> {
+        if x.rank() < 2 || x.dims()[1..] != *self.config.x_dims.dims() {
+            return Err(Error::Shape {
+                what: "x".into(),
+                expected: format!("[B, {}] (the model's x_dims)", self.config.x_dims),
+                got: x.dims().to_vec(),
+            });
+        }
+        Ok(x.dim(0)?)
+    }
+
+    /// The class embedding rows `[B, K]` for the labels (the null class when `None`).
+    fn class_features(&self, labels: Option<&Tensor>, batch: usize) -> Result<Option<Tensor>> {
+        match (&self.cond, labels) {
+            (None, None) => Ok(None),
+            (None, Some(_)) => Err(Error::invalid(
+                "labels",
+                "given",
+                "no labels: this model is unconditional (num_classes = 0)",
+            )),
+            (Some(emb), Some(l)) => {
+                if l.dims() != [batch] {
+                    return Err(Error::Shape {
+                        what: "labels".into(),
+                        expected: format!("[{batch}]"),
+                        got: l.dims().to_vec(),
+                    });
+                }
+                Ok(Some(emb.index_select(&l.to_dtype(DType::U32)?, 0)?))
+            }
+            (Some(emb), None) => {
+                let null = Tensor::full(self.config.num_classes as u32, batch, emb.device())?;
+                Ok(Some(emb.index_select(&null, 0)?))
+            }
+        }
+    }
+
+    /// A step function that conditions every row on its label.
+    pub fn with_labels(&self, labels: &[u32]) -> Result<Conditioned<'_>> {
+        let batch = labels.len();
+        Ok(Conditioned {
+            model: self,
+            labels: self.labels_tensor(labels, batch)?,
+        })
+    }
+}
+
+fn config_fan_in(config: &VelocityMlpConfig, bias_key: &str) -> usize {
+    // A bias shares its layer's fan-in: the first layer reads the input, the others H.
+    if bias_key == "net.0.bias" {
+        config.input_dim()
+    } else {
+        config.hidden
+    }
+}
+
+impl StepFn for VelocityMlp {
+    fn step(&mut self, x: &Tensor, t: &Tensor) -> Result<Tensor> {
+        self.forward(x, t, None)
+    }
+}
+
+/// A conditional model bound to one label per row: a step function for conditional sampling.
+#[derive(Debug, Clone)]
+pub struct Conditioned<'a> {
+    /// The model.
+    pub model: &'a VelocityMlp,
+    /// Labels `[B]`, u32.
+    pub labels: Tensor,
+}
+
+impl StepFn for Conditioned<'_> {
+    fn step(&mut self, x: &Tensor, t: &Tensor) -> Result<Tensor> {
+        self.model.forward(x, t, Some(&self.labels))
+    }
+}
+
+fn meta_usize(meta: &HashMap<String, String>, key: &str, path: &Path) -> Result<usize> {
+    let v = meta.get(key).ok_or_else(|| Error::ModelFile {
+        path: path.to_path_buf(),
+        reason: format!("metadata has no {key:?} entry"),
+    })?;
+    v.trim().parse().map_err(|_| Error::ModelFile {
+        path: path.to_path_buf(),
+        reason: format!("metadata {key:?} is {v:?}, expected a non-negative integer"),
+    })
+}
+
+/// Reads a velocity-mlp file: its config from the metadata and every tensor in it (extra keys
+/// included), each checked to be float32.
+pub fn read_file(
+    path: &Path,
+    device: &Device,
+) -> Result<(VelocityMlpConfig, HashMap<String, Tensor>)> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let bad = |reason: String| Error::ModelFile {
+        path: PathBuf::from(path),
+        reason,
+    };
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
+        .map_err(|e| bad(format!("not a valid safetensors file ({e})")))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .map_err(|e| bad(format!("not a valid safetensors file ({e})")))?;
+    let meta = header
+        .metadata()
+        .clone()
+        .ok_or_else(|| bad("no __metadata__ header; expected format = velocity-mlp".into()))?;
+    match meta.get("format").map(String::as_str) {
+        Some("velocity-mlp") => {}
+        other => {
+            return Err(bad(format!(
+                "metadata format is {other:?}, expected \"velocity-mlp\""
+            )))
+        }
+    }
+    match meta.get("version").map(String::as_str) {
+        Some("1") => {}
+        other => {
+            return Err(bad(format!(
+                "metadata version is {other:?}, expected \"1\""
+            )))
+        }
+    }
+    let x_dims = XDims::parse(meta.get("x_dims").map(String::as_str).unwrap_or(""))
+        .map_err(|e| bad(format!("metadata x_dims: {e}")))?;
+    let hidden = meta_usize(&meta, "hidden", path)?;
+    let depth = meta_usize(&meta, "depth", path)?;
+    let num_classes = meta_usize(&meta, "num_classes", path)?;
+    let mut tensors = HashMap::new();
+    for (name, view) in st.tensors() {
+        if view.dtype() != safetensors::Dtype::F32 {
+            return Err(bad(format!(
+                "tensor {name:?} has dtype {:?}, expected F32",
+                view.dtype()
+            )));
+        }
+        let t = Tensor::from_raw_buffer(view.data(), DType::F32, view.shape(), device)?;
+        tensors.insert(name, t);
+    }
+    let dim_of = |key: &str, axis: usize| -> Result<usize> {
+        let t = tensors
+            .get(key)
+            .ok_or_else(|| bad(format!("missing tensor {key:?}")))?;
+        t.dims()
+            .get(axis)
+            .copied()
+            .ok_or_else(|| Error::ModelTensorShape {
+                path: path.to_path_buf(),
+                key: key.to_string(),
+                expected: vec![0; axis + 1],
+                got: t.dims().to_vec(),
+            })
+    };
+    let num_freqs = dim_of("time_embed.freqs", 0)?;
+    let cond_dim = if num_classes > 0 {
+        dim_of("cond_embed.weight", 1)?
+    } else {
+        0
+    };
+    let config = VelocityMlpConfig {
+        x_dims,
+        hidden,
+        depth,
+        num_classes,
+        num_freqs,
+        cond_dim,
+    };
+    config
+        .validate()
+        .map_err(|e| bad(format!("metadata: {e}")))?;
+    Ok((config, tensors))
+}
