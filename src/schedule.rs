@@ -102,7 +102,9 @@ impl Schedule {
                         "a grid that starts at 0 and ends at 1",
                     ));
                 }
-                if g.windows(2).any(|w| !(w[1] > w[0])) {
+                if g.windows(2)
+                    .any(|w| w[1].partial_cmp(&w[0]) != Some(std::cmp::Ordering::Greater))
+                {
                     return Err(Error::invalid(
                         "time grid",
                         format!("{g:?}"),

@@ -39,12 +39,16 @@ where
 }
 
 /// Parses a comma-separated list of labels such as `0,1,2`.
-pub(crate) fn parse_labels(s: &str) -> std::result::Result<Vec<u32>, String> {
+pub(crate) fn parse_labels(s: &str) -> Result<Vec<u32>> {
     s.split(',')
         .map(|p| {
-            p.trim()
-                .parse::<u32>()
-                .map_err(|_| format!("label {p:?} is not a non-negative integer"))
+            p.trim().parse::<u32>().map_err(|_| {
+                crate::Error::invalid(
+                    "--labels",
+                    s,
+                    format!("comma-separated class indices; {p:?} is not a non-negative integer"),
+                )
+            })
         })
         .collect()
 }

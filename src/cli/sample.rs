@@ -37,8 +37,8 @@ pub struct SampleArgs {
     #[arg(long, default_value = "uniform")]
     schedule: String,
     /// One class per sample for a conditional model, comma-separated (the null label is num_classes).
-    #[arg(long, value_parser = super::parse_labels)]
-    labels: Option<Vec<u32>>,
+    #[arg(long)]
+    labels: Option<String>,
     /// Where to write the final samples [B, *x_dims] (.npy, f32).
     #[arg(long)]
     out: PathBuf,
@@ -77,7 +77,8 @@ pub fn run(a: SampleArgs) -> Result<()> {
     };
     let mut conditioned;
     let mut plain;
-    let step_fn: &mut dyn StepFn = match &a.labels {
+    let labels = a.labels.as_deref().map(super::parse_labels).transpose()?;
+    let step_fn: &mut dyn StepFn = match &labels {
         Some(labels) => {
             if labels.len() != batch {
                 return Err(Error::invalid(
