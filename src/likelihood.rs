@@ -185,7 +185,7 @@ impl Augmented<'_> {
             Divergence::Exact => {
                 for i in 0..self.d {
                     let grads = v_flat.narrow(1, i, 1)?.sum_all()?.backward()?;
-                    let g = grads.get(xt).ok_or_else(|| not_differentiable())?;
+                    let g = grads.get(xt).ok_or_else(not_differentiable)?;
                     let gi = g.reshape((b, self.d))?.narrow(1, i, 1)?.squeeze(1)?;
                     div = (div + gi)?;
                 }
@@ -194,7 +194,7 @@ impl Augmented<'_> {
                 let k = self.probes.len() as f64;
                 for e in &self.probes {
                     let grads = (&v * e)?.sum_all()?.backward()?;
-                    let g = grads.get(xt).ok_or_else(|| not_differentiable())?;
+                    let g = grads.get(xt).ok_or_else(not_differentiable)?;
                     let est = (g * e)?.reshape((b, self.d))?.sum(1)?;
                     div = (div + est.affine(1.0 / k, 0.0)?)?;
                 }

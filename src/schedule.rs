@@ -102,7 +102,9 @@ impl Schedule {
                         "a grid that starts at 0 and ends at 1",
                     ));
                 }
-                if g.windows(2).any(|w| !(w[1] > w[0])) {
+                if g.windows(2)
+                    .any(|w| w[1].partial_cmp(&w[0]) != Some(std::cmp::Ordering::Greater))
+                {
                     return Err(Error::invalid(
                         "time grid",
                         format!("{g:?}"),
@@ -151,7 +153,10 @@ impl Schedule {
             Schedule::Custom(g) => g.iter().map(|&t| round(t)).collect(),
         };
         // Rounding to f32 can merge two close times of a custom grid into one.
-        if let Some(w) = grid.windows(2).find(|w| !(w[1] > w[0])) {
+        if let Some(w) = grid
+            .windows(2)
+            .find(|w| w[1].partial_cmp(&w[0]) != Some(std::cmp::Ordering::Greater))
+        {
             return Err(Error::invalid(
                 "time grid",
                 format!("{grid:?}"),

@@ -40,7 +40,8 @@ impl Default for AdaptiveOptions {
 }
 
 impl AdaptiveOptions {
-    fn validate(&self) -> Result<()> {
+    /// Checks that the tolerances and step limits are usable.
+    pub fn validate(&self) -> Result<()> {
         let positive = |name: &'static str, v: f64| {
             if v.is_finite() && v > 0.0 {
                 Ok(())

@@ -132,9 +132,10 @@ pub(crate) fn eval(f: &mut dyn StepFn, x: &Tensor, t: f64) -> Result<Tensor> {
 }
 
 /// An integration method, chosen by name (`euler`, `midpoint`, `heun`, `rk4`, `dopri5`).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub enum Method {
     /// Forward Euler, first order, 1 evaluation a step (the seed's method).
+    #[default]
     Euler,
     /// Explicit midpoint, second order, 2 evaluations a step.
     Midpoint,
@@ -148,12 +149,6 @@ pub enum Method {
 
 /// The names [`Method`] parses from.
 pub const METHOD_NAMES: [&str; 5] = ["euler", "midpoint", "heun", "rk4", "dopri5"];
-
-impl Default for Method {
-    fn default() -> Self {
-        Method::Euler
-    }
-}
 
 impl std::str::FromStr for Method {
     type Err = Error;
