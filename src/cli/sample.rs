@@ -47,7 +47,7 @@ pub struct SampleArgs {
     schedule: String,
     /// One class per sample for a conditional model, comma-separated (the null label is num_classes).
     #[arg(long, value_parser = super::parse_labels)]
-    labels: Option<Vec<u32>>,
+    labels: Option<super::Labels>,
     /// Where to write the final samples [B, *x_dims] (.npy, f32).
     #[arg(long)]
     out: PathBuf,
