@@ -394,3 +394,48 @@ fn cli_loglik_bad_arguments_give_one_line_errors() {
         "error: unknown probe distribution \"uniform\"; expected one of: rademacher, gaussian\n"
     );
 }
+
+#[test]
+fn cli_guidance_weights_zero_and_one() {
+    let dir = std::env::temp_dir().join(format!("fm-guidance-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let sample = |name: &str, extra: &[&str]| {
+        let out = dir.join(name);
+        let mut args = vec![
+            "sample",
+            "--model",
+            COND,
+            "--batch",
+            "3",
+            "--steps",
+            "4",
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let o = cli(&args);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        read_npy(&out, &Device::Cpu).unwrap()
+    };
+    let null = sample("null.npy", &["--labels", "3,3,3"]);
+    let cond = sample("cond.npy", &["--labels", "0,1,2"]);
+    let w0 = sample("w0.npy", &["--labels", "0,1,2", "--guidance", "0"]);
+    let w1 = sample("w1.npy", &["--labels", "0,1,2", "--guidance", "1"]);
+    let w3 = sample("w3.npy", &["--labels", "0,1,2", "--guidance", "3"]);
+    assert!(max_abs_diff(&w0, &null) < 1e-6);
+    assert!(max_abs_diff(&w1, &cond) < 1e-6);
+    assert!(max_abs_diff(&w3, &cond) > 1e-3);
+    let o = cli(&[
+        "sample",
+        "--model",
+        COND,
+        "--guidance",
+        "2",
+        "--out",
+        dir.join("x.npy").to_str().unwrap(),
+    ]);
+    assert_eq!(
+        String::from_utf8_lossy(&o.stderr),
+        "error: invalid --guidance 2: --labels as well: guidance steers towards the given classes\n"
+    );
+}

@@ -536,3 +536,44 @@ fn cli_tolerances_drive_dopri5() {
         "error: invalid atol -1: a finite number greater than 0\n"
     );
 }
+
+// ---- the golden Euler cases (PyTorch, float32) still hold after the solver rework ----
+
+fn allclose(got: &Tensor, want: &Tensor) {
+    assert_eq!(got.dims(), want.dims());
+    let g = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let w = want.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    for (a, b) in g.iter().zip(&w) {
+        assert!((a - b).abs() <= 1e-5 + 1e-4 * b.abs(), "{a} vs {b}");
+    }
+}
+
+#[test]
+fn golden_euler_cases_match() {
+    let dev = Device::Cpu;
+    let dir = "tests/data/golden";
+    let npy = |case: &str, f: &str| Tensor::read_npy(format!("{dir}/{case}/{f}.npy")).unwrap();
+    let run = |case: &str, f: &mut dyn StepFn, x_dims: &[usize], steps: usize| {
+        let x = npy(case, "x_init");
+        let fm = FlowMatching::new(x_dims.to_vec()).unwrap();
+        let opts = SampleOptions {
+            x_init: Some(x.clone()),
+            steps: Some(steps),
+            return_all_steps: true,
+            ..Default::default()
+        };
+        let out = fm.sample(x.dim(0).unwrap(), f, &dev, &opts).unwrap();
+        allclose(&out.x, &npy(case, "expected_final"));
+        allclose(
+            out.trajectory.as_ref().unwrap(),
+            &npy(case, "expected_traj"),
+        );
+        allclose(out.times.as_ref().unwrap(), &npy(case, "expected_times"));
+    };
+    let mut linear = |x: &Tensor, t: &Tensor| x.neg()?.broadcast_add(t);
+    run("analytic-linear", &mut linear, &[3], 7);
+    let mut model =
+        flow_matching::VelocityMlp::load(format!("{dir}/mlp-traj/model.safetensors"), &dev)
+            .unwrap();
+    run("mlp-traj", &mut model, &[16, 2], 5);
+}
