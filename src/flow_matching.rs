@@ -346,20 +346,7 @@ impl Diffusion for FlowMatching {
         if batch_size == 0 {
             return Err(Error::ZeroBatch);
         }
-        let steps = options.steps.unwrap_or(self.num_inference_steps);
-        let method = options.method.as_ref().unwrap_or(&self.method);
-        let schedule = options.schedule.as_ref().unwrap_or(&self.schedule);
-        let dtype = options.dtype;
-        if !matches!(dtype, DType::F32 | DType::F64 | DType::F16 | DType::BF16) {
-            return Err(Error::invalid(
-                "dtype",
-                format!("{dtype:?}"),
-                "f32, f64, f16 or bf16",
-            ));
-        }
-        if steps == 0 && !matches!(schedule, Schedule::Custom(_)) {
-            return Err(Error::ZeroSteps);
-        }
+        let dtype = check_dtype(options.dtype)?;
         let x0 = match &options.x_init {
             Some(x) => {
                 let want = self.x_dims.batched(batch_size);
@@ -374,14 +361,64 @@ impl Diffusion for FlowMatching {
             }
             None => self.noise(batch_size, options.seed, dtype, device)?,
         };
-        let grid = schedule.grid(steps, dtype)?;
+        self.solve(step_fn, x0, options, false)
+    }
+}
+
+/// The reverse direction: data at t = 1 back to noise at t = 0, the inverse of sampling.
+impl FlowMatching {
+    /// Maps data `x` `[B, *x_dims]` at t = 1 to noise at t = 0 along the reversed time grid
+    /// (`options.x_init` and `options.seed` are not used); the trajectory and times run from 1
+    /// down to 0.
+    ///
+    /// ```
+    /// use candle_core::{Device, Tensor};
+    /// use flow_matching::{Diffusion, FlowMatching, SampleOptions};
+    ///
+    /// let fm = FlowMatching::new(2).unwrap().with_method("rk4").unwrap();
+    /// let mut v = |x: &Tensor, _t: &Tensor| x.neg();
+    /// let opts = SampleOptions::seeded(0);
+    /// let s = fm.sample(4, &mut v, &Device::Cpu, &opts).unwrap();
+    /// let back = fm.encode(&s.x, &mut v, &opts).unwrap();
+    /// let noise = fm.noise(4, Some(0), candle_core::DType::F32, &Device::Cpu).unwrap();
+    /// let err = (back.x - noise).unwrap().abs().unwrap().max_all().unwrap();
+    /// assert!(err.to_scalar::<f32>().unwrap() < 1e-4);
+    /// ```
+    pub fn encode(
+        &self,
+        x: &Tensor,
+        step_fn: &mut dyn StepFn,
+        options: &SampleOptions,
+    ) -> Result<Sample> {
+        self.check_batch(x, "data to encode")?;
+        let dtype = check_dtype(options.dtype)?;
+        self.solve(step_fn, x.to_dtype(dtype)?, options, true)
+    }
+
+    /// Integrates from `x0` along the options' grid, forwards (0 to 1) or `reverse` (1 to 0).
+    fn solve(
+        &self,
+        step_fn: &mut dyn StepFn,
+        x0: Tensor,
+        options: &SampleOptions,
+        reverse: bool,
+    ) -> Result<Sample> {
+        let steps = options.steps.unwrap_or(self.num_inference_steps);
+        let method = options.method.as_ref().unwrap_or(&self.method);
+        let schedule = options.schedule.as_ref().unwrap_or(&self.schedule);
+        let dtype = x0.dtype();
+        let device = x0.device().clone();
+        let mut grid = schedule.grid(steps, dtype)?;
+        if reverse {
+            grid.reverse();
+        }
         let run = method
             .solver()
             .integrate(step_fn, x0, &grid, options.return_all_steps)?;
         let (trajectory, times) = if options.return_all_steps {
             let traj = Tensor::stack(&run.states, 1)?;
             let n = run.times.len();
-            let times = Tensor::from_vec(run.times.clone(), n, device)?.to_dtype(dtype)?;
+            let times = Tensor::from_vec(run.times.clone(), n, &device)?.to_dtype(dtype)?;
             (Some(traj), Some(times))
         } else {
             (None, None)
@@ -395,5 +432,18 @@ impl Diffusion for FlowMatching {
             rejected_steps: run.rejected,
             reached_end: run.reached_end,
         })
+    }
+}
+
+/// Refuses the dtypes a sampler state cannot have.
+fn check_dtype(dtype: DType) -> Result<DType> {
+    if matches!(dtype, DType::F32 | DType::F64 | DType::F16 | DType::BF16) {
+        Ok(dtype)
+    } else {
+        Err(Error::invalid(
+            "dtype",
+            format!("{dtype:?}"),
+            "f32, f64, f16 or bf16",
+        ))
     }
 }

@@ -138,8 +138,10 @@ impl Schedule {
                 t as f32 as f64
             }
         };
-        Ok(match self {
+        let grid = match self {
+            // s = 1 is the identity map; skip it so the grid equals the uniform one bit for bit.
             Schedule::Uniform => uniform,
+            Schedule::Shift(s) if *s == 1.0 => uniform,
             Schedule::Shift(s) => uniform
                 .iter()
                 .map(|&t| round(t / (t + s * (1.0 - t))))
@@ -149,7 +151,22 @@ impl Schedule {
                 .map(|&u| round(0.5 * (1.0 - (std::f64::consts::PI * u).cos())))
                 .collect(),
             Schedule::Custom(g) => g.iter().map(|&t| round(t)).collect(),
-        })
+        };
+        // Rounding to f32 can merge two close times of a custom grid into one.
+        if let Some(w) = grid
+            .windows(2)
+            .find(|w| w[1].partial_cmp(&w[0]) != Some(std::cmp::Ordering::Greater))
+        {
+            return Err(Error::invalid(
+                "time grid",
+                format!("{grid:?}"),
+                format!(
+                    "strictly increasing times in {dtype:?} precision ({} and {} coincide)",
+                    w[0], w[1]
+                ),
+            ));
+        }
+        Ok(grid)
     }
 }
 

@@ -1,5 +1,6 @@
 //! The command-line interface: a thin layer that parses arguments and calls the library.
 
+mod loglik;
 mod sample;
 
 use clap::{Parser, Subcommand};
@@ -18,6 +19,8 @@ pub struct Cli {
 enum Command {
     /// Draw samples from a velocity-mlp model and write them as .npy files.
     Sample(sample::SampleArgs),
+    /// Log-likelihoods (nats, bits/dim) of data rows under a velocity-mlp model.
+    Loglik(loglik::LoglikArgs),
 }
 
 /// Runs the command line `args` (the program name first).
@@ -35,6 +38,7 @@ where
     };
     match cli.command {
         Command::Sample(a) => sample::run(a),
+        Command::Loglik(a) => loglik::run(a),
     }
 }
 

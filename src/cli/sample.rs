@@ -33,6 +33,15 @@ pub struct SampleArgs {
     /// Integration method: euler, midpoint, heun, rk4, dopri5.
     #[arg(long, default_value = "euler")]
     method: String,
+    /// Relative tolerance of --method dopri5 (default 1e-5).
+    #[arg(long)]
+    rtol: Option<f64>,
+    /// Absolute tolerance of --method dopri5 (default 1e-5).
+    #[arg(long)]
+    atol: Option<f64>,
+    /// Classifier-free guidance weight (needs --labels): 0 = unconditional, 1 = conditional.
+    #[arg(long)]
+    guidance: Option<f64>,
     /// Time grid: uniform, cosine, shift:S, or a comma-separated grid from 0 to 1.
     #[arg(long, default_value = "uniform")]
     schedule: String,
@@ -54,7 +63,23 @@ pub struct SampleArgs {
 pub fn run(a: SampleArgs) -> Result<()> {
     let device = Device::Cpu;
     let model = VelocityMlp::load(&a.model, &device)?;
-    let method: Method = a.method.parse()?;
+    let mut method: Method = a.method.parse()?;
+    if a.rtol.is_some() || a.atol.is_some() {
+        match &mut method {
+            Method::Dopri5(o) => {
+                o.rtol = a.rtol.unwrap_or(o.rtol);
+                o.atol = a.atol.unwrap_or(o.atol);
+                o.validate()?;
+            }
+            other => {
+                return Err(Error::invalid(
+                    "--rtol/--atol",
+                    format!("with --method {other}"),
+                    "tolerances only with --method dopri5",
+                ))
+            }
+        }
+    }
     let schedule: Schedule = a.schedule.parse()?;
     let mut fm = FlowMatching::new(model.config().x_dims.dims())?;
     fm.method = method;
@@ -76,10 +101,11 @@ pub fn run(a: SampleArgs) -> Result<()> {
         ..Default::default()
     };
     let mut conditioned;
+    let mut guided;
     let mut plain;
     let labels = a.labels.as_deref().map(super::parse_labels).transpose()?;
-    let step_fn: &mut dyn StepFn = match &labels {
-        Some(labels) => {
+    let step_fn: &mut dyn StepFn = match (&labels, a.guidance) {
+        (Some(labels), guidance) => {
             if labels.len() != batch {
                 return Err(Error::invalid(
                     "--labels",
@@ -87,10 +113,26 @@ pub fn run(a: SampleArgs) -> Result<()> {
                     format!("one label per sample ({batch})"),
                 ));
             }
-            conditioned = model.with_labels(labels)?;
-            &mut conditioned
+            match guidance {
+                Some(w) => {
+                    fm = fm.with_guidance(w)?;
+                    guided = fm.guided(&model, labels)?;
+                    &mut guided
+                }
+                None => {
+                    conditioned = model.with_labels(labels)?;
+                    &mut conditioned
+                }
+            }
         }
-        None => {
+        (None, Some(w)) => {
+            return Err(Error::invalid(
+                "--guidance",
+                w,
+                "--labels as well: guidance steers towards the given classes",
+            ))
+        }
+        (None, None) => {
             plain = model.clone();
             &mut plain
         }

@@ -40,7 +40,8 @@ impl Default for AdaptiveOptions {
 }
 
 impl AdaptiveOptions {
-    fn validate(&self) -> Result<()> {
+    /// Checks that the tolerances and step limits are usable.
+    pub fn validate(&self) -> Result<()> {
         let positive = |name: &'static str, v: f64| {
             if v.is_finite() && v > 0.0 {
                 Ok(())
@@ -219,6 +220,9 @@ impl Solver for Dopri5 {
         .clamp(o.min_step, o.max_step);
         let (mut accepted, mut rejected) = (0usize, 0usize);
         let mut reached_end = true;
+        // Right after a rejection the step may not grow (Hairer's rule): the estimate that
+        // just failed says the field is harder here than the last step size suggested.
+        let mut just_rejected = false;
         while dir * (t_end - t) > 1e-12 * span.max(1.0) {
             if accepted + rejected >= o.max_steps {
                 if o.return_on_max_steps {
@@ -261,9 +265,16 @@ impl Solver for Dopri5 {
                             states.push(x.clone());
                         }
                         times.push(t);
+                        let factor = if just_rejected {
+                            factor.min(1.0)
+                        } else {
+                            factor
+                        };
+                        just_rejected = false;
                         h = (h_try * factor).clamp(o.min_step, o.max_step);
                     } else {
                         rejected += 1;
+                        just_rejected = true;
                         if h_try <= o.min_step {
                             return Err(Error::invalid(
                                 "min_step",
