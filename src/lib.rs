@@ -6,11 +6,14 @@
 //! `velocity-mlp` model shared with PyTorch, and training helpers.
 
 pub mod cli;
+pub mod data;
 pub mod diffusion;
 pub mod error;
 pub mod flow_matching;
 pub mod io;
+pub mod metrics;
 pub mod model;
+pub mod plot;
 pub mod schedule;
 pub mod solver;
 
