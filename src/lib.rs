@@ -6,13 +6,16 @@
 //! `velocity-mlp` model shared with PyTorch, and training helpers.
 
 pub mod cli;
+pub mod data;
 pub mod diffusion;
 pub mod error;
 pub mod flow_matching;
 pub mod guidance;
 pub mod io;
 pub mod likelihood;
+pub mod metrics;
 pub mod model;
+pub mod plot;
 pub mod schedule;
 pub mod solver;
 
