@@ -13,6 +13,7 @@ pub mod io;
 pub mod model;
 pub mod schedule;
 pub mod solver;
+pub mod train;
 
 pub use diffusion::{Diffusion, Sample, SampleOptions, StepFn, XDims};
 pub use error::{Error, Result};
