@@ -18,6 +18,7 @@ pub mod model;
 pub mod plot;
 pub mod schedule;
 pub mod solver;
+pub mod train;
 
 pub use diffusion::{Diffusion, Sample, SampleOptions, StepFn, XDims};
 pub use error::{Error, Result};

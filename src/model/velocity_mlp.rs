@@ -304,6 +304,17 @@ impl VelocityMlp {
 
     /// Writes the model with extra tensors (an EMA copy, optimizer state) under other keys.
     pub fn save_with(&self, path: impl AsRef<Path>, extra: &[(String, Tensor)]) -> Result<()> {
+        self.save_with_metadata(path, extra, &HashMap::new())
+    }
+
+    /// Writes the model with extra tensors and extra `__metadata__` entries (a training
+    /// checkpoint's step and config); an extra entry may not replace a spec entry.
+    pub fn save_with_metadata(
+        &self,
+        path: impl AsRef<Path>,
+        extra: &[(String, Tensor)],
+        extra_meta: &HashMap<String, String>,
+    ) -> Result<()> {
         let mut all: Vec<(String, Tensor)> = self
             .tensors()
             .into_iter()
@@ -312,8 +323,17 @@ impl VelocityMlp {
         for (k, t) in extra {
             all.push((k.clone(), t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?));
         }
-        let meta = self.config.metadata();
+        let mut meta = self.config.metadata();
         let path = path.as_ref();
+        for (k, v) in extra_meta {
+            if meta.contains_key(k) {
+                return Err(Error::ModelFile {
+                    path: path.to_path_buf(),
+                    reason: format!("extra metadata entry {k:?} would replace the spec's entry"),
+                });
+            }
+            meta.insert(k.clone(), v.clone());
+        }
         let bytes = safetensors::serialize(all.iter().map(|(k, t)| (k.as_str(), t)), Some(meta))
             .map_err(|e| Error::ModelFile {
                 path: path.to_path_buf(),

@@ -1,0 +1,464 @@
+//! Training a velocity network by flow matching: AdamW with saved moments, gradient clipping,
+//! warm-up and cosine learning rates, an EMA of the weights, classifier-free guidance label
+//! dropping, exact resume from checkpoints.
+//!
+//! Every random draw of step `k` comes from [`step_rng`]`(seed, k)`, so a run resumed at step
+//! `k` continues bit for bit as the uninterrupted run would have.
+
+mod checkpoint;
+mod config;
+mod optim;
+
+use std::collections::HashMap;
+use std::io::IsTerminal;
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::VarMap;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+
+use crate::error::{Error, Result};
+use crate::flow_matching::FlowMatching;
+use crate::model::{VelocityMlp, VelocityMlpConfig};
+
+pub use config::TrainConfig;
+pub use optim::{clip_grad_norm, grad_norm, lr_at, AdamW, AdamWParams, Ema, LrSchedule};
+
+/// The loss and the gradient of every trainable weight (by its spec key) for one batch:
+/// `(model, noisy_x, t, labels, target) -> (loss, grads)`. [`loss_and_grads`] is the autograd
+/// version; a fused kernel with the same signature can replace it.
+pub type LossFn = Box<
+    dyn FnMut(
+        &VelocityMlp,
+        &Tensor,
+        &Tensor,
+        Option<&Tensor>,
+        &Tensor,
+    ) -> Result<(f32, Vec<(String, Tensor)>)>,
+>;
+
+/// The random generator of step `step` of a run seeded with `seed` (the seed and the step
+/// fill the generator's seed bytes, so no two steps share a stream).
+pub fn step_rng(seed: u64, step: u64) -> StdRng {
+    let mut bytes = [0u8; 32];
+    bytes[..8].copy_from_slice(&seed.to_le_bytes());
+    bytes[8..16].copy_from_slice(&step.to_le_bytes());
+    bytes[16..24].copy_from_slice(b"fm-train");
+    StdRng::from_seed(bytes)
+}
+
+/// Mean squared error of `forward(noisy_x, t, labels)` against `target` and its gradient for
+/// each of `params` that takes part (by autograd), for any model whose weights are `Var`s.
+pub fn loss_and_grads_with<F>(
+    forward: F,
+    params: &[(String, Tensor)],
+    noisy_x: &Tensor,
+    t: &Tensor,
+    labels: Option<&Tensor>,
+    target: &Tensor,
+) -> Result<(f32, Vec<(String, Tensor)>)>
+where
+    F: FnOnce(&Tensor, &Tensor, Option<&Tensor>) -> Result<Tensor>,
+{
+    let pred = forward(noisy_x, t, labels)?;
+    if pred.dims() != target.dims() {
+        return Err(Error::Shape {
+            what: "prediction".into(),
+            expected: format!("{:?} (the shape of the target)", target.dims()),
+            got: pred.dims().to_vec(),
+        });
+    }
+    let loss = (pred - target)?.sqr()?.mean_all()?;
+    let store = loss.backward()?;
+    let grads: Vec<(String, Tensor)> = params
+        .iter()
+        .filter_map(|(k, p)| store.get(p).map(|g| (k.clone(), g.clone())))
+        .collect();
+    if grads.is_empty() {
+        return Err(Error::Training(
+            "no weight received a gradient: the model's weights must be Vars, not detached".into(),
+        ));
+    }
+    Ok((loss.to_dtype(DType::F32)?.to_scalar::<f32>()?, grads))
+}
+
+/// The velocity-mlp's loss and gradients by candle's autograd (the default [`LossFn`]).
+pub fn loss_and_grads(
+    model: &VelocityMlp,
+    noisy_x: &Tensor,
+    t: &Tensor,
+    labels: Option<&Tensor>,
+    target: &Tensor,
+) -> Result<(f32, Vec<(String, Tensor)>)> {
+    let params = model.tensors();
+    loss_and_grads_with(
+        |x, t, l| model.forward(x, t, l),
+        &params,
+        noisy_x,
+        t,
+        labels,
+        target,
+    )
+}
+
+/// Replaces the labels whose drop-mask entry is 1 by the null class `num_classes`.
+pub fn drop_labels(labels: &[u32], drop_mask: &Tensor, num_classes: usize) -> Result<Vec<u32>> {
+    let mask = drop_mask.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+    if mask.len() != labels.len() {
+        return Err(Error::invalid(
+            "labels",
+            format!("{} labels", labels.len()),
+            format!("one label per sample ({})", mask.len()),
+        ));
+    }
+    Ok(labels
+        .iter()
+        .zip(&mask)
+        .map(|(&l, &m)| if m > 0.5 { num_classes as u32 } else { l })
+        .collect())
+}
+
+/// What a finished run returns.
+#[derive(Debug, Clone)]
+pub struct TrainOutput {
+    /// The EMA model, detached: use it for sampling.
+    pub model: VelocityMlp,
+    /// The raw (last-step) weights, detached.
+    pub raw: VelocityMlp,
+    /// `(step, loss)` for every step taken since step 0 (steps counted from 1).
+    pub history: Vec<(usize, f32)>,
+}
+
+/// A flow-matching training run of a [`VelocityMlp`] whose weights live in a `VarMap`.
+pub struct Trainer {
+    config: TrainConfig,
+    fm: FlowMatching,
+    varmap: VarMap,
+    /// The trainable weights by spec key, sorted, sharing storage with `model`'s tensors.
+    vars: Vec<(String, Var)>,
+    model: VelocityMlp,
+    optim: AdamW,
+    ema: Ema,
+    step: usize,
+    losses: Vec<f32>,
+    loss_fn: LossFn,
+    checkpoint: Option<PathBuf>,
+    progress: bool,
+}
+
+impl std::fmt::Debug for Trainer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Trainer")
+            .field("config", &self.config)
+            .field("model", self.model.config())
+            .field("step", &self.step)
+            .field("checkpoint", &self.checkpoint)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Trainer {
+    /// A run from freshly initialised weights (`VelocityMlp::init` with the config's seed).
+    ///
+    /// ```
+    /// use candle_core::{Device, Tensor};
+    /// use flow_matching::train::{TrainConfig, Trainer};
+    /// use flow_matching::{VelocityMlpConfig, XDims};
+    ///
+    /// let mut model = VelocityMlpConfig::new(XDims::new(2).unwrap());
+    /// (model.hidden, model.depth) = (16, 1);
+    /// let config = TrainConfig { steps: 5, batch_size: 8, ..TrainConfig::default() };
+    /// let mut trainer = Trainer::new(model, config, &Device::Cpu).unwrap();
+    /// let out = trainer
+    ///     .train(|_rng, b| Ok((Tensor::ones((b, 2), candle_core::DType::F32, &Device::Cpu)?, None)))
+    ///     .unwrap();
+    /// assert_eq!(out.history.len(), 5);
+    /// ```
+    pub fn new(
+        model_config: VelocityMlpConfig,
+        config: TrainConfig,
+        device: &Device,
+    ) -> Result<Self> {
+        config.validate()?;
+        let varmap = VarMap::new();
+        let model = VelocityMlp::init(model_config, &varmap, device, config.seed)?;
+        let vars = sorted_vars(&varmap)?;
+        let weights: Vec<Tensor> = vars.iter().map(|(_, v)| v.as_tensor().clone()).collect();
+        let plain: Vec<Var> = vars.iter().map(|(_, v)| v.clone()).collect();
+        let optim = AdamW::new(config.adamw, &plain)?;
+        let ema = Ema::new(config.ema_decay, config.ema_warmup, &weights)?;
+        Self::assemble(config, varmap, vars, model, optim, ema, 0, Vec::new())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn assemble(
+        config: TrainConfig,
+        varmap: VarMap,
+        vars: Vec<(String, Var)>,
+        model: VelocityMlp,
+        optim: AdamW,
+        ema: Ema,
+        step: usize,
+        losses: Vec<f32>,
+    ) -> Result<Self> {
+        let mut fm = FlowMatching::new(model.config().x_dims.dims().to_vec())?;
+        fm.timestep_sampler = config.timestep_sampler;
+        fm.cond_drop_rate = config.cond_drop_rate;
+        Ok(Trainer {
+            config,
+            fm,
+            varmap,
+            vars,
+            model,
+            optim,
+            ema,
+            step,
+            losses,
+            loss_fn: Box::new(loss_and_grads),
+            checkpoint: None,
+            progress: true,
+        })
+    }
+
+    /// Replaces the loss-and-gradient function (e.g. by a fused kernel).
+    pub fn with_loss_fn(mut self, loss_fn: LossFn) -> Self {
+        self.loss_fn = loss_fn;
+        self
+    }
+
+    /// Writes checkpoints to `path` every `checkpoint_every` steps and at the end.
+    pub fn with_checkpoint(mut self, path: impl Into<PathBuf>) -> Self {
+        self.checkpoint = Some(path.into());
+        self
+    }
+
+    /// Shows or hides the progress bar (it is always hidden when stderr is not a terminal).
+    pub fn with_progress(mut self, show: bool) -> Self {
+        self.progress = show;
+        self
+    }
+
+    /// Sets the total number of steps (to train a resumed run further); it must be at least 1.
+    /// A cosine schedule stretches to the new total, so the continued run equals a run
+    /// configured with the new total from the start only under a constant schedule.
+    pub fn with_steps(mut self, steps: usize) -> Result<Self> {
+        if steps == 0 {
+            return Err(Error::invalid("steps", 0, "at least 1"));
+        }
+        self.config.steps = steps;
+        Ok(self)
+    }
+
+    /// The run's config.
+    pub fn config(&self) -> &TrainConfig {
+        &self.config
+    }
+
+    /// Steps taken so far.
+    pub fn steps_done(&self) -> usize {
+        self.step
+    }
+
+    /// The variables (trainable weights) under their spec keys.
+    pub fn varmap(&self) -> &VarMap {
+        &self.varmap
+    }
+
+    /// The optimiser with its moments.
+    pub fn optimizer(&self) -> &AdamW {
+        &self.optim
+    }
+
+    /// The EMA of the weights.
+    pub fn ema(&self) -> &Ema {
+        &self.ema
+    }
+
+    /// The model on the trainable weights (not detached: sample with [`Self::raw_model`]).
+    pub fn model(&self) -> &VelocityMlp {
+        &self.model
+    }
+
+    /// `(step, loss)` for every step taken (steps counted from 1).
+    pub fn history(&self) -> Vec<(usize, f32)> {
+        self.losses
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| (i + 1, l))
+            .collect()
+    }
+
+    /// A detached copy of the current raw weights.
+    pub fn raw_model(&self) -> VelocityMlp {
+        self.model.detach()
+    }
+
+    /// The EMA weights as a detached model, ready for sampling.
+    pub fn ema_model(&self) -> Result<VelocityMlp> {
+        let mut map: HashMap<String, Tensor> = self
+            .vars
+            .iter()
+            .zip(&self.ema.shadow)
+            .map(|((k, _), s)| (k.clone(), s.clone()))
+            .collect();
+        for (k, t) in self.model.tensors() {
+            map.entry(k).or_insert_with(|| t.detach());
+        }
+        VelocityMlp::from_tensors(
+            self.model.config().clone(),
+            &map,
+            std::path::Path::new("<EMA model>"),
+        )
+    }
+
+    /// Takes one optimiser step on a batch drawn by `data(rng, batch_size)` and returns its loss.
+    pub fn step<D>(&mut self, data: &mut D) -> Result<f32>
+    where
+        D: FnMut(&mut StdRng, usize) -> Result<(Tensor, Option<Vec<u32>>)>,
+    {
+        let s = self.step;
+        let mut rng = step_rng(self.config.seed, s as u64);
+        let b = self.config.batch_size;
+        let (x, labels) = data(&mut rng, b)?;
+        if x.rank() == 0 || x.dim(0)? != b {
+            return Err(Error::Shape {
+                what: "batch from the data function".into(),
+                expected: format!("[{b}, {}]", self.model.config().x_dims),
+                got: x.dims().to_vec(),
+            });
+        }
+        let x = x.to_device(self.model.device())?.to_dtype(DType::F32)?;
+        let batch = self.fm.construct_training_data(&x, &mut rng)?;
+        let num_classes = self.model.config().num_classes;
+        let labels = match (labels, num_classes) {
+            (None, 0) => None,
+            (Some(l), 0) => {
+                return Err(Error::invalid(
+                    "labels",
+                    format!("{} labels", l.len()),
+                    "none: the model is unconditional (num_classes = 0)",
+                ))
+            }
+            (None, n) => {
+                return Err(Error::invalid(
+                    "labels",
+                    "none",
+                    format!("one label per sample: the model has num_classes = {n}"),
+                ))
+            }
+            (Some(l), n) => {
+                let kept = drop_labels(&l, &batch.drop_mask, n)?;
+                Some(self.model.labels_tensor(&kept, b)?)
+            }
+        };
+        let target = batch.target()?;
+        let (loss, grads) = (self.loss_fn)(
+            &self.model,
+            &batch.noisy_x,
+            &batch.t,
+            labels.as_ref(),
+            &target,
+        )?;
+        if !loss.is_finite() {
+            return Err(Error::Training(format!(
+                "loss is {loss} at step {}: training diverged (lower the learning rate?)",
+                s + 1
+            )));
+        }
+        let grads = self.order_grads(grads)?;
+        let grads = match self.config.max_grad_norm {
+            Some(max) => clip_grad_norm(grads, max)?.1,
+            None => grads,
+        };
+        let plain: Vec<Var> = self.vars.iter().map(|(_, v)| v.clone()).collect();
+        self.optim.step(&plain, &grads, self.config.lr_at(s))?;
+        let weights: Vec<Tensor> = plain.iter().map(|v| v.as_tensor().clone()).collect();
+        self.ema.update(&weights, self.optim.step)?;
+        self.step += 1;
+        self.losses.push(loss);
+        Ok(loss)
+    }
+
+    /// Puts the gradients in the variables' order; a missing or unknown key is an error.
+    fn order_grads(&self, grads: Vec<(String, Tensor)>) -> Result<Vec<Tensor>> {
+        let mut by_key: HashMap<String, Tensor> = HashMap::with_capacity(grads.len());
+        for (k, g) in grads {
+            if !self.vars.iter().any(|(name, _)| *name == k) {
+                return Err(Error::Training(format!(
+                    "gradient for {k:?}, which is not a trainable weight"
+                )));
+            }
+            by_key.insert(k, g);
+        }
+        self.vars
+            .iter()
+            .map(|(k, v)| {
+                let g = by_key
+                    .remove(k)
+                    .ok_or_else(|| Error::Training(format!("no gradient for weight {k:?}")))?;
+                if g.dims() != v.as_tensor().dims() {
+                    return Err(Error::Shape {
+                        what: format!("gradient of {k:?}"),
+                        expected: format!("{:?}", v.as_tensor().dims()),
+                        got: g.dims().to_vec(),
+                    });
+                }
+                Ok(g)
+            })
+            .collect()
+    }
+
+    /// Trains up to `config.steps` (from wherever the run stands), writing checkpoints when a
+    /// path is set, and returns the EMA model, the raw model and the loss history.
+    pub fn train<D>(&mut self, mut data: D) -> Result<TrainOutput>
+    where
+        D: FnMut(&mut StdRng, usize) -> Result<(Tensor, Option<Vec<u32>>)>,
+    {
+        let total = self.config.steps;
+        let target = if self.progress && std::io::stderr().is_terminal() {
+            ProgressDrawTarget::stderr()
+        } else {
+            ProgressDrawTarget::hidden()
+        };
+        let bar = ProgressBar::with_draw_target(Some(total as u64), target);
+        if let Ok(style) = ProgressStyle::with_template(
+            "step {pos}/{len} {wide_bar} {per_sec} [{elapsed_precise}<{eta_precise}] loss {msg}",
+        ) {
+            bar.set_style(style);
+        }
+        bar.set_position(self.step.min(total) as u64);
+        let every = self.config.checkpoint_every;
+        while self.step < total {
+            let loss = self.step(&mut data)?;
+            bar.inc(1);
+            bar.set_message(format!("{loss:.5}"));
+            if let Some(path) = &self.checkpoint {
+                if every > 0 && self.step % every == 0 && self.step < total {
+                    self.save_checkpoint(path)?;
+                }
+            }
+        }
+        bar.finish();
+        if let Some(path) = &self.checkpoint {
+            self.save_checkpoint(path)?;
+        }
+        Ok(TrainOutput {
+            model: self.ema_model()?,
+            raw: self.raw_model(),
+            history: self.history(),
+        })
+    }
+}
+
+/// The variables of a `VarMap`, sorted by key so every run visits them in the same order.
+fn sorted_vars(varmap: &VarMap) -> Result<Vec<(String, Var)>> {
+    let data = varmap
+        .data()
+        .lock()
+        .map_err(|_| Error::Training("the variable map's lock is poisoned".into()))?;
+    let mut vars: Vec<(String, Var)> = data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(vars)
+}
