@@ -9,6 +9,7 @@ pub mod cli;
 pub mod data;
 pub mod diffusion;
 pub mod error;
+pub mod evaluate;
 pub mod flow_matching;
 pub mod guidance;
 pub mod io;

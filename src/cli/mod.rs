@@ -1,7 +1,10 @@
 //! The command-line interface: a thin layer that parses arguments and calls the library.
 
+mod demo;
+mod eval;
 mod loglik;
 mod sample;
+mod train;
 
 use clap::{Parser, Subcommand};
 
@@ -17,6 +20,12 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Train on built-in data, sample, plot, and print quality against step count.
+    Demo(demo::DemoArgs),
+    /// Train a velocity-mlp on a dataset.
+    Train(train::TrainArgs),
+    /// Sample quality against data for several solvers, grids and step counts.
+    Eval(eval::EvalArgs),
     /// Draw samples from a velocity-mlp model and write them as .npy files.
     Sample(sample::SampleArgs),
     /// Log-likelihoods (nats, bits/dim) of data rows under a velocity-mlp model.
@@ -37,6 +46,9 @@ where
         }
     };
     match cli.command {
+        Command::Demo(a) => demo::run(a),
+        Command::Train(a) => train::run(a),
+        Command::Eval(a) => eval::run(a),
         Command::Sample(a) => sample::run(a),
         Command::Loglik(a) => loglik::run(a),
     }

@@ -1,0 +1,184 @@
+//! Sample quality against data for a grid of solvers, time schedules and step counts.
+
+use candle_core::{Device, Tensor};
+
+use crate::data::Dataset;
+use crate::diffusion::{Diffusion, SampleOptions, StepFn};
+use crate::error::{Error, Result};
+use crate::flow_matching::FlowMatching;
+use crate::guidance::Guided;
+use crate::metrics::{nearest_centroid_accuracy, sliced_wasserstein};
+use crate::model::VelocityMlp;
+use crate::schedule::Schedule;
+use crate::solver::Method;
+
+/// Random projections of the sliced Wasserstein distance in every report.
+pub const PROJECTIONS: usize = 256;
+
+/// One sampler setting to evaluate.
+#[derive(Debug, Clone)]
+pub struct Setting {
+    /// Integration method.
+    pub method: Method,
+    /// Time grid.
+    pub schedule: Schedule,
+    /// Step count (ignored by the adaptive method).
+    pub steps: usize,
+}
+
+/// The quality of one setting.
+#[derive(Debug, Clone)]
+pub struct Row {
+    /// The setting.
+    pub setting: Setting,
+    /// Mean velocity evaluations per sample batch.
+    pub nfe: usize,
+    /// Sliced 2-Wasserstein distance between the samples and the reference data.
+    pub sliced_wasserstein: f64,
+    /// For a conditional model: the fraction a nearest-centroid classifier fitted on the data
+    /// labels as the class asked for.
+    pub accuracy: Option<f64>,
+}
+
+/// What to compare against and how many samples to draw.
+#[derive(Debug, Clone)]
+pub struct EvalOptions {
+    /// Samples to draw per setting.
+    pub n: usize,
+    /// Seed of the noise and of the projections.
+    pub seed: u64,
+    /// Classifier-free guidance weight for conditional models (1.0: plain conditional).
+    pub guidance: f64,
+}
+
+impl Default for EvalOptions {
+    fn default() -> Self {
+        EvalOptions {
+            n: 2000,
+            seed: 0,
+            guidance: 1.0,
+        }
+    }
+}
+
+/// Labels `0, 1, ..., K-1, 0, 1, ...` for `n` samples of a `K`-class model.
+pub fn cycling_labels(n: usize, num_classes: usize) -> Vec<u32> {
+    (0..n).map(|i| (i % num_classes.max(1)) as u32).collect()
+}
+
+/// Draws `n` samples from `model` with one setting: conditioned on cycling labels (guided with
+/// `guidance`) for a conditional model. Returns the samples, their labels and the NFE.
+pub fn generate(
+    model: &VelocityMlp,
+    setting: &Setting,
+    n: usize,
+    seed: u64,
+    guidance: f64,
+) -> Result<(Tensor, Option<Vec<u32>>, usize)> {
+    let device = model.device().clone();
+    let mut fm = FlowMatching::new(model.config().x_dims.dims())?;
+    fm.method = setting.method.clone();
+    fm.schedule = setting.schedule.clone();
+    let opts = SampleOptions {
+        steps: Some(setting.steps),
+        ..SampleOptions::seeded(seed)
+    };
+    let k = model.config().num_classes;
+    if k == 0 {
+        let mut f = model.clone();
+        let out = fm.sample(n, &mut f, &device, &opts)?;
+        return Ok((out.x, None, out.nfe));
+    }
+    let labels = cycling_labels(n, k);
+    let mut guided;
+    let mut cond;
+    let f: &mut dyn StepFn = if guidance == 1.0 {
+        cond = model.with_labels(&labels)?;
+        &mut cond
+    } else {
+        guided = Guided::new(model, &labels, guidance)?;
+        &mut guided
+    };
+    let out = fm.sample(n, f, &device, &opts)?;
+    Ok((out.x, Some(labels), out.nfe))
+}
+
+/// Evaluates each setting against `data` (a fresh sample of the data distribution).
+pub fn evaluate(
+    model: &VelocityMlp,
+    data: &Dataset,
+    settings: &[Setting],
+    options: &EvalOptions,
+) -> Result<Vec<Row>> {
+    if data.x_dims() != model.config().x_dims.dims() {
+        return Err(Error::Shape {
+            what: "evaluation data".into(),
+            expected: format!("[N, {}] (the model's x_dims)", model.config().x_dims),
+            got: data.x.dims().to_vec(),
+        });
+    }
+    let k = model.config().num_classes;
+    let data_labels = match (k, &data.labels) {
+        (0, _) => None,
+        (_, Some(l)) => Some(l.clone()),
+        (_, None) => {
+            return Err(Error::invalid(
+                "evaluation data",
+                "unlabelled",
+                format!("labels for a conditional model ({k} classes)"),
+            ))
+        }
+    };
+    let real = data.x.to_device(&Device::Cpu)?;
+    let mut rows = Vec::with_capacity(settings.len());
+    for s in settings {
+        let (x, labels, nfe) = generate(model, s, options.n, options.seed, options.guidance)?;
+        let x = x.to_device(&Device::Cpu)?;
+        let sw = sliced_wasserstein(&real, &x, PROJECTIONS, options.seed)?;
+        let accuracy = match (&data_labels, &labels) {
+            (Some(rl), Some(gl)) => Some(nearest_centroid_accuracy(&real, rl, &x, gl)?),
+            _ => None,
+        };
+        rows.push(Row {
+            setting: s.clone(),
+            nfe,
+            sliced_wasserstein: sw,
+            accuracy,
+        });
+    }
+    Ok(rows)
+}
+
+/// The sliced Wasserstein distance between two independent halves-sized samples of the data:
+/// the noise floor a perfect model would show at sample size `n`.
+pub fn reference_distance(a: &Tensor, b: &Tensor, seed: u64) -> Result<f64> {
+    sliced_wasserstein(a, b, PROJECTIONS, seed)
+}
+
+/// Renders rows as a Markdown table (with an accuracy column when any row has one).
+pub fn table(rows: &[Row]) -> String {
+    let acc = rows.iter().any(|r| r.accuracy.is_some());
+    let mut s = String::from("| method | schedule | steps | NFE | sliced W2 |");
+    s.push_str(if acc { " class accuracy |\n" } else { "\n" });
+    s.push_str("| --- | --- | ---: | ---: | ---: |");
+    s.push_str(if acc { " ---: |\n" } else { "\n" });
+    for r in rows {
+        let steps = if r.setting.method.is_adaptive() {
+            "adaptive".to_string()
+        } else {
+            r.setting.steps.to_string()
+        };
+        s.push_str(&format!(
+            "| {} | {} | {} | {} | {:.4} |",
+            r.setting.method, r.setting.schedule, steps, r.nfe, r.sliced_wasserstein
+        ));
+        if acc {
+            s.push_str(&match r.accuracy {
+                Some(a) => format!(" {:.1}% |", 100.0 * a),
+                None => " |".to_string(),
+            });
+        }
+        s.push('\n');
+    }
+    s
+}
