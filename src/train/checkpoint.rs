@@ -59,7 +59,6 @@ impl Trainer {
         let meta = header.metadata().clone().unwrap_or_default();
         drop(bytes);
         let (model_config, mut tensors) = read_file(path, device)?;
-        let config = TrainConfig::from_metadata(&meta).map_err(|e| bad(e.to_string()))?;
         let step: usize = meta
             .get(STEP_KEY)
             .ok_or_else(|| {
@@ -69,6 +68,7 @@ impl Trainer {
             })?
             .parse()
             .map_err(|_| bad(format!("metadata {STEP_KEY:?} is not a step count")))?;
+        let config = TrainConfig::from_metadata(&meta).map_err(|e| bad(e.to_string()))?;
 
         // The EMA model checks the spec keys' shapes; the others must match them.
         let ema_model = VelocityMlp::from_tensors(model_config.clone(), &tensors, path)?;

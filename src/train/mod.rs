@@ -435,7 +435,7 @@ impl Trainer {
             bar.inc(1);
             bar.set_message(format!("{loss:.5}"));
             if let Some(path) = &self.checkpoint {
-                if every > 0 && self.step % every == 0 && self.step < total {
+                if every > 0 && self.step.is_multiple_of(every) && self.step < total {
                     self.save_checkpoint(path)?;
                 }
             }

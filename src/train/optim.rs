@@ -77,9 +77,9 @@ impl AdamW {
     /// use flow_matching::train::{AdamW, AdamWParams};
     ///
     /// let w = Var::from_tensor(&Tensor::new(&[1f32, -1.0], &Device::Cpu).unwrap()).unwrap();
-    /// let mut opt = AdamW::new(AdamWParams::default(), &[w.clone()]).unwrap();
+    /// let mut opt = AdamW::new(AdamWParams::default(), std::slice::from_ref(&w)).unwrap();
     /// let g = Tensor::new(&[0.5f32, -0.5], &Device::Cpu).unwrap();
-    /// opt.step(&[w.clone()], &[g], 0.1).unwrap();
+    /// opt.step(std::slice::from_ref(&w), &[g], 0.1).unwrap();
     /// // The first step moves each weight by lr against the gradient's sign.
     /// let got = w.as_tensor().to_vec1::<f32>().unwrap();
     /// assert!((got[0] - 0.9).abs() < 1e-6 && (got[1] + 0.9).abs() < 1e-6);
