@@ -27,3 +27,8 @@ pub use flow_matching::{FlowMatching, TimestepSampler, TrainingBatch};
 pub use model::{VelocityMlp, VelocityMlpConfig};
 pub use schedule::Schedule;
 pub use solver::{AdaptiveOptions, Method};
+
+/// The README's examples, compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
