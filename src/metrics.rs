@@ -250,14 +250,18 @@ fn pair_mean(
             .to_vec1::<f64>()?;
         for (di, row) in gram.chunks(m).enumerate() {
             let i = i0 + di;
-            for (j, &xy) in row.iter().enumerate() {
-                if same && i == j {
-                    if !skip_diag {
-                        total += g(0.0);
-                    }
-                    continue;
+            if same {
+                // Symmetric: each pair above the diagonal counts twice; the diagonal is 0.
+                if !skip_diag {
+                    total += g(0.0);
                 }
-                total += g((nx[i] + ny[j] - 2.0 * xy).max(0.0));
+                for (j, &xy) in row.iter().enumerate().skip(i + 1) {
+                    total += 2.0 * g((nx[i] + ny[j] - 2.0 * xy).max(0.0));
+                }
+            } else {
+                for (j, &xy) in row.iter().enumerate() {
+                    total += g((nx[i] + ny[j] - 2.0 * xy).max(0.0));
+                }
             }
         }
     }
