@@ -2,7 +2,9 @@
 
 use candle_core::{Device, Tensor};
 
-use crate::data::Dataset;
+use rand::SeedableRng;
+
+use crate::data::{DataSource, Dataset};
 use crate::diffusion::{Diffusion, SampleOptions, StepFn};
 use crate::error::{Error, Result};
 use crate::flow_matching::FlowMatching;
@@ -149,10 +151,24 @@ pub fn evaluate(
     Ok(rows)
 }
 
-/// The sliced Wasserstein distance between two independent halves-sized samples of the data:
-/// the noise floor a perfect model would show at sample size `n`.
-pub fn reference_distance(a: &Tensor, b: &Tensor, seed: u64) -> Result<f64> {
-    sliced_wasserstein(a, b, PROJECTIONS, seed)
+/// The sliced Wasserstein distance between two independent data samples: the noise floor a
+/// perfect model would show. Toys get a second fresh sample of `data`'s size; a finite table is
+/// split into two random halves. Returns the distance and the sample size it was measured at.
+pub fn noise_floor(source: &DataSource, data: &Dataset, seed: u64) -> Result<(f64, usize)> {
+    let (a, b) = if source.is_infinite() {
+        let other = source.load(data.len(), seed.wrapping_add(2))?;
+        (data.x.clone(), other.x)
+    } else {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let idx = data.shuffled_indices(&mut rng);
+        let half = data.len() / 2;
+        (
+            data.batch(&idx[..half])?.0,
+            data.batch(&idx[half..2 * half])?.0,
+        )
+    };
+    let n = a.dim(0)?;
+    Ok((sliced_wasserstein(&a, &b, PROJECTIONS, seed)?, n))
 }
 
 /// Renders rows as a Markdown table (with an accuracy column when any row has one).

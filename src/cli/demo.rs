@@ -9,7 +9,7 @@ use super::eval::settings;
 use super::train::{fit, TrainSettings, TrainingData};
 use crate::diffusion::{Diffusion, SampleOptions};
 use crate::error::Result;
-use crate::evaluate::{evaluate, generate, reference_distance, table, EvalOptions, Setting};
+use crate::evaluate::{evaluate, generate, noise_floor, table, EvalOptions, Setting};
 use crate::flow_matching::FlowMatching;
 use crate::io::write_npy;
 use crate::schedule::Schedule;
@@ -141,15 +141,15 @@ pub fn run(a: DemoArgs) -> Result<()> {
             "generated digits",
         )?;
     } else {
+        // The same seed draws the same first rows of noise, so these paths end on plotted samples.
         let fm = FlowMatching::new(2)?.with_steps(32)?;
-        let x0 = x.narrow(0, 0, 12)?;
         let opts = SampleOptions {
             return_all_steps: true,
             x_init: Some(fm.noise(12, Some(a.seed), candle_core::DType::F32, &device)?),
             ..Default::default()
         };
         let mut f = model.clone();
-        let traj = fm.sample(x0.dim(0)?, &mut f, &device, &opts)?.trajectory;
+        let traj = fm.sample(12, &mut f, &device, &opts)?.trajectory;
         crate::plot::scatter_2d(
             a.out_dir.join("samples.png"),
             &reference.x,
@@ -170,19 +170,11 @@ pub fn run(a: DemoArgs) -> Result<()> {
             guidance: a.guidance,
         },
     )?;
-    let floor = if data.source.is_infinite() {
-        let other = data.source.load(a.n, a.seed.wrapping_add(2))?;
-        reference_distance(&reference.x, &other.x, a.seed)?
-    } else {
-        let half = reference.len() / 2;
-        reference_distance(
-            &reference.x.narrow(0, 0, half)?,
-            &reference.x.narrow(0, half, half)?,
-            a.seed,
-        )?
-    };
+    let (floor, floor_n) = noise_floor(&data.source, &reference, a.seed)?;
     println!("trained in {train_secs:.1} s; wrote {}/{{model.safetensors, samples.npy, samples.png, loss.png}}\n", a.out_dir.display());
     println!("{}", table(&rows));
-    println!("reference: sliced W2 between two independent data samples = {floor:.4}");
+    println!(
+        "reference: sliced W2 between two independent data samples = {floor:.4} (n = {floor_n})"
+    );
     Ok(())
 }

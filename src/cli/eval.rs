@@ -2,15 +2,13 @@
 
 use std::path::PathBuf;
 
-use candle_core::Device;
-use rand::SeedableRng;
-
 use crate::data::DataSource;
 use crate::error::{Error, Result};
-use crate::evaluate::{evaluate, reference_distance, table, EvalOptions, Setting};
+use crate::evaluate::{evaluate, noise_floor, table, EvalOptions, Setting};
 use crate::model::VelocityMlp;
 use crate::schedule::Schedule;
 use crate::solver::Method;
+use candle_core::Device;
 
 /// Arguments of `eval`.
 #[derive(Debug, clap::Args)]
@@ -88,19 +86,8 @@ pub fn run(a: EvalArgs) -> Result<()> {
     let source = DataSource::parse(&a.data)?.with_label_column(a.label_column)?;
     let steps = parse_steps(&a.steps)?;
     let settings = settings(&a.methods, &a.schedules, &steps)?;
-    // Toys: two fresh independent samples, one to compare with and one for the noise floor.
     let data = source.load(a.n, a.seed.wrapping_add(1))?;
-    let floor = if source.is_infinite() {
-        let other = source.load(a.n, a.seed.wrapping_add(2))?;
-        reference_distance(&data.x, &other.x, a.seed)?
-    } else {
-        let mut rng = rand::rngs::StdRng::seed_from_u64(a.seed);
-        let idx = data.shuffled_indices(&mut rng);
-        let half = data.len() / 2;
-        let (x1, _) = data.batch(&idx[..half])?;
-        let (x2, _) = data.batch(&idx[half..2 * half])?;
-        reference_distance(&x1, &x2, a.seed)?
-    };
+    let (floor, floor_n) = noise_floor(&source, &data, a.seed)?;
     let options = EvalOptions {
         n: a.n,
         seed: a.seed,
@@ -109,12 +96,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
     let rows = evaluate(&model, &data, &settings, &options)?;
     println!("{}", table(&rows));
     println!(
-        "reference: sliced W2 between two independent data samples = {floor:.4} (n = {})",
-        if source.is_infinite() {
-            a.n
-        } else {
-            data.len() / 2
-        }
+        "reference: sliced W2 between two independent data samples = {floor:.4} (n = {floor_n})"
     );
     Ok(())
 }
