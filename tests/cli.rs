@@ -186,3 +186,36 @@ fn demo_writes_its_files_and_table() {
     let x = flow_matching::io::read_npy(dir.join("samples.npy"), &Device::Cpu).unwrap();
     assert_eq!(x.dims(), &[300, 2]);
 }
+
+#[test]
+fn loglik_takes_named_data() {
+    let model = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data/golden/mlp-2d/model.safetensors");
+    let (ok, stdout, err) = cli(&[
+        "loglik",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        "moons",
+        "--n",
+        "50",
+        "--steps",
+        "4",
+    ]);
+    assert!(ok, "{err}");
+    assert!(stdout.contains("(N = 50, D = 2)"), "{stdout}");
+    let (ok, _, err) = cli(&[
+        "loglik",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        "digits",
+        "--steps",
+        "2",
+    ]);
+    assert!(!ok);
+    assert_eq!(
+        err.trim(),
+        "error: data digits: expected shape [N, 2] with N >= 1 (the model's x_dims), got [1797, 64]"
+    );
+}

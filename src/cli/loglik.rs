@@ -4,9 +4,9 @@ use std::path::PathBuf;
 
 use candle_core::Device;
 
+use crate::data::DataSource;
 use crate::diffusion::StepFn;
 use crate::error::{Error, Result};
-use crate::io::read_npy;
 use crate::likelihood::{log_likelihood, Divergence, LikelihoodOptions, ProbeKind};
 use crate::model::VelocityMlp;
 use crate::schedule::Schedule;
@@ -18,9 +18,12 @@ pub struct LoglikArgs {
     /// A velocity-mlp safetensors file.
     #[arg(long)]
     model: PathBuf,
-    /// The data: a .npy file of rows [N, *x_dims].
+    /// The data: a .npy or .csv file of rows [N, *x_dims], digits, or a toy name (moons, ...).
     #[arg(long)]
-    data: PathBuf,
+    data: String,
+    /// Points drawn from a toy distribution.
+    #[arg(long, default_value_t = 1000)]
+    n: usize,
     /// Exact divergence, one backward pass per dimension (the default).
     #[arg(long)]
     exact: bool,
@@ -77,10 +80,22 @@ pub fn run(a: LoglikArgs) -> Result<()> {
     // Detached weights: the backward passes then reach only x, never the model.
     let model = VelocityMlp::load(&a.model, &device)?.detach();
     let x_dims = model.config().x_dims.clone();
-    let data = read_npy(&a.data, &device)?;
+    // A named toy draws --n fresh points (seeded); files and digits are read whole.
+    // .npy arrays keep their shape ([N, *x_dims], as `sample` writes them); named data and CSV
+    // tables are rows.
+    let npy = std::path::Path::new(&a.data);
+    let mut data = if npy.extension().is_some_and(|e| e == "npy") && npy.is_file() {
+        crate::io::read_npy(npy, &device)?
+    } else {
+        DataSource::parse(&a.data)?.load(a.n, a.seed)?.x
+    };
+    // Rows of a table are flat: give them the model's sample shape when the sizes agree.
+    if data.rank() == 2 && data.dim(1)? == x_dims.numel() {
+        data = data.reshape(x_dims.batched(data.dim(0)?))?;
+    }
     if data.rank() < 2 || data.dims()[1..] != *x_dims.dims() || data.dim(0)? == 0 {
         return Err(Error::Shape {
-            what: format!("data {}", a.data.display()),
+            what: format!("data {}", a.data),
             expected: format!("[N, {x_dims}] with N >= 1 (the model's x_dims)"),
             got: data.dims().to_vec(),
         });
