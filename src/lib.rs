@@ -10,6 +10,7 @@ pub mod diffusion;
 pub mod error;
 pub mod flow_matching;
 pub mod io;
+pub mod kernel;
 pub mod model;
 pub mod schedule;
 pub mod solver;

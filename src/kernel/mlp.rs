@@ -1,0 +1,375 @@
+//! The velocity-mlp forward and backward passes on f32 slices.
+
+use super::{
+    add_assign, axpy, matmul_nn, matmul_tn_acc, matmul_wt, matvec_bias, silu_backward,
+    silu_inplace, silu_keep, threads_for_batch,
+};
+
+/// `2 pi` rounded to float32 first, as the reference computes `((2*pi) * t) * f`.
+const TWO_PI_F32: f32 = 2.0 * std::f32::consts::PI;
+
+/// Inputs narrower than this go through the first layer as one `axpy` per input column.
+const NARROW_INPUT: usize = 8;
+
+/// A velocity-mlp's weights as row-major f32 slices (the spec's tensors, in the spec's layout).
+#[derive(Debug, Clone)]
+pub struct MlpWeights<'a> {
+    /// `D = prod(x_dims)`.
+    pub d: usize,
+    /// Hidden width H.
+    pub h: usize,
+    /// `time_embed.freqs` `[F]`.
+    pub freqs: &'a [f32],
+    /// `cond_embed.weight` `[num_classes + 1, K]`, when conditional.
+    pub cond: Option<&'a [f32]>,
+    /// `(weight [out, in], bias [out])` of each of the `depth + 1` linear layers.
+    pub layers: Vec<(&'a [f32], &'a [f32])>,
+}
+
+impl MlpWeights<'_> {
+    /// Number of frequencies F.
+    pub fn f(&self) -> usize {
+        self.freqs.len()
+    }
+
+    /// The first layer's input width `D + 2F (+ K)`.
+    pub fn in0(&self) -> usize {
+        self.layers[0].0.len() / self.h
+    }
+
+    fn depth(&self) -> usize {
+        self.layers.len() - 1
+    }
+}
+
+/// Writes `concat(sin(a), cos(a))` with `a = ((2 pi) t) f` into `out` `[2F]`.
+pub fn time_features(freqs: &[f32], t: f32, out: &mut [f32]) {
+    let f = freqs.len();
+    let tt = TWO_PI_F32 * t;
+    for (i, fr) in freqs.iter().enumerate() {
+        let a = tt * fr;
+        out[i] = a.sin();
+        out[f + i] = a.cos();
+    }
+}
+
+/// Per-row scratch of one sampling thread: two `[rows, H]` buffers.
+#[derive(Debug, Default, Clone)]
+pub struct Scratch {
+    a: Vec<f32>,
+    b: Vec<f32>,
+}
+
+/// Sampling state: what is fixed for a run (transposed input weights, per-class first-layer
+/// terms, labels) and the per-step first-layer term of the shared time.
+#[derive(Debug)]
+pub struct Sampler {
+    wx_t: Vec<f32>,
+    class_terms: Vec<f32>,
+    labels: Option<Vec<u32>>,
+    c0: Vec<f32>,
+    e: Vec<f32>,
+    scratch: Vec<Scratch>,
+}
+
+impl Sampler {
+    /// Prepares a run; `labels` (one per row, `num_classes` = no condition) for a conditional
+    /// model, where `None` means the null class for every row.
+    pub fn new(w: &MlpWeights<'_>, labels: Option<Vec<u32>>) -> Self {
+        let (d, h, in0) = (w.d, w.h, w.in0());
+        let w0 = w.layers[0].0;
+        let mut wx_t = Vec::new();
+        if d < NARROW_INPUT {
+            wx_t = vec![0.0; d * h];
+            for o in 0..h {
+                for i in 0..d {
+                    wx_t[i * h + o] = w0[o * in0 + i];
+                }
+            }
+        }
+        let mut class_terms = Vec::new();
+        let mut labels = labels;
+        if let Some(emb) = w.cond {
+            let col = d + 2 * w.f();
+            let k = in0 - col;
+            let rows = emb.len() / k;
+            class_terms = vec![0.0; rows * h];
+            for c in 0..rows {
+                for o in 0..h {
+                    let wk = &w0[o * in0 + col..(o + 1) * in0];
+                    class_terms[c * h + o] = super::dot(wk, &emb[c * k..(c + 1) * k]);
+                }
+            }
+            if labels.is_none() {
+                labels = Some(Vec::new());
+            }
+        }
+        Sampler {
+            wx_t,
+            class_terms,
+            labels,
+            c0: vec![0.0; h],
+            e: vec![0.0; 2 * w.f()],
+            scratch: Vec::new(),
+        }
+    }
+
+    /// `out = v(x, t)` for every row of `x` `[B, D]`, the time shared by all rows.
+    pub fn velocity(&mut self, w: &MlpWeights<'_>, x: &[f32], t: f32, out: &mut [f32]) {
+        let (d, h, in0, f) = (w.d, w.h, w.in0(), w.f());
+        let rows = x.len() / d;
+        // The time features and their first-layer product are shared by every row.
+        time_features(w.freqs, t, &mut self.e);
+        let (w0, b0) = w.layers[0];
+        for o in 0..h {
+            self.c0[o] = b0[o] + super::dot(&w0[o * in0 + d..o * in0 + d + 2 * f], &self.e);
+        }
+        let threads = threads_for_batch(rows, super::available_threads());
+        if self.scratch.len() < threads {
+            self.scratch.resize(threads, Scratch::default());
+        }
+        let per = rows.div_ceil(threads);
+        for s in &mut self.scratch[..threads] {
+            if s.a.len() < per * h {
+                s.a.resize(per * h, 0.0);
+                s.b.resize(per * h, 0.0);
+            }
+        }
+        let shared = Shared {
+            w,
+            wx_t: &self.wx_t,
+            class_terms: &self.class_terms,
+            labels: self.labels.as_deref(),
+            c0: &self.c0,
+        };
+        run_blocks(&shared, &mut self.scratch[..threads], x, out, 0, per);
+    }
+}
+
+/// What every block reads during one sampling step.
+struct Shared<'s, 'w> {
+    w: &'s MlpWeights<'w>,
+    wx_t: &'s [f32],
+    class_terms: &'s [f32],
+    labels: Option<&'s [u32]>,
+    c0: &'s [f32],
+}
+
+/// Splits the rows over the scratch buffers (one per thread) with `rayon::join`, which,
+/// unlike a scope, does not allocate.
+fn run_blocks(
+    sh: &Shared<'_, '_>,
+    scratch: &mut [Scratch],
+    x: &[f32],
+    out: &mut [f32],
+    row0: usize,
+    per: usize,
+) {
+    let d = sh.w.d;
+    if scratch.len() == 1 {
+        forward_block(sh, &mut scratch[0], x, out, row0);
+        return;
+    }
+    let half = scratch.len() / 2;
+    let rows_left = (half * per).min(x.len() / d);
+    let (sl, sr) = scratch.split_at_mut(half);
+    let (xl, xr) = x.split_at(rows_left * d);
+    let (ol, or) = out.split_at_mut(rows_left * d);
+    rayon::join(
+        || run_blocks(sh, sl, xl, ol, row0, per),
+        || run_blocks(sh, sr, xr, or, row0 + rows_left, per),
+    );
+}
+
+fn forward_block(sh: &Shared<'_, '_>, s: &mut Scratch, x: &[f32], out: &mut [f32], row0: usize) {
+    let w = sh.w;
+    let (d, h, in0) = (w.d, w.h, w.in0());
+    let rows = x.len() / d;
+    if rows == 0 {
+        return;
+    }
+    let (mut cur, mut nxt) = (&mut s.a[..rows * h], &mut s.b[..rows * h]);
+    for r in 0..rows {
+        let z = &mut cur[r * h..(r + 1) * h];
+        z.copy_from_slice(sh.c0);
+        if let Some(labels) = sh.labels {
+            let c = labels
+                .get(row0 + r)
+                .map_or(sh.class_terms.len() / h - 1, |&c| c as usize);
+            add_assign(z, &sh.class_terms[c * h..(c + 1) * h]);
+        }
+        if d < NARROW_INPUT {
+            for i in 0..d {
+                axpy(z, x[r * d + i], &sh.wx_t[i * h..(i + 1) * h]);
+            }
+        }
+    }
+    if d >= NARROW_INPUT {
+        matmul_wt(cur, x, w.layers[0].0, rows, h, d, in0, true);
+    }
+    silu_inplace(cur);
+    let depth = w.depth();
+    for l in 1..depth {
+        let (wl, bl) = w.layers[l];
+        linear(nxt, cur, wl, bl, rows, h, h);
+        silu_inplace(nxt);
+        std::mem::swap(&mut cur, &mut nxt);
+    }
+    let (wl, bl) = w.layers[depth];
+    linear(out, cur, wl, bl, rows, d, h);
+}
+
+/// `y[m, n] = x[m, k] w^T + b`: dot products for one row or a narrow output, else gemm.
+fn linear(y: &mut [f32], x: &[f32], wt: &[f32], b: &[f32], m: usize, n: usize, k: usize) {
+    if m == 1 || n < NARROW_INPUT {
+        for r in 0..m {
+            matvec_bias(wt, b, &x[r * k..(r + 1) * k], &mut y[r * n..(r + 1) * n]);
+        }
+    } else {
+        for r in 0..m {
+            y[r * n..(r + 1) * n].copy_from_slice(b);
+        }
+        matmul_wt(y, x, wt, m, n, k, k, true);
+    }
+}
+
+/// The loss `mean((v - target)^2)` and the gradients of the trainable tensors, in the order
+/// `cond_embed.weight` (when conditional), then `net.{2l}.weight`, `net.{2l}.bias` per layer.
+///
+/// `x` `[B, D]`, `t` `[B]`, `labels` `[B]` (conditional models; `None` = null class), `target`
+/// `[B, D]`. Row blocks run on separate threads above the thread policy's threshold.
+pub fn loss_and_grads(
+    w: &MlpWeights<'_>,
+    x: &[f32],
+    t: &[f32],
+    labels: Option<&[u32]>,
+    target: &[f32],
+) -> (f32, Vec<Vec<f32>>) {
+    let b = t.len();
+    let threads = threads_for_batch(b, super::available_threads());
+    let per = b.div_ceil(threads);
+    let scale = 2.0 / (b * w.d) as f32;
+    let parts: Vec<(f64, Vec<Vec<f32>>)> = {
+        use rayon::prelude::*;
+        (0..threads)
+            .into_par_iter()
+            .map(|i| {
+                let (r0, r1) = (i * per, ((i + 1) * per).min(b));
+                let d = w.d;
+                train_block(
+                    w,
+                    &x[r0 * d..r1 * d],
+                    &t[r0..r1],
+                    labels.map(|l| &l[r0..r1]),
+                    &target[r0 * d..r1 * d],
+                    scale,
+                )
+            })
+            .collect()
+    };
+    let mut it = parts.into_iter();
+    let (mut sse, mut grads) = it.next().unwrap_or_default();
+    for (s, g) in it {
+        sse += s;
+        for (a, b) in grads.iter_mut().zip(&g) {
+            add_assign(a, b);
+        }
+    }
+    ((sse / (b * w.d) as f64) as f32, grads)
+}
+
+/// Forward and backward over one block of rows; returns the block's sum of squared errors and
+/// its (unreduced) gradients.
+fn train_block(
+    w: &MlpWeights<'_>,
+    x: &[f32],
+    t: &[f32],
+    labels: Option<&[u32]>,
+    target: &[f32],
+    scale: f32,
+) -> (f64, Vec<Vec<f32>>) {
+    let (d, h, in0, f) = (w.d, w.h, w.in0(), w.f());
+    let m = t.len();
+    let depth = w.depth();
+    let col_k = d + 2 * f;
+    let k = in0 - col_k;
+    let mut grads: Vec<Vec<f32>> = Vec::new();
+    if let Some(emb) = w.cond {
+        grads.push(vec![0.0; emb.len()]);
+    }
+    let g0 = grads.len();
+    for (wl, bl) in &w.layers {
+        grads.push(vec![0.0; wl.len()]);
+        grads.push(vec![0.0; bl.len()]);
+    }
+    if m == 0 {
+        return (0.0, grads);
+    }
+    let null = w.cond.map_or(0, |emb| emb.len() / k.max(1) - 1);
+    // The input rows [x, e(t), k(c)].
+    let mut h0 = vec![0.0f32; m * in0];
+    for r in 0..m {
+        let row = &mut h0[r * in0..(r + 1) * in0];
+        row[..d].copy_from_slice(&x[r * d..(r + 1) * d]);
+        time_features(w.freqs, t[r], &mut row[d..col_k]);
+        if let Some(emb) = w.cond {
+            let c = labels.map_or(null, |l| l[r] as usize);
+            row[col_k..].copy_from_slice(&emb[c * k..(c + 1) * k]);
+        }
+    }
+    // Forward, keeping every activation and its sigmoid.
+    let mut acts: Vec<Vec<f32>> = Vec::with_capacity(depth);
+    let mut sigs: Vec<Vec<f32>> = Vec::with_capacity(depth);
+    for l in 0..depth {
+        let (wl, bl) = w.layers[l];
+        let kin = if l == 0 { in0 } else { h };
+        let mut z = vec![0.0f32; m * h];
+        let input: &[f32] = if l == 0 { &h0 } else { &acts[l - 1] };
+        linear(&mut z, input, wl, bl, m, h, kin);
+        let mut s = vec![0.0f32; m * h];
+        silu_keep(&mut z, &mut s);
+        acts.push(z);
+        sigs.push(s);
+    }
+    let (wl, bl) = w.layers[depth];
+    let mut g = vec![0.0f32; m * d];
+    linear(&mut g, &acts[depth - 1], wl, bl, m, d, h);
+    let mut sse = 0f64;
+    for (gi, ti) in g.iter_mut().zip(target) {
+        let e = *gi - *ti;
+        sse += (e as f64) * (e as f64);
+        *gi = scale * e;
+    }
+    // Backward.
+    let mut grad_out = g;
+    let mut n_out = d;
+    for l in (0..=depth).rev() {
+        let (wl, _) = w.layers[l];
+        let kin = if l == 0 { in0 } else { h };
+        let input: &[f32] = if l == 0 { &h0 } else { &acts[l - 1] };
+        {
+            let (dw, rest) = grads[g0 + 2 * l..].split_at_mut(1);
+            matmul_tn_acc(&mut dw[0], &grad_out, input, m, n_out, kin);
+            let db = &mut rest[0];
+            for r in 0..m {
+                add_assign(db, &grad_out[r * n_out..(r + 1) * n_out]);
+            }
+        }
+        if l > 0 {
+            let mut da = vec![0.0f32; m * h];
+            matmul_nn(&mut da, &grad_out, wl, m, n_out, h, h, 0);
+            silu_backward(&mut da, &acts[l - 1], &sigs[l - 1]);
+            grad_out = da;
+            n_out = h;
+        } else if w.cond.is_some() && k > 0 {
+            let mut dk = vec![0.0f32; m * k];
+            matmul_nn(&mut dk, &grad_out, wl, m, n_out, k, in0, col_k);
+            let demb = &mut grads[0];
+            for r in 0..m {
+                let c = labels.map_or(null, |l| l[r] as usize);
+                add_assign(&mut demb[c * k..(c + 1) * k], &dk[r * k..(r + 1) * k]);
+            }
+        }
+    }
+    (sse, grads)
+}
