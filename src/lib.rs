@@ -5,6 +5,7 @@
 //! [`Diffusion`] trait and the [`StepFn`] protocol), ODE solvers, time schedules, the
 //! `velocity-mlp` model shared with PyTorch, and training helpers.
 
+pub mod bench;
 pub mod cli;
 pub mod diffusion;
 pub mod error;

@@ -1,5 +1,6 @@
 //! The command-line interface: a thin layer that parses arguments and calls the library.
 
+mod bench;
 mod sample;
 
 use clap::{Parser, Subcommand};
@@ -18,6 +19,11 @@ pub struct Cli {
 enum Command {
     /// Draw samples from a velocity-mlp model and write them as .npy files.
     Sample(sample::SampleArgs),
+    /// Time sampling and training against PyTorch eager, side by side.
+    Bench(bench::BenchArgs),
+    /// One batch-4096 sample, then the peak RSS in MiB (the benchmark's child process).
+    #[command(hide = true)]
+    BenchPeakRss(bench::PeakRssArgs),
 }
 
 /// Runs the command line `args` (the program name first).
@@ -35,6 +41,8 @@ where
     };
     match cli.command {
         Command::Sample(a) => sample::run(a),
+        Command::Bench(a) => bench::run(a),
+        Command::BenchPeakRss(a) => bench::run_peak_rss(a),
     }
 }
 
