@@ -57,11 +57,16 @@ pub fn workload_model(varmap: &VarMap) -> Result<VelocityMlp> {
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
+/// The median of `reps` timed calls after a warm-up call (the warm-up alone when `reps` is 0).
 fn median_ms(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    let t0 = Instant::now();
     f()?;
+    if reps == 0 {
+        return Ok(t0.elapsed().as_secs_f64() * 1e3);
+    }
     let mut times = Vec::with_capacity(reps);
     for _ in 0..reps {
         let t0 = Instant::now();

@@ -231,8 +231,10 @@ fn other_dtypes_and_methods_still_take_the_generic_path() {
 #[test]
 fn thread_policy_is_one_thread_for_small_batches() {
     assert_eq!(threads_for_batch(1, 2), 1);
-    assert_eq!(threads_for_batch(64, 2), 1);
-    assert_eq!(threads_for_batch(2 * MIN_ROWS_PER_THREAD, 2), 2);
+    assert_eq!(threads_for_batch(16, 2), 1);
+    assert_eq!(threads_for_batch(2 * MIN_ROWS_PER_THREAD - 1, 2), 1);
+    // Measured: 64 rows already run faster on two threads than on one.
+    assert_eq!(threads_for_batch(64, 2), 2);
     assert_eq!(threads_for_batch(4096, 2), 2);
 }
 

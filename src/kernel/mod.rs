@@ -8,10 +8,11 @@
 pub mod euler;
 pub mod mlp;
 
-/// Rows per thread below which splitting a batch costs more than it saves (measured with
-/// `flow-matching bench` on the 2-core reference machine: a 64-row step takes ~0.1 ms, about
-/// the cost of waking a second thread twice).
-pub const MIN_ROWS_PER_THREAD: usize = 128;
+/// Rows per thread below which splitting a batch costs more than it saves. Measured on the
+/// 2-core reference machine (examples/profile_fast.rs, 10-step samples): 16 rows take 0.76 ms
+/// on one thread and 1.0 ms on two, 32 rows 1.35 ms on either, 64 rows 2.5 ms on one and
+/// 1.9 ms on two.
+pub const MIN_ROWS_PER_THREAD: usize = 32;
 
 /// How many threads a batch of `batch` rows should use when `available` are there: one below
 /// `2 * MIN_ROWS_PER_THREAD` rows, else as many as keep `MIN_ROWS_PER_THREAD` rows each.
@@ -73,23 +74,32 @@ pub fn exp_approx(x: f32) -> f32 {
     p * f32::from_bits(bits)
 }
 
-simd_dispatch! {
-    /// `a = silu(z)` and `s = sigmoid(z)` in place of `z` and `s` (the backward pass needs `s`).
-    fn silu_keep(z: &mut [f32], s: &mut [f32]) {
-        for (zi, si) in z.iter_mut().zip(s.iter_mut()) {
-            let sig = 1.0 / (1.0 + exp_approx(-*zi));
-            *si = sig;
-            *zi *= sig;
-        }
+/// `a = silu(z)` and `s = sigmoid(z)` in place of `z` and `s` (the backward pass needs `s`).
+pub fn silu_keep(z: &mut [f32], s: &mut [f32]) {
+    let n = z.len().min(s.len());
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        // SAFETY: features detected; both slices hold n elements.
+        unsafe { x86::silu(z.as_mut_ptr(), s.as_mut_ptr(), n) };
+        return;
+    }
+    for (zi, si) in z[..n].iter_mut().zip(s.iter_mut()) {
+        let sig = 1.0 / (1.0 + exp_approx(-*zi));
+        *si = sig;
+        *zi *= sig;
     }
 }
 
-simd_dispatch! {
-    /// `z = silu(z)` in place.
-    fn silu_inplace(z: &mut [f32]) {
-        for zi in z.iter_mut() {
-            *zi /= 1.0 + exp_approx(-*zi);
-        }
+/// `z = silu(z)` in place.
+pub fn silu_inplace(z: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        // SAFETY: features detected; a null `s` is never written.
+        unsafe { x86::silu(z.as_mut_ptr(), std::ptr::null_mut(), z.len()) };
+        return;
+    }
+    for zi in z.iter_mut() {
+        *zi /= 1.0 + exp_approx(-*zi);
     }
 }
 
@@ -102,29 +112,188 @@ simd_dispatch! {
     }
 }
 
-simd_dispatch! {
-    /// The dot product of two equal-length slices, with 32 partial sums so it vectorizes.
-    fn dot(a: &[f32], b: &[f32]) -> f32 {
-        let mut acc = [0f32; 32];
-        let ca = a.chunks_exact(32);
-        let cb = b.chunks_exact(32);
-        let (ra, rb) = (ca.remainder(), cb.remainder());
-        for (x, y) in ca.zip(cb) {
-            for l in 0..32 {
-                acc[l] += x[l] * y[l];
+/// The dot product of two equal-length slices (AVX2+FMA with four accumulators when the CPU
+/// has them: autovectorized reductions come out as shuffles).
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        // SAFETY: the features were detected; both slices hold at least n elements.
+        return unsafe { x86::dot(a.as_ptr(), b.as_ptr(), n) };
+    }
+    a[..n].iter().zip(&b[..n]).map(|(x, y)| x * y).sum()
+}
+
+/// Whether AVX2 and FMA are there (cached by std after the first call).
+#[inline(always)]
+fn has_avx2_fma() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    /// Sum of the 8 lanes.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let lo = _mm256_castps256_ps128(v);
+        let hi = _mm256_extractf128_ps(v, 1);
+        let s = _mm_add_ps(lo, hi);
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+        _mm_cvtss_f32(s)
+    }
+
+    /// `exp(x)` on 8 lanes: the same Cephes polynomial as [`super::exp_approx`].
+    #[inline(always)]
+    unsafe fn exp8(x: __m256) -> __m256 {
+        let x = _mm256_min_ps(
+            _mm256_max_ps(x, _mm256_set1_ps(-88.0)),
+            _mm256_set1_ps(88.0),
+        );
+        let n = _mm256_floor_ps(_mm256_add_ps(
+            _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
+            _mm256_set1_ps(0.5),
+        ));
+        let r = _mm256_sub_ps(x, _mm256_mul_ps(n, _mm256_set1_ps(0.693_359_4)));
+        let r = _mm256_sub_ps(r, _mm256_mul_ps(n, _mm256_set1_ps(-2.121_944_4e-4)));
+        let mut p = _mm256_set1_ps(1.987_569_1e-4);
+        for c in [
+            1.398_199_9e-3,
+            8.333_452e-3,
+            4.166_579_6e-2,
+            0.166_666_65,
+            0.5,
+        ] {
+            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+        }
+        let r2 = _mm256_mul_ps(r, r);
+        p = _mm256_fmadd_ps(p, r2, _mm256_add_ps(r, _mm256_set1_ps(1.0)));
+        let e = _mm256_slli_epi32(
+            _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)),
+            23,
+        );
+        _mm256_mul_ps(p, _mm256_castsi256_ps(e))
+    }
+
+    /// `z = silu(z)` in place (and `s = sigmoid(z)` when `s` is not null), `n` elements.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn silu(z: *mut f32, s: *mut f32, n: usize) {
+        let one = _mm256_set1_ps(1.0);
+        let mut i = 0;
+        while i + 8 <= n {
+            let v = _mm256_loadu_ps(z.add(i));
+            let e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), v));
+            let sig = _mm256_div_ps(one, _mm256_add_ps(one, e));
+            _mm256_storeu_ps(z.add(i), _mm256_mul_ps(v, sig));
+            if !s.is_null() {
+                _mm256_storeu_ps(s.add(i), sig);
+            }
+            i += 8;
+        }
+        while i < n {
+            let sig = 1.0 / (1.0 + super::exp_approx(-*z.add(i)));
+            *z.add(i) *= sig;
+            if !s.is_null() {
+                *s.add(i) = sig;
+            }
+            i += 1;
+        }
+    }
+
+    /// `sum a[i] b[i]` for `i < n`.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot(a: *const f32, b: *const f32, n: usize) -> f32 {
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut i = 0;
+        while i + 32 <= n {
+            for (j, c) in acc.iter_mut().enumerate() {
+                let x = _mm256_loadu_ps(a.add(i + 8 * j));
+                let y = _mm256_loadu_ps(b.add(i + 8 * j));
+                *c = _mm256_fmadd_ps(x, y, *c);
+            }
+            i += 32;
+        }
+        while i + 8 <= n {
+            acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(a.add(i)), _mm256_loadu_ps(b.add(i)), acc[0]);
+            i += 8;
+        }
+        let s = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+        let mut total = hsum(s);
+        while i < n {
+            total += *a.add(i) * *b.add(i);
+            i += 1;
+        }
+        total
+    }
+
+    /// One `MR x 16` tile: `y[r0.., j0..j0+16] += x[r0.., :] * wt[:, j0..j0+16]`.
+    #[inline(always)]
+    unsafe fn tile<const MR: usize>(
+        y: *mut f32,
+        x: *const f32,
+        wt: *const f32,
+        n: usize,
+        k: usize,
+    ) {
+        let mut acc = [[_mm256_setzero_ps(); 2]; MR];
+        for (r, a) in acc.iter_mut().enumerate() {
+            a[0] = _mm256_loadu_ps(y.add(r * n));
+            a[1] = _mm256_loadu_ps(y.add(r * n + 8));
+        }
+        for kk in 0..k {
+            let b0 = _mm256_loadu_ps(wt.add(kk * n));
+            let b1 = _mm256_loadu_ps(wt.add(kk * n + 8));
+            for (r, a) in acc.iter_mut().enumerate() {
+                let xv = _mm256_broadcast_ss(&*x.add(r * k + kk));
+                a[0] = _mm256_fmadd_ps(xv, b0, a[0]);
+                a[1] = _mm256_fmadd_ps(xv, b1, a[1]);
             }
         }
-        let mut s = 0f32;
-        for (x, y) in ra.iter().zip(rb) {
-            s += x * y;
+        for (r, a) in acc.iter().enumerate() {
+            _mm256_storeu_ps(y.add(r * n), a[0]);
+            _mm256_storeu_ps(y.add(r * n + 8), a[1]);
         }
-        for l in 0..16 {
-            acc[l] += acc[l + 16];
+    }
+
+    /// `y[m, n] += x[m, k] * wt[k, n]`, `n` a multiple of 16, every slice long enough.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn matmul_packed(
+        y: *mut f32,
+        x: *const f32,
+        wt: *const f32,
+        m: usize,
+        n: usize,
+        k: usize,
+    ) {
+        let mut j0 = 0;
+        while j0 < n {
+            let mut r0 = 0;
+            let (yj, wj) = (y.add(j0), wt.add(j0));
+            while r0 + 6 <= m {
+                tile::<6>(yj.add(r0 * n), x.add(r0 * k), wj, n, k);
+                r0 += 6;
+            }
+            let (yr, xr) = (yj.add(r0 * n), x.add(r0 * k));
+            match m - r0 {
+                5 => tile::<5>(yr, xr, wj, n, k),
+                4 => tile::<4>(yr, xr, wj, n, k),
+                3 => tile::<3>(yr, xr, wj, n, k),
+                2 => tile::<2>(yr, xr, wj, n, k),
+                1 => tile::<1>(yr, xr, wj, n, k),
+                _ => {}
+            }
+            j0 += 16;
         }
-        for l in 0..8 {
-            acc[l] += acc[l + 8];
-        }
-        s + acc[..8].iter().sum::<f32>()
     }
 }
 
@@ -305,7 +474,7 @@ mod tests {
     #[test]
     fn thread_policy_keeps_small_batches_on_one_thread() {
         assert_eq!(threads_for_batch(1, 2), 1);
-        assert_eq!(threads_for_batch(64, 2), 1);
+        assert_eq!(threads_for_batch(32, 2), 1);
         assert_eq!(threads_for_batch(2 * MIN_ROWS_PER_THREAD - 1, 2), 1);
         assert_eq!(threads_for_batch(2 * MIN_ROWS_PER_THREAD, 2), 2);
         assert_eq!(threads_for_batch(4096, 2), 2);
@@ -347,15 +516,19 @@ mod tests {
 
 /// Columns per register tile of [`matmul_packed`] (two 8-lane vectors).
 pub const TILE_N: usize = 16;
-/// Rows per register tile of [`matmul_packed`].
-const TILE_M: usize = 6;
 
 /// `wt[i, j] = w[j, i]`: a weight `[n, k]` transposed to `[k, n]` for [`matmul_packed`].
 pub fn transpose(w: &[f32], n: usize, k: usize) -> Vec<f32> {
     let mut wt = vec![0.0f32; n * k];
-    for j in 0..n {
-        for i in 0..k {
-            wt[i * n + j] = w[j * k + i];
+    // 16 x 16 blocks keep both the reads and the strided writes within a few cache lines.
+    const B: usize = 16;
+    for j0 in (0..n).step_by(B) {
+        for i0 in (0..k).step_by(B) {
+            for j in j0..(j0 + B).min(n) {
+                for i in i0..(i0 + B).min(k) {
+                    wt[i * n + j] = w[j * k + i];
+                }
+            }
         }
     }
     wt
@@ -366,29 +539,20 @@ pub fn transpose(w: &[f32], n: usize, k: usize) -> Vec<f32> {
 /// tiles of fused multiply-adds, the transposed weight read in 16-column panels.
 pub fn matmul_packed(y: &mut [f32], x: &[f32], wt: &[f32], m: usize, n: usize, k: usize) {
     assert!(n % TILE_N == 0 && y.len() >= m * n && x.len() >= m * k && wt.len() >= k * n);
-    matmul_packed_dispatch(y, x, wt, m, n, k);
-}
-
-simd_dispatch! {
-    /// The body of [`matmul_packed`], compiled per instruction set.
-    fn matmul_packed_dispatch(y: &mut [f32], x: &[f32], wt: &[f32], m: usize, n: usize, k: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        // SAFETY: features detected; the assert bounds every pointer the kernel reads.
+        unsafe { x86::matmul_packed(y.as_mut_ptr(), x.as_ptr(), wt.as_ptr(), m, n, k) };
+        return;
+    }
+    let mut r0 = 0;
+    while r0 < m {
         let mut j0 = 0;
         while j0 < n {
-            let mut r0 = 0;
-            while r0 + TILE_M <= m {
-                tile::<TILE_M>(y, x, wt, r0, j0, n, k);
-                r0 += TILE_M;
-            }
-            match m - r0 {
-                5 => tile::<5>(y, x, wt, r0, j0, n, k),
-                4 => tile::<4>(y, x, wt, r0, j0, n, k),
-                3 => tile::<3>(y, x, wt, r0, j0, n, k),
-                2 => tile::<2>(y, x, wt, r0, j0, n, k),
-                1 => tile::<1>(y, x, wt, r0, j0, n, k),
-                _ => {}
-            }
+            tile::<1>(y, x, wt, r0, j0, n, k);
             j0 += TILE_N;
         }
+        r0 += 1;
     }
 }
 
