@@ -128,9 +128,7 @@ impl Sampler {
         // The time features and their first-layer product are shared by every row.
         time_features(w.freqs, t, &mut self.e);
         let (w0, b0) = w.layers[0];
-        for o in 0..h {
-            self.c0[o] = b0[o] + super::dot(&w0[o * in0 + d..o * in0 + d + 2 * f], &self.e);
-        }
+        super::matvec_bias_strided(&w0[d..], in0, b0, &self.e[..2 * f], &mut self.c0);
         let threads = threads_for_batch(rows, super::available_threads());
         if self.scratch.len() < threads {
             self.scratch.resize(threads, Scratch::default());
@@ -143,7 +141,7 @@ impl Sampler {
                 s.b.resize(chunk * h, 0.0);
             }
         }
-        if rows > 1 && h % TILE_N == 0 && self.packed.is_empty() {
+        if rows > 1 && h.is_multiple_of(TILE_N) && self.packed.is_empty() {
             self.packed = (1..w.depth())
                 .map(|l| transpose(w.layers[l].0, h, h))
                 .collect();

@@ -210,6 +210,58 @@ mod x86 {
         }
     }
 
+    /// `out[j] = bias[j] + sum_i w[j * k + i] x[i]` for `j < n`: four rows at a time, so each
+    /// load of `x` serves four weight rows and one horizontal add finishes four sums.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn matvec_bias(
+        w: *const f32,
+        ldw: usize,
+        bias: *const f32,
+        x: *const f32,
+        out: *mut f32,
+        n: usize,
+        k: usize,
+    ) {
+        let mut j = 0;
+        let k8 = k / 8 * 8;
+        while j + 4 <= n {
+            let rows = [
+                w.add(j * ldw),
+                w.add((j + 1) * ldw),
+                w.add((j + 2) * ldw),
+                w.add((j + 3) * ldw),
+            ];
+            let mut acc = [_mm256_setzero_ps(); 4];
+            let mut i = 0;
+            while i < k8 {
+                let xv = _mm256_loadu_ps(x.add(i));
+                for r in 0..4 {
+                    acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(rows[r].add(i)), xv, acc[r]);
+                }
+                i += 8;
+            }
+            let h = _mm256_hadd_ps(
+                _mm256_hadd_ps(acc[0], acc[1]),
+                _mm256_hadd_ps(acc[2], acc[3]),
+            );
+            let s = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+            let mut sums = [0f32; 4];
+            _mm_storeu_ps(sums.as_mut_ptr(), s);
+            for r in 0..4 {
+                let mut t = sums[r];
+                for ii in k8..k {
+                    t += *rows[r].add(ii) * *x.add(ii);
+                }
+                *out.add(j + r) = *bias.add(j + r) + t;
+            }
+            j += 4;
+        }
+        while j < n {
+            *out.add(j) = *bias.add(j) + dot(w.add(j * ldw), x, k);
+            j += 1;
+        }
+    }
+
     /// `sum a[i] b[i]` for `i < n`.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn dot(a: *const f32, b: *const f32, n: usize) -> f32 {
@@ -318,9 +370,32 @@ simd_dispatch! {
 /// `out[j] = bias[j] + dot(w[j, :], a)` for a row-major `w` `[n, a.len()]`: one row through a
 /// linear layer, the fast form for a single row or a narrow output.
 pub fn matvec_bias(w: &[f32], bias: &[f32], a: &[f32], out: &mut [f32]) {
+    matvec_bias_strided(w, a.len(), bias, a, out);
+}
+
+/// [`matvec_bias`] with `w`'s rows `ldw` apart (the first `a.len()` columns of a wider matrix).
+pub fn matvec_bias_strided(w: &[f32], ldw: usize, bias: &[f32], a: &[f32], out: &mut [f32]) {
     let k = a.len();
+    let n = out.len();
+    assert!(n == 0 || (ldw >= k && w.len() >= (n - 1) * ldw + k && bias.len() >= n));
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        // SAFETY: features detected; the assert bounds every row read.
+        unsafe {
+            x86::matvec_bias(
+                w.as_ptr(),
+                ldw,
+                bias.as_ptr(),
+                a.as_ptr(),
+                out.as_mut_ptr(),
+                n,
+                k,
+            )
+        };
+        return;
+    }
     for (j, o) in out.iter_mut().enumerate() {
-        *o = bias[j] + dot(&w[j * k..(j + 1) * k], a);
+        *o = bias[j] + dot(&w[j * ldw..j * ldw + k], a);
     }
 }
 
@@ -538,7 +613,7 @@ pub fn transpose(w: &[f32], n: usize, k: usize) -> Vec<f32> {
 /// (unlike the `gemm` crate, which allocates packing buffers on every call): 6 x 16 register
 /// tiles of fused multiply-adds, the transposed weight read in 16-column panels.
 pub fn matmul_packed(y: &mut [f32], x: &[f32], wt: &[f32], m: usize, n: usize, k: usize) {
-    assert!(n % TILE_N == 0 && y.len() >= m * n && x.len() >= m * k && wt.len() >= k * n);
+    assert!(n.is_multiple_of(TILE_N) && y.len() >= m * n && x.len() >= m * k && wt.len() >= k * n);
     #[cfg(target_arch = "x86_64")]
     if has_avx2_fma() {
         // SAFETY: features detected; the assert bounds every pointer the kernel reads.
