@@ -317,6 +317,25 @@ pub fn loss_and_grads(
     ((sse / (b * w.d) as f64) as f32, grads)
 }
 
+thread_local! {
+    /// Activation buffers kept between training steps on each thread: fresh multi-megabyte
+    /// vectors cost page faults and TLB shootdowns on every step (10% of a step in `perf`).
+    static POOL: std::cell::RefCell<Vec<Vec<f32>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// A zeroed buffer of `n` floats, reusing a pooled allocation when one is there.
+fn take(n: usize) -> Vec<f32> {
+    let mut v = POOL.with(|p| p.borrow_mut().pop()).unwrap_or_default();
+    v.clear();
+    v.resize(n, 0.0);
+    v
+}
+
+/// Returns buffers to this thread's pool.
+fn give(bufs: impl IntoIterator<Item = Vec<f32>>) {
+    POOL.with(|p| p.borrow_mut().extend(bufs));
+}
+
 /// Forward and backward over one block of rows; returns the block's sum of squared errors and
 /// its (unreduced) gradients.
 fn train_block(
@@ -346,7 +365,7 @@ fn train_block(
     }
     let null = w.cond.map_or(0, |emb| emb.len() / k.max(1) - 1);
     // The input rows [x, e(t), k(c)].
-    let mut h0 = vec![0.0f32; m * in0];
+    let mut h0 = take(m * in0);
     for r in 0..m {
         let row = &mut h0[r * in0..(r + 1) * in0];
         row[..d].copy_from_slice(&x[r * d..(r + 1) * d]);
@@ -362,16 +381,16 @@ fn train_block(
     for l in 0..depth {
         let (wl, bl) = w.layers[l];
         let kin = if l == 0 { in0 } else { h };
-        let mut z = vec![0.0f32; m * h];
+        let mut z = take(m * h);
         let input: &[f32] = if l == 0 { &h0 } else { &acts[l - 1] };
         linear(&mut z, input, wl, bl, m, h, kin);
-        let mut s = vec![0.0f32; m * h];
+        let mut s = take(m * h);
         silu_keep(&mut z, &mut s);
         acts.push(z);
         sigs.push(s);
     }
     let (wl, bl) = w.layers[depth];
-    let mut g = vec![0.0f32; m * d];
+    let mut g = take(m * d);
     linear(&mut g, &acts[depth - 1], wl, bl, m, d, h);
     let mut sse = 0f64;
     for (gi, ti) in g.iter_mut().zip(target) {
@@ -395,20 +414,24 @@ fn train_block(
             }
         }
         if l > 0 {
-            let mut da = vec![0.0f32; m * h];
+            let mut da = take(m * h);
             matmul_nn(&mut da, &grad_out, wl, m, n_out, h, h, 0);
             silu_backward(&mut da, &acts[l - 1], &sigs[l - 1]);
-            grad_out = da;
+            give([std::mem::replace(&mut grad_out, da)]);
             n_out = h;
         } else if w.cond.is_some() && k > 0 {
-            let mut dk = vec![0.0f32; m * k];
+            let mut dk = take(m * k);
             matmul_nn(&mut dk, &grad_out, wl, m, n_out, k, in0, col_k);
             let demb = &mut grads[0];
             for r in 0..m {
                 let c = labels.map_or(null, |l| l[r] as usize);
                 add_assign(&mut demb[c * k..(c + 1) * k], &dk[r * k..(r + 1) * k]);
             }
+            give([dk]);
         }
     }
+    give([h0, grad_out]);
+    give(acts);
+    give(sigs);
     (sse, grads)
 }
