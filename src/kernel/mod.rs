@@ -607,17 +607,11 @@ pub const TILE_N: usize = 16;
 
 /// `wt[i, j] = w[j, i]`: a weight `[n, k]` transposed to `[k, n]` for [`matmul_packed`].
 pub fn transpose(w: &[f32], n: usize, k: usize) -> Vec<f32> {
-    let mut wt = vec![0.0f32; n * k];
-    // 16 x 16 blocks keep both the reads and the strided writes within a few cache lines.
-    const B: usize = 16;
-    for j0 in (0..n).step_by(B) {
-        for i0 in (0..k).step_by(B) {
-            for j in j0..(j0 + B).min(n) {
-                for i in i0..(i0 + B).min(k) {
-                    wt[i * n + j] = w[j * k + i];
-                }
-            }
-        }
+    // Written in order, read down the columns: the n rows being read (16 KiB at n = 256) stay
+    // in L1 from one column to the next, and nothing is zeroed first.
+    let mut wt = Vec::with_capacity(n * k);
+    for i in 0..k {
+        wt.extend(w.chunks_exact(k).take(n).map(|row| row[i]));
     }
     wt
 }
