@@ -142,6 +142,13 @@ pub trait StepFn {
 pub trait FastVelocity {
     /// Writes `v(x, t)` into `out` (the shape of `x`); it must not allocate once warmed up.
     fn velocity(&mut self, x: &[f32], t: f32, out: &mut [f32]) -> Result<()>;
+
+    /// Runs Euler over the whole `grid` in place of `x`, if the implementor can do better than
+    /// one [`Self::velocity`] call a step (a model can fork its threads once per run); `None`
+    /// means "use the step loop". Errors must be the step loop's (`Error::NonFinite`).
+    fn euler_in_place(&mut self, _x: &mut [f32], _grid: &[f64]) -> Option<Result<()>> {
+        None
+    }
 }
 
 impl<F> StepFn for F

@@ -25,6 +25,12 @@ pub fn euler(
     if grid.len() < 2 {
         return Err(Error::ZeroSteps);
     }
+    if !record {
+        if let Some(r) = f.euler_in_place(&mut x, grid) {
+            r?;
+            return Ok(EulerRun { x, states: None });
+        }
+    }
     let n = x.len();
     let mut v = vec![0.0f32; n];
     let mut states = record.then(|| {

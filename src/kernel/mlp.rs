@@ -62,6 +62,10 @@ pub fn time_features(freqs: &[f32], t: f32, out: &mut [f32]) {
 pub struct Scratch {
     a: Vec<f32>,
     b: Vec<f32>,
+    /// The block's own time features, first-layer term and velocity (whole-run Euler only).
+    e: Vec<f32>,
+    c0: Vec<f32>,
+    v: Vec<f32>,
 }
 
 /// Sampling state: what is fixed for a run (transposed input weights, per-class first-layer
@@ -121,14 +125,10 @@ impl Sampler {
         }
     }
 
-    /// `out = v(x, t)` for every row of `x` `[B, D]`, the time shared by all rows.
-    pub fn velocity(&mut self, w: &MlpWeights<'_>, x: &[f32], t: f32, out: &mut [f32]) {
-        let (d, h, in0, f) = (w.d, w.h, w.in0(), w.f());
-        let rows = x.len() / d;
-        // The time features and their first-layer product are shared by every row.
-        time_features(w.freqs, t, &mut self.e);
-        let (w0, b0) = w.layers[0];
-        super::matvec_bias_strided(&w0[d..], in0, b0, &self.e[..2 * f], &mut self.c0);
+    /// Sizes the per-thread buffers and packs the weights for `rows` rows; returns the
+    /// thread count and the rows per thread.
+    fn prepare(&mut self, w: &MlpWeights<'_>, rows: usize) -> (usize, usize) {
+        let h = w.h;
         let threads = threads_for_batch(rows, super::available_threads());
         if self.scratch.len() < threads {
             self.scratch.resize(threads, Scratch::default());
@@ -146,15 +146,112 @@ impl Sampler {
                 .map(|l| transpose(w.layers[l].0, h, h))
                 .collect();
         }
+        (threads, per)
+    }
+
+    /// `out = v(x, t)` for every row of `x` `[B, D]`, the time shared by all rows.
+    pub fn velocity(&mut self, w: &MlpWeights<'_>, x: &[f32], t: f32, out: &mut [f32]) {
+        let (d, in0, f) = (w.d, w.in0(), w.f());
+        let rows = x.len() / d;
+        // The time features and their first-layer product are shared by every row.
+        time_features(w.freqs, t, &mut self.e);
+        let (w0, b0) = w.layers[0];
+        super::matvec_bias_strided(&w0[d..], in0, b0, &self.e[..2 * f], &mut self.c0);
+        let (threads, per) = self.prepare(w, rows);
         let shared = Shared {
             w,
             packed: &self.packed,
             wx_t: &self.wx_t,
             class_terms: &self.class_terms,
             labels: self.labels.as_deref(),
-            c0: &self.c0,
         };
-        run_blocks(&shared, &mut self.scratch[..threads], x, out, 0, per);
+        run_blocks(
+            &shared,
+            &mut self.scratch[..threads],
+            &self.c0,
+            x,
+            out,
+            0,
+            per,
+        );
+    }
+
+    /// Euler over the whole grid in place, each thread integrating its own rows through every
+    /// step (rows are independent), so a run forks once instead of once per step. Returns the
+    /// first step (1-based) and time at which some row stopped being finite.
+    pub fn euler(
+        &mut self,
+        w: &MlpWeights<'_>,
+        x: &mut [f32],
+        grid: &[f64],
+    ) -> Option<(usize, f64)> {
+        let (d, h, f) = (w.d, w.h, w.f());
+        let rows = x.len() / d;
+        let (threads, per) = self.prepare(w, rows);
+        for s in &mut self.scratch[..threads] {
+            s.e.resize(2 * f, 0.0);
+            s.c0.resize(h, 0.0);
+            if s.v.len() < per * d {
+                s.v.resize(per * d, 0.0);
+            }
+        }
+        let shared = Shared {
+            w,
+            packed: &self.packed,
+            wx_t: &self.wx_t,
+            class_terms: &self.class_terms,
+            labels: self.labels.as_deref(),
+        };
+        euler_blocks(&shared, &mut self.scratch[..threads], x, grid, 0, per)
+    }
+}
+
+/// The whole-run Euler of [`Sampler::euler`] over row blocks, forked like [`run_blocks`].
+fn euler_blocks(
+    sh: &Shared<'_, '_>,
+    scratch: &mut [Scratch],
+    x: &mut [f32],
+    grid: &[f64],
+    row0: usize,
+    per: usize,
+) -> Option<(usize, f64)> {
+    let w = sh.w;
+    let d = w.d;
+    if scratch.len() == 1 {
+        let s = &mut scratch[0];
+        let rows = x.len() / d;
+        let (w0, b0) = w.layers[0];
+        let (in0, f) = (w.in0(), w.f());
+        for (i, g) in grid.windows(2).enumerate() {
+            let (t0, t1) = (g[0] as f32, g[1] as f32);
+            time_features(w.freqs, t0, &mut s.e);
+            super::matvec_bias_strided(&w0[d..], in0, b0, &s.e[..2 * f], &mut s.c0);
+            let v = &mut s.v[..rows * d];
+            forward_block(sh, &mut s.a, &mut s.b, &s.c0, x, v, row0);
+            let dt = t1 - t0;
+            let mut finite = true;
+            for (xi, vi) in x.iter_mut().zip(v.iter()) {
+                let p = dt * *vi;
+                *xi += p;
+                finite &= xi.is_finite();
+            }
+            if !finite {
+                return Some((i + 1, g[1]));
+            }
+        }
+        return None;
+    }
+    let half = scratch.len() / 2;
+    let rows_left = (half * per).min(x.len() / d);
+    let (sl, sr) = scratch.split_at_mut(half);
+    let (xl, xr) = x.split_at_mut(rows_left * d);
+    let (a, b) = rayon::join(
+        || euler_blocks(sh, sl, xl, grid, row0, per),
+        || euler_blocks(sh, sr, xr, grid, row0 + rows_left, per),
+    );
+    match (a, b) {
+        (Some(p), Some(q)) => Some(if q.0 < p.0 { q } else { p }),
+        (p, q) => p.or(q),
     }
 }
 
@@ -165,7 +262,6 @@ struct Shared<'s, 'w> {
     wx_t: &'s [f32],
     class_terms: &'s [f32],
     labels: Option<&'s [u32]>,
-    c0: &'s [f32],
 }
 
 /// Splits the rows over the scratch buffers (one per thread) with `rayon::join`, which,
@@ -173,6 +269,7 @@ struct Shared<'s, 'w> {
 fn run_blocks(
     sh: &Shared<'_, '_>,
     scratch: &mut [Scratch],
+    c0: &[f32],
     x: &[f32],
     out: &mut [f32],
     row0: usize,
@@ -180,7 +277,8 @@ fn run_blocks(
 ) {
     let d = sh.w.d;
     if scratch.len() == 1 {
-        forward_block(sh, &mut scratch[0], x, out, row0);
+        let s = &mut scratch[0];
+        forward_block(sh, &mut s.a, &mut s.b, c0, x, out, row0);
         return;
     }
     let half = scratch.len() / 2;
@@ -189,12 +287,21 @@ fn run_blocks(
     let (xl, xr) = x.split_at(rows_left * d);
     let (ol, or) = out.split_at_mut(rows_left * d);
     rayon::join(
-        || run_blocks(sh, sl, xl, ol, row0, per),
-        || run_blocks(sh, sr, xr, or, row0 + rows_left, per),
+        || run_blocks(sh, sl, c0, xl, ol, row0, per),
+        || run_blocks(sh, sr, c0, xr, or, row0 + rows_left, per),
     );
 }
 
-fn forward_block(sh: &Shared<'_, '_>, s: &mut Scratch, x: &[f32], out: &mut [f32], row0: usize) {
+#[allow(clippy::too_many_arguments)]
+fn forward_block(
+    sh: &Shared<'_, '_>,
+    a: &mut [f32],
+    b: &mut [f32],
+    c0: &[f32],
+    x: &[f32],
+    out: &mut [f32],
+    row0: usize,
+) {
     let d = sh.w.d;
     let rows = x.len() / d;
     let mut r = 0;
@@ -202,7 +309,9 @@ fn forward_block(sh: &Shared<'_, '_>, s: &mut Scratch, x: &[f32], out: &mut [f32
         let n = (rows - r).min(CHUNK);
         forward_chunk(
             sh,
-            s,
+            a,
+            b,
+            c0,
             &x[r * d..(r + n) * d],
             &mut out[r * d..(r + n) * d],
             row0 + r,
@@ -212,17 +321,26 @@ fn forward_block(sh: &Shared<'_, '_>, s: &mut Scratch, x: &[f32], out: &mut [f32
 }
 
 /// Up to `CHUNK` rows through every layer.
-fn forward_chunk(sh: &Shared<'_, '_>, s: &mut Scratch, x: &[f32], out: &mut [f32], row0: usize) {
+#[allow(clippy::too_many_arguments)]
+fn forward_chunk(
+    sh: &Shared<'_, '_>,
+    a: &mut [f32],
+    b: &mut [f32],
+    c0: &[f32],
+    x: &[f32],
+    out: &mut [f32],
+    row0: usize,
+) {
     let w = sh.w;
     let (d, h, in0) = (w.d, w.h, w.in0());
     let rows = x.len() / d;
     if rows == 0 {
         return;
     }
-    let (mut cur, mut nxt) = (&mut s.a[..rows * h], &mut s.b[..rows * h]);
+    let (mut cur, mut nxt) = (&mut a[..rows * h], &mut b[..rows * h]);
     for r in 0..rows {
         let z = &mut cur[r * h..(r + 1) * h];
-        z.copy_from_slice(sh.c0);
+        z.copy_from_slice(c0);
         if let Some(labels) = sh.labels {
             let c = labels
                 .get(row0 + r)

@@ -103,6 +103,16 @@ impl FastVelocity for FastMlp<'_> {
         self.sampler.velocity(&self.weights, x, t, out);
         Ok(())
     }
+
+    fn euler_in_place(&mut self, x: &mut [f32], grid: &[f64]) -> Option<Result<()>> {
+        if !x.len().is_multiple_of(self.weights.d) {
+            return None;
+        }
+        Some(match self.sampler.euler(&self.weights, x, grid) {
+            None => Ok(()),
+            Some((step, t)) => Err(Error::NonFinite { step, t }),
+        })
+    }
 }
 
 /// The MSE loss `mean((v - target)^2)` of `model` on one batch and the gradient of every
