@@ -314,3 +314,27 @@ fn training_loss_matches_golden_mlp_2d() {
     );
     assert_eq!(grads[0].0, "net.0.weight");
 }
+
+#[test]
+fn non_finite_rows_in_a_second_thread_block_are_reported_at_their_step() {
+    let dev = Device::Cpu;
+    let mut model = VelocityMlp::init(small_config(0, 2), &VarMap::new(), &dev, 1)
+        .unwrap()
+        .detach();
+    let fm = FlowMatching::new(2).unwrap();
+    let b = 4 * MIN_ROWS_PER_THREAD;
+    let mut x: Vec<f32> = (0..b * 2).map(|i| (i as f32 * 0.01).sin()).collect();
+    x[2 * (b - 3)] = f32::INFINITY;
+    let mut opts = SampleOptions::seeded(0);
+    opts.x_init = Some(Tensor::from_vec(x, (b, 2), &dev).unwrap());
+    let fast = fm
+        .sample(b, &mut model, &dev, &opts)
+        .unwrap_err()
+        .to_string();
+    let generic = fm
+        .sample(b, &mut Generic(&mut model), &dev, &opts)
+        .unwrap_err()
+        .to_string();
+    assert_eq!(fast, generic);
+    assert!(fast.contains("after step 1 "), "{fast}");
+}
