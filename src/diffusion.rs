@@ -129,6 +129,26 @@ pub trait StepFn {
         let t = time_tensor(x, t)?;
         self.step(x, &t)
     }
+
+    /// A slice-level form of this velocity for CPU f32 sampling, if the step function has one;
+    /// `FlowMatching::sample` then runs Euler over preallocated slices (see `crate::kernel`).
+    /// The default, `None`, keeps the generic tensor path.
+    fn fast_velocity(&mut self) -> Option<Box<dyn FastVelocity + '_>> {
+        None
+    }
+}
+
+/// A velocity evaluated on row-major f32 slices `[B, D]` with one time shared by every row.
+pub trait FastVelocity {
+    /// Writes `v(x, t)` into `out` (the shape of `x`); it must not allocate once warmed up.
+    fn velocity(&mut self, x: &[f32], t: f32, out: &mut [f32]) -> Result<()>;
+
+    /// Runs Euler over the whole `grid` in place of `x`, if the implementor can do better than
+    /// one [`Self::velocity`] call a step (a model can fork its threads once per run); `None`
+    /// means "use the step loop". Errors must be the step loop's (`Error::NonFinite`).
+    fn euler_in_place(&mut self, _x: &mut [f32], _grid: &[f64]) -> Option<Result<()>> {
+        None
+    }
 }
 
 impl<F> StepFn for F

@@ -412,6 +412,12 @@ impl FlowMatching {
         if reverse {
             grid.reverse();
         }
+        // Fast path: CPU f32 Euler with a slice-level velocity (crate::kernel); same outputs.
+        if matches!(method, Method::Euler) && dtype == DType::F32 && device.is_cpu() {
+            if let Some(mut fast) = step_fn.fast_velocity() {
+                return fast_euler(fast.as_mut(), &x0, &grid, options.return_all_steps);
+            }
+        }
         let run = method
             .solver()
             .integrate(step_fn, x0, &grid, options.return_all_steps)?;
@@ -446,4 +452,41 @@ fn check_dtype(dtype: DType) -> Result<DType> {
             "f32, f64, f16 or bf16",
         ))
     }
+}
+
+/// The Euler fast path of [`FlowMatching::sample`] over f32 slices.
+fn fast_euler(
+    f: &mut dyn crate::diffusion::FastVelocity,
+    x0: &Tensor,
+    grid: &[f64],
+    record: bool,
+) -> Result<Sample> {
+    let dims = x0.dims().to_vec();
+    let batch = dims[0];
+    let d = x0.elem_count() / batch;
+    let x = x0.flatten_all()?.to_vec1::<f32>()?;
+    let run = crate::kernel::euler::euler(f, x, grid, record)?;
+    let steps = grid.len() - 1;
+    let (trajectory, times) = match run.states {
+        Some(states) => {
+            let traj = crate::kernel::euler::batch_major(&states, steps + 1, batch, d);
+            let mut shape = dims.clone();
+            shape.insert(1, steps + 1);
+            let times: Vec<f32> = grid.iter().map(|&t| t as f32).collect();
+            (
+                Some(Tensor::from_vec(traj, shape, x0.device())?),
+                Some(Tensor::from_vec(times, steps + 1, x0.device())?),
+            )
+        }
+        None => (None, None),
+    };
+    Ok(Sample {
+        x: Tensor::from_vec(run.x, dims, x0.device())?,
+        trajectory,
+        times,
+        nfe: steps,
+        accepted_steps: steps,
+        rejected_steps: 0,
+        reached_end: true,
+    })
 }

@@ -5,6 +5,7 @@
 //! [`Diffusion`] trait and the [`StepFn`] protocol), ODE solvers, time schedules, the
 //! `velocity-mlp` model shared with PyTorch, and training helpers.
 
+pub mod bench;
 pub mod cli;
 pub mod data;
 pub mod diffusion;
@@ -15,6 +16,7 @@ pub mod guidance;
 pub mod io;
 pub mod likelihood;
 pub mod metrics;
+pub mod kernel;
 pub mod model;
 pub mod plot;
 pub mod schedule;

@@ -3,6 +3,7 @@
 mod demo;
 mod eval;
 mod loglik;
+mod bench;
 mod sample;
 mod train;
 
@@ -30,6 +31,11 @@ enum Command {
     Sample(sample::SampleArgs),
     /// Log-likelihoods (nats, bits/dim) of data rows under a velocity-mlp model.
     Loglik(loglik::LoglikArgs),
+    /// Time sampling and training against PyTorch eager, side by side.
+    Bench(bench::BenchArgs),
+    /// One batch-4096 sample, then the peak RSS in MiB (the benchmark's child process).
+    #[command(hide = true)]
+    BenchPeakRss(bench::PeakRssArgs),
 }
 
 /// Runs the command line `args` (the program name first).
@@ -51,6 +57,8 @@ where
         Command::Eval(a) => eval::run(a),
         Command::Sample(a) => sample::run(a),
         Command::Loglik(a) => loglik::run(a),
+        Command::Bench(a) => bench::run(a),
+        Command::BenchPeakRss(a) => bench::run_peak_rss(a),
     }
 }
 

@@ -1,5 +1,8 @@
 //! Velocity networks.
 
+pub mod fast;
 mod velocity_mlp;
+
+pub use fast::{loss_and_grads, FastMlp};
 
 pub use velocity_mlp::{read_file, Conditioned, VelocityMlp, VelocityMlpConfig};

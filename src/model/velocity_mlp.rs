@@ -10,9 +10,10 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, StandardNormal};
 
-use crate::diffusion::{StepFn, XDims};
+use crate::diffusion::{FastVelocity, StepFn, XDims};
 use crate::error::{Error, Result};
 use crate::io::atomic_write;
+use crate::model::fast::FastMlp;
 
 /// `2 pi` rounded to float32 first, as the reference computes `((2*pi) * t) * f`.
 const TWO_PI_F32: f32 = 2.0 * std::f32::consts::PI;
@@ -473,6 +474,12 @@ impl StepFn for VelocityMlp {
     fn step(&mut self, x: &Tensor, t: &Tensor) -> Result<Tensor> {
         self.forward(x, t, None)
     }
+
+    // CPU f32 sampling goes through the fused kernels of `crate::model::fast`.
+    fn fast_velocity(&mut self) -> Option<Box<dyn FastVelocity + '_>> {
+        let f = FastMlp::new(self, None)?;
+        Some(Box::new(f))
+    }
 }
 
 /// A conditional model bound to one label per row: a step function for conditional sampling.
@@ -487,6 +494,13 @@ pub struct Conditioned<'a> {
 impl StepFn for Conditioned<'_> {
     fn step(&mut self, x: &Tensor, t: &Tensor) -> Result<Tensor> {
         self.model.forward(x, t, Some(&self.labels))
+    }
+
+    // As for `VelocityMlp`; the labels must be u32 on the CPU, else the generic path runs.
+    fn fast_velocity(&mut self) -> Option<Box<dyn FastVelocity + '_>> {
+        let labels = self.labels.to_vec1::<u32>().ok()?;
+        let f = FastMlp::new(self.model, Some(labels))?;
+        Some(Box::new(f))
     }
 }
 

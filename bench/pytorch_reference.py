@@ -1,0 +1,151 @@
+#!/usr/bin/env python3
+"""PyTorch eager reference for `flow-matching bench`.
+
+Loads a velocity-mlp file (shared/spec/velocity-mlp.md) with the `safetensors` package into a
+torch module that follows the spec, and times the same figures as the Rust side with
+torch.set_num_threads(2). Prints one JSON object a line: {"figure": ..., "value": ...}.
+
+    python3 bench/pytorch_reference.py --model m.safetensors [--reps-scale 1] [--install]
+    python3 bench/pytorch_reference.py --model m.safetensors --peak-rss   # one batch-4096 sample
+
+`--install` runs `pip install torch safetensors numpy` first (never in CI).
+"""
+import argparse
+import json
+import math
+import statistics
+import subprocess
+import sys
+import time
+
+
+def parse():
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", required=True)
+    p.add_argument("--install", action="store_true")
+    p.add_argument("--peak-rss", action="store_true")
+    p.add_argument("--reps-scale", type=float, default=1.0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--steps", type=int, default=10)
+    return p.parse_args()
+
+
+def build(path, torch):
+    from safetensors import safe_open
+
+    nn = torch.nn
+    with safe_open(path, "pt") as f:
+        meta = f.metadata()
+        t = {k: f.get_tensor(k) for k in f.keys()}
+    x_dims = [int(v) for v in meta["x_dims"].split(",")]
+    hidden, depth = int(meta["hidden"]), int(meta["depth"])
+    num_classes = int(meta["num_classes"])
+
+    class VelocityMlp(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.x_dims = x_dims
+            self.register_buffer("freqs", t["time_embed.freqs"].clone())
+            d = math.prod(x_dims)
+            f = self.freqs.numel()
+            k = t["cond_embed.weight"].shape[1] if num_classes > 0 else 0
+            self.cond_embed = nn.Embedding(num_classes + 1, k) if num_classes > 0 else None
+            layers = []
+            width = d + 2 * f + k
+            for i in range(depth):
+                layers += [nn.Linear(width, hidden), nn.SiLU()]
+                width = hidden
+            layers.append(nn.Linear(width, d))
+            self.net = nn.Sequential(*layers)
+
+        def forward(self, x, t_, c=None):
+            b = x.shape[0]
+            a = ((2 * math.pi) * t_.reshape(b, 1)) * self.freqs
+            parts = [x.reshape(b, -1), torch.sin(a), torch.cos(a)]
+            if self.cond_embed is not None:
+                if c is None:
+                    c = torch.full((b,), num_classes, dtype=torch.long)
+                parts.append(self.cond_embed(c))
+            return self.net(torch.cat(parts, 1)).reshape(x.shape)
+
+    m = VelocityMlp()
+    state = {k: v for k, v in t.items() if k != "time_embed.freqs"}
+    m.load_state_dict({**state, "freqs": t["time_embed.freqs"]}, strict=False)
+    for i in range(depth + 1):
+        assert torch.equal(m.net[2 * i].weight, t[f"net.{2 * i}.weight"])
+    return m, x_dims
+
+
+def sample(model, x0, steps, torch):
+    ts = torch.linspace(0, 1, steps + 1)
+    x = x0
+    b = x.shape[0]
+    with torch.inference_mode():
+        for i in range(steps):
+            v = model(x, ts[i].expand(b))
+            x = x + (ts[i + 1] - ts[i]) * v
+    return x
+
+
+def vm_hwm_mib():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
+def median_ms(fn, reps):
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def main():
+    args = parse()
+    if args.install:
+        subprocess.check_call([sys.executable, "-m", "pip", "install", "torch", "safetensors", "numpy"])
+    import torch
+
+    torch.set_num_threads(args.threads)
+    model, x_dims = build(args.model, torch)
+    g = torch.Generator().manual_seed(0)
+    if args.peak_rss:
+        x0 = torch.randn(4096, *x_dims, generator=g)
+        sample(model, x0, args.steps, torch)
+        print(json.dumps({"figure": "peak_rss_b4096", "value": vm_hwm_mib()}))
+        return
+    out = []
+    for batch, reps in ((1, 200), (64, 50), (4096, 5)):
+        x0 = torch.randn(batch, *x_dims, generator=g)
+        reps = max(1, int(reps * args.reps_scale))
+        ms = median_ms(lambda: sample(model, x0, args.steps, torch), reps)
+        out.append({"figure": f"sample_b{batch}", "value": ms})
+    # Training: batch 4096, AdamW, the loss mean((v - target)^2).
+    b = 4096
+    x = torch.randn(b, *x_dims, generator=g)
+    noise = torch.randn(b, *x_dims, generator=g)
+    tt = torch.rand(b, generator=g)
+    tb = tt.reshape(b, *([1] * len(x_dims)))
+    noisy = tb * x + (1 - tb) * noise
+    target = x - noise
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = ((model(noisy, tt) - target) ** 2).mean()
+        loss.backward()
+        opt.step()
+
+    ms = median_ms(step, max(1, int(10 * args.reps_scale)))
+    out.append({"figure": "train_b4096", "value": 1e3 / ms})
+    for o in out:
+        print(json.dumps(o), flush=True)
+
+
+if __name__ == "__main__":
+    main()

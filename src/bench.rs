@@ -1,0 +1,340 @@
+//! `flow-matching bench`: this crate against PyTorch eager on the velocity-mlp workload, the
+//! two measured alternately in one run (ours, theirs, ours, ...) so machine load hits both.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::VarMap;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use crate::diffusion::{Diffusion, SampleOptions};
+use crate::error::{Error, Result};
+use crate::flow_matching::{randn, FlowMatching};
+use crate::model::{loss_and_grads, VelocityMlp, VelocityMlpConfig};
+use crate::XDims;
+
+/// Batch sizes of the sampling figures.
+pub const SAMPLE_BATCHES: [usize; 3] = [1, 64, 4096];
+/// Batch size of the training and peak-memory figures.
+pub const BIG_BATCH: usize = 4096;
+/// Euler steps per sample.
+pub const STEPS: usize = 10;
+
+/// One row of the result table.
+#[derive(Debug, Clone)]
+pub struct Figure {
+    /// Name, e.g. `sample_b64`.
+    pub figure: String,
+    /// Our median.
+    pub ours: f64,
+    /// PyTorch's median, when torch ran.
+    pub pytorch: Option<f64>,
+    /// `ms`, `steps/s` or `MiB`.
+    pub unit: &'static str,
+}
+
+impl Figure {
+    /// How many times better this crate is (> 1 is better): time and memory ratios are
+    /// theirs / ours, rates ours / theirs.
+    pub fn ratio(&self) -> Option<f64> {
+        let p = self.pytorch?;
+        Some(if self.unit == "steps/s" {
+            self.ours / p
+        } else {
+            p / self.ours
+        })
+    }
+}
+
+/// The workload model: x_dims [2], hidden 256, depth 3, 16 frequencies, seed 0.
+pub fn workload_model(varmap: &VarMap) -> Result<VelocityMlp> {
+    let cfg = VelocityMlpConfig::new(XDims::new(2)?);
+    VelocityMlp::init(cfg, varmap, &Device::Cpu, 0)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// The median of `reps` timed calls after a warm-up call (the warm-up alone when `reps` is 0).
+fn median_ms(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    let t0 = Instant::now();
+    f()?;
+    if reps == 0 {
+        return Ok(t0.elapsed().as_secs_f64() * 1e3);
+    }
+    let mut times = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        let t0 = Instant::now();
+        f()?;
+        times.push(t0.elapsed().as_secs_f64() * 1e3);
+    }
+    Ok(median(times))
+}
+
+/// The median time (ms) of one `STEPS`-step Euler sample of `batch` rows.
+pub fn sample_ms(model: &VelocityMlp, batch: usize, reps: usize) -> Result<f64> {
+    let fm = FlowMatching::new(2)?;
+    let mut rng = StdRng::seed_from_u64(batch as u64);
+    let opts = SampleOptions {
+        steps: Some(STEPS),
+        x_init: Some(randn(&mut rng, &[batch, 2], DType::F32, &Device::Cpu)?),
+        ..Default::default()
+    };
+    let mut m = model.detach();
+    median_ms(reps, || {
+        fm.sample(batch, &mut m, &Device::Cpu, &opts)?;
+        Ok(())
+    })
+}
+
+/// A minimal AdamW (PyTorch's update, decoupled weight decay) over the model's variables.
+pub struct AdamW {
+    vars: Vec<(String, Var)>,
+    params: Vec<Vec<f32>>,
+    m: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+    step: i32,
+    /// Learning rate.
+    pub lr: f32,
+    /// Decoupled weight decay.
+    pub weight_decay: f32,
+}
+
+impl AdamW {
+    /// State for every variable of `varmap` (betas 0.9, 0.999, eps 1e-8).
+    pub fn new(varmap: &VarMap, lr: f32, weight_decay: f32) -> Result<Self> {
+        let data = varmap
+            .data()
+            .lock()
+            .map_err(|_| Error::Training("the variable map's lock is poisoned".into()))?;
+        let mut vars: Vec<(String, Var)> =
+            data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        let params = vars
+            .iter()
+            .map(|(_, v)| Ok(v.as_tensor().flatten_all()?.to_vec1::<f32>()?))
+            .collect::<Result<Vec<_>>>()?;
+        let zeros: Vec<Vec<f32>> = params.iter().map(|p| vec![0.0; p.len()]).collect();
+        Ok(AdamW {
+            vars,
+            m: zeros.clone(),
+            v: zeros,
+            params,
+            step: 0,
+            lr,
+            weight_decay,
+        })
+    }
+
+    /// Applies one update from gradients keyed like the variables.
+    pub fn update(&mut self, grads: &[(String, Tensor)]) -> Result<()> {
+        self.step += 1;
+        let (b1, b2, eps) = (0.9f32, 0.999f32, 1e-8f32);
+        let c1 = 1.0 - b1.powi(self.step);
+        let c2 = 1.0 - b2.powi(self.step);
+        for (i, (name, var)) in self.vars.iter().enumerate() {
+            let g = grads
+                .iter()
+                .find(|(k, _)| k == name)
+                .ok_or_else(|| Error::Training(format!("no gradient for {name:?}")))?;
+            let g = g.1.flatten_all()?.to_vec1::<f32>()?;
+            let (p, m, v) = (&mut self.params[i], &mut self.m[i], &mut self.v[i]);
+            for j in 0..p.len() {
+                p[j] *= 1.0 - self.lr * self.weight_decay;
+                m[j] = b1 * m[j] + (1.0 - b1) * g[j];
+                v[j] = b2 * v[j] + (1.0 - b2) * g[j] * g[j];
+                p[j] -= self.lr * (m[j] / c1) / ((v[j] / c2).sqrt() + eps);
+            }
+            let t = Tensor::from_slice(p, var.as_tensor().dims(), &Device::Cpu)?;
+            var.set(&t)?;
+        }
+        Ok(())
+    }
+}
+
+/// Training data of the benchmark: `(noisy_x, t, target)` for `batch` rows.
+pub fn training_batch(batch: usize) -> Result<(Tensor, Tensor, Tensor)> {
+    let mut rng = StdRng::seed_from_u64(42);
+    let dev = Device::Cpu;
+    let x = randn(&mut rng, &[batch, 2], DType::F32, &dev)?;
+    let noise = randn(&mut rng, &[batch, 2], DType::F32, &dev)?;
+    let t: Vec<f32> = (0..batch).map(|_| rng.random::<f32>()).collect();
+    let t = Tensor::from_vec(t, (batch, 1), &dev)?;
+    let one_minus = t.affine(-1.0, 1.0)?;
+    let noisy = (x.broadcast_mul(&t)? + noise.broadcast_mul(&one_minus)?)?;
+    let target = (&x - &noise)?;
+    Ok((noisy, t.flatten_all()?, target))
+}
+
+/// Training steps per second (loss, gradients and the AdamW update) at `batch` rows.
+pub fn train_steps_per_s(batch: usize, reps: usize) -> Result<f64> {
+    let varmap = VarMap::new();
+    let model = workload_model(&varmap)?;
+    let mut opt = AdamW::new(&varmap, 1e-4, 0.01)?;
+    let (noisy, t, target) = training_batch(batch)?;
+    let ms = median_ms(reps, || {
+        let (_, grads) = loss_and_grads(&model, &noisy, &t, None, &target)?;
+        opt.update(&grads)
+    })?;
+    Ok(1e3 / ms)
+}
+
+/// This process's peak resident memory in MiB (`VmHWM` of /proc/self/status).
+pub fn peak_rss_mib() -> Result<f64> {
+    let p = Path::new("/proc/self/status");
+    let s = std::fs::read_to_string(p).map_err(|e| Error::io(p, e))?;
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map(|kb| kb / 1024.0)
+        .ok_or_else(|| Error::invalid("/proc/self/status", "no VmHWM line", "a Linux kernel"))
+}
+
+/// The body of the hidden `bench-peak-rss` subcommand: one batch-4096 sample from `model`,
+/// then the peak RSS.
+pub fn peak_rss_child(model: &Path) -> Result<f64> {
+    let m = VelocityMlp::load(model, &Device::Cpu)?;
+    sample_ms(&m, BIG_BATCH, 0)?;
+    peak_rss_mib()
+}
+
+/// How the benchmark runs.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// Alternating rounds (ours then PyTorch's).
+    pub rounds: usize,
+    /// The Python interpreter.
+    pub python: String,
+    /// The PyTorch script.
+    pub script: PathBuf,
+    /// Pass `--install` to the script (pip install torch).
+    pub install: bool,
+    /// Scales every repetition count (for a quick look).
+    pub reps_scale: f64,
+}
+
+/// Whether `python` can import torch and safetensors.
+pub fn torch_available(python: &str) -> bool {
+    Command::new(python)
+        .args(["-c", "import torch, safetensors"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+fn run_python(opts: &BenchOptions, model: &Path, extra: &[&str]) -> Result<Vec<(String, f64)>> {
+    let mut cmd = Command::new(&opts.python);
+    cmd.arg(&opts.script).arg("--model").arg(model);
+    cmd.arg("--reps-scale").arg(opts.reps_scale.to_string());
+    if opts.install {
+        cmd.arg("--install");
+    }
+    cmd.args(extra);
+    let out = cmd.output().map_err(|e| Error::io(&opts.script, e))?;
+    if !out.status.success() {
+        return Err(Error::invalid(
+            "PyTorch reference run",
+            String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            "a successful run of the script",
+        ));
+    }
+    let mut v = Vec::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        if let Ok(j) = serde_json::from_str::<serde_json::Value>(line) {
+            if let (Some(f), Some(x)) = (j["figure"].as_str(), j["value"].as_f64()) {
+                v.push((f.to_string(), x));
+            }
+        }
+    }
+    Ok(v)
+}
+
+fn our_round(model: &VelocityMlp, scale: f64) -> Result<Vec<(String, f64)>> {
+    let reps = |n: usize| ((n as f64 * scale) as usize).max(1);
+    let mut v = Vec::new();
+    for (b, n) in SAMPLE_BATCHES.iter().zip([200, 50, 5]) {
+        v.push((format!("sample_b{b}"), sample_ms(model, *b, reps(n))?));
+    }
+    v.push((
+        "train_b4096".into(),
+        train_steps_per_s(BIG_BATCH, reps(10))?,
+    ));
+    Ok(v)
+}
+
+/// Runs the benchmark; `progress` hears a line after each half-round.
+pub fn run(opts: &BenchOptions, mut progress: impl FnMut(&str)) -> Result<Vec<Figure>> {
+    let dir = std::env::temp_dir().join(format!("flow-matching-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+    let model_path = dir.join("velocity-mlp.safetensors");
+    let model = workload_model(&VarMap::new())?;
+    model.save(&model_path)?;
+    let torch = opts.install || torch_available(&opts.python);
+    let mut ours: Vec<(String, Vec<f64>)> = Vec::new();
+    let mut theirs: Vec<(String, Vec<f64>)> = Vec::new();
+    let push = |acc: &mut Vec<(String, Vec<f64>)>, vals: Vec<(String, f64)>| {
+        for (k, x) in vals {
+            match acc.iter_mut().find(|(n, _)| *n == k) {
+                Some((_, xs)) => xs.push(x),
+                None => acc.push((k, vec![x])),
+            }
+        }
+    };
+    for r in 0..opts.rounds.max(1) {
+        push(&mut ours, our_round(&model, opts.reps_scale)?);
+        progress(&format!("round {}: ours done", r + 1));
+        if torch {
+            push(&mut theirs, run_python(opts, &model_path, &[])?);
+            progress(&format!("round {}: PyTorch done", r + 1));
+        }
+    }
+    let exe = std::env::current_exe().map_err(|e| Error::io(Path::new("current_exe"), e))?;
+    let child = Command::new(&exe)
+        .arg("bench-peak-rss")
+        .arg("--model")
+        .arg(&model_path)
+        .output()
+        .map_err(|e| Error::io(&exe, e))?;
+    let rss: f64 = String::from_utf8_lossy(&child.stdout)
+        .trim()
+        .parse()
+        .map_err(|_| {
+            Error::invalid(
+                "peak RSS child output",
+                String::from_utf8_lossy(&child.stderr).trim().to_string(),
+                "a number of MiB",
+            )
+        })?;
+    push(&mut ours, vec![("peak_rss_b4096".into(), rss)]);
+    if torch {
+        push(&mut theirs, run_python(opts, &model_path, &["--peak-rss"])?);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(ours
+        .into_iter()
+        .map(|(k, xs)| {
+            let unit = if k.starts_with("train") {
+                "steps/s"
+            } else if k.starts_with("peak") {
+                "MiB"
+            } else {
+                "ms"
+            };
+            let pytorch = theirs
+                .iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| median(v.clone()));
+            Figure {
+                figure: k,
+                ours: median(xs),
+                pytorch,
+                unit,
+            }
+        })
+        .collect())
+}

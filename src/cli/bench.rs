@@ -1,0 +1,88 @@
+//! `flow-matching bench`: our figures against PyTorch eager's, side by side.
+
+use std::path::PathBuf;
+
+use crate::bench::{self, BenchOptions};
+use crate::error::Result;
+
+/// Arguments of `bench`.
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    /// Alternating rounds (ours, then PyTorch's).
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// One JSON object a line instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// The Python interpreter that runs the PyTorch reference.
+    #[arg(long, default_value = "python3")]
+    python: String,
+    /// The PyTorch reference script.
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/bench/pytorch_reference.py"))]
+    script: PathBuf,
+    /// Let the script `pip install torch safetensors numpy` first.
+    #[arg(long)]
+    install: bool,
+    /// Scales every repetition count (0.2 for a quick look).
+    #[arg(long, default_value_t = 1.0)]
+    reps_scale: f64,
+}
+
+/// Arguments of the hidden `bench-peak-rss` child.
+#[derive(Debug, clap::Args)]
+pub struct PeakRssArgs {
+    /// The velocity-mlp file to sample from.
+    #[arg(long)]
+    model: PathBuf,
+}
+
+/// Runs `bench`.
+pub fn run(a: BenchArgs) -> Result<()> {
+    let opts = BenchOptions {
+        rounds: a.rounds,
+        python: a.python.clone(),
+        script: a.script.clone(),
+        install: a.install,
+        reps_scale: a.reps_scale,
+    };
+    let torch = a.install || bench::torch_available(&a.python);
+    let figures = bench::run(&opts, |m| eprintln!("{m}"))?;
+    if a.json {
+        for f in &figures {
+            println!(
+                "{}",
+                serde_json::json!({
+                    "figure": f.figure, "ours": f.ours, "pytorch": f.pytorch,
+                    "unit": f.unit, "ratio": f.ratio(),
+                })
+            );
+        }
+    } else {
+        println!(
+            "{:<16} {:>12} {:>12} {:>8}  unit",
+            "figure", "ours", "pytorch", "ratio"
+        );
+        for f in &figures {
+            let p = f.pytorch.map_or("-".to_string(), |p| format!("{p:.3}"));
+            let r = f.ratio().map_or("-".to_string(), |r| format!("{r:.2}x"));
+            println!(
+                "{:<16} {:>12.3} {:>12} {:>8}  {}",
+                f.figure, f.ours, p, r, f.unit
+            );
+        }
+    }
+    if !torch {
+        eprintln!(
+            "PyTorch is not importable by {}: install it with `{} -m pip install torch safetensors numpy` \
+             (or pass --install) to compare",
+            a.python, a.python
+        );
+    }
+    Ok(())
+}
+
+/// Runs the hidden child: one batch-4096 sample, then prints the peak RSS in MiB.
+pub fn run_peak_rss(a: PeakRssArgs) -> Result<()> {
+    println!("{:.3}", bench::peak_rss_child(&a.model)?);
+    Ok(())
+}

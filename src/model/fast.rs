@@ -1,0 +1,195 @@
+//! The velocity-mlp's fast CPU path: sampling through [`FastVelocity`] and a hand-written
+//! training step ([`loss_and_grads`]), both over the model's own f32 storage (no copies).
+
+use candle_core::{DType, Layout, Storage, StorageRef, Tensor};
+
+use crate::diffusion::FastVelocity;
+use crate::error::{Error, Result};
+use crate::kernel::mlp::{self, MlpWeights, Sampler};
+use crate::model::VelocityMlp;
+
+/// The model's tensors in [`VelocityMlp::tensors`] order, read-locked for the borrow.
+struct Locked<'a> {
+    guards: Vec<(StorageRef<'a>, &'a Layout, usize)>,
+}
+
+impl<'a> Locked<'a> {
+    /// Locks every tensor; `None` unless all are contiguous f32 on the CPU.
+    fn new(model: &'a VelocityMlp) -> Option<Self> {
+        let mut guards = Vec::new();
+        let mut refs = vec![model.freqs()];
+        refs.extend(model.cond_embed());
+        for (w, b) in model.layers() {
+            refs.push(w);
+            refs.push(b);
+        }
+        for t in refs {
+            if t.dtype() != DType::F32 || !t.device().is_cpu() || !t.is_contiguous() {
+                return None;
+            }
+            let (g, l) = t.storage_and_layout();
+            if !matches!(&*g, Storage::Cpu(_)) {
+                return None;
+            }
+            guards.push((g, l, t.elem_count()));
+        }
+        Some(Locked { guards })
+    }
+
+    fn slice(&self, i: usize) -> &[f32] {
+        let (g, l, n) = &self.guards[i];
+        match &**g {
+            Storage::Cpu(c) => match c.as_slice::<f32>() {
+                Ok(s) => &s[l.start_offset()..l.start_offset() + n],
+                Err(_) => &[],
+            },
+            _ => &[],
+        }
+    }
+
+    fn weights(&self, model: &VelocityMlp) -> MlpWeights<'_> {
+        let cfg = model.config();
+        let cond = cfg.num_classes > 0;
+        let first = 1 + cond as usize;
+        MlpWeights {
+            d: cfg.x_dims.numel(),
+            h: cfg.hidden,
+            freqs: self.slice(0),
+            cond: cond.then(|| self.slice(1)),
+            layers: (0..=cfg.depth)
+                .map(|l| (self.slice(first + 2 * l), self.slice(first + 2 * l + 1)))
+                .collect(),
+        }
+    }
+}
+
+/// A [`VelocityMlp`] prepared for sampling on the CPU: its weights read-locked in place, the
+/// per-class first-layer terms precomputed and the buffers kept across steps.
+pub struct FastMlp<'a> {
+    // Field order matters: `weights` borrows from `locked` and must drop first.
+    weights: MlpWeights<'a>,
+    sampler: Sampler,
+    _locked: Box<Locked<'a>>,
+}
+
+impl<'a> FastMlp<'a> {
+    /// Prepares `model` (labels `[B]` for a conditional one; `None` = the null class); `None`
+    /// when the model is not contiguous f32 on the CPU.
+    pub fn new(model: &'a VelocityMlp, labels: Option<Vec<u32>>) -> Option<Self> {
+        let locked = Box::new(Locked::new(model)?);
+        // SAFETY: the slices point into storage that `locked` keeps read-locked (so nothing
+        // writes or frees it) for as long as this struct lives; the box never moves its
+        // contents, and `weights` is dropped before `_locked`.
+        let weights: MlpWeights<'a> =
+            unsafe { std::mem::transmute::<MlpWeights<'_>, MlpWeights<'a>>(locked.weights(model)) };
+        let sampler = Sampler::new(&weights, labels);
+        Some(FastMlp {
+            weights,
+            sampler,
+            _locked: locked,
+        })
+    }
+}
+
+impl FastVelocity for FastMlp<'_> {
+    fn velocity(&mut self, x: &[f32], t: f32, out: &mut [f32]) -> Result<()> {
+        if x.len() != out.len() || !x.len().is_multiple_of(self.weights.d) {
+            return Err(Error::invalid(
+                "fast velocity buffers",
+                format!("x {} and out {} elements", x.len(), out.len()),
+                format!("equal lengths, a multiple of D = {}", self.weights.d),
+            ));
+        }
+        self.sampler.velocity(&self.weights, x, t, out);
+        Ok(())
+    }
+
+    fn euler_in_place(&mut self, x: &mut [f32], grid: &[f64]) -> Option<Result<()>> {
+        if !x.len().is_multiple_of(self.weights.d) {
+            return None;
+        }
+        Some(match self.sampler.euler(&self.weights, x, grid) {
+            None => Ok(()),
+            Some((step, t)) => Err(Error::NonFinite { step, t }),
+        })
+    }
+}
+
+/// The MSE loss `mean((v - target)^2)` of `model` on one batch and the gradient of every
+/// trainable tensor under its spec key (all but `time_embed.freqs`), by a hand-written
+/// backward pass on the CPU; `labels` `[B]` (u32) for a conditional model, `None` = null class.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use flow_matching::model::loss_and_grads;
+/// use flow_matching::{VelocityMlp, VelocityMlpConfig, XDims};
+///
+/// let cfg = VelocityMlpConfig { hidden: 8, depth: 2, ..VelocityMlpConfig::new(XDims::new(2)?) };
+/// let model = VelocityMlp::init(cfg, &candle_nn::VarMap::new(), &Device::Cpu, 0)?;
+/// let x = Tensor::zeros((4, 2), candle_core::DType::F32, &Device::Cpu)?;
+/// let t = Tensor::full(0.5f32, 4, &Device::Cpu)?;
+/// let (loss, grads) = loss_and_grads(&model, &x, &t, None, &x)?;
+/// assert!(loss >= 0.0);
+/// assert_eq!(grads[0].0, "net.0.weight");
+/// # Ok::<(), flow_matching::Error>(())
+/// ```
+pub fn loss_and_grads(
+    model: &VelocityMlp,
+    noisy_x: &Tensor,
+    t: &Tensor,
+    labels: Option<&Tensor>,
+    target: &Tensor,
+) -> Result<(f32, Vec<(String, Tensor)>)> {
+    let cfg = model.config();
+    let b = noisy_x.dim(0)?;
+    let want = cfg.x_dims.batched(b);
+    for (what, x) in [("noisy_x", noisy_x), ("target", target)] {
+        if x.dims() != want.as_slice() {
+            return Err(Error::Shape {
+                what: what.into(),
+                expected: format!("{want:?} ([B, *x_dims])"),
+                got: x.dims().to_vec(),
+            });
+        }
+    }
+    if t.elem_count() != b {
+        return Err(Error::Shape {
+            what: "t".into(),
+            expected: format!("{b} elements, one per sample"),
+            got: t.dims().to_vec(),
+        });
+    }
+    let labels = match labels {
+        None => None,
+        Some(l) => {
+            let v = l.flatten_all()?.to_dtype(DType::U32)?.to_vec1::<u32>()?;
+            Some(model.labels_tensor(&v, b).map(|_| v)?)
+        }
+    };
+    let flat = |x: &Tensor| -> Result<Vec<f32>> {
+        Ok(x.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?)
+    };
+    let (x, tv, tg) = (flat(noisy_x)?, flat(t)?, flat(target)?);
+    let device = model.device().clone();
+    let cpu = model.to_device(&candle_core::Device::Cpu)?;
+    let locked = Locked::new(&cpu).ok_or_else(|| {
+        Error::invalid(
+            "model weights",
+            "not contiguous f32",
+            "contiguous float32 tensors",
+        )
+    })?;
+    let w = locked.weights(&cpu);
+    let (loss, grads) = mlp::loss_and_grads(&w, &x, &tv, labels.as_deref(), &tg);
+    let names: Vec<(String, Vec<usize>)> = cfg
+        .expected_shapes()
+        .into_iter()
+        .filter(|(k, _)| k != "time_embed.freqs")
+        .collect();
+    let out = names
+        .into_iter()
+        .zip(grads)
+        .map(|((k, shape), g)| Ok((k, Tensor::from_vec(g, shape, &device)?)))
+        .collect::<Result<Vec<_>>>()?;
+    Ok((loss, out))
+}
