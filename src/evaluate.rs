@@ -9,7 +9,10 @@ use crate::diffusion::{Diffusion, SampleOptions, StepFn};
 use crate::error::{Error, Result};
 use crate::flow_matching::FlowMatching;
 use crate::guidance::Guided;
-use crate::metrics::{nearest_centroid_accuracy, sliced_wasserstein};
+use crate::metrics::{
+    energy_distance, mmd2_rbf, nearest_centroid_accuracy, sliced_wasserstein, Bandwidth,
+    MmdEstimator,
+};
 use crate::model::VelocityMlp;
 use crate::schedule::Schedule;
 use crate::solver::Method;
@@ -37,6 +40,10 @@ pub struct Row {
     pub nfe: usize,
     /// Sliced 2-Wasserstein distance between the samples and the reference data.
     pub sliced_wasserstein: f64,
+    /// Unbiased MMD² (RBF kernel, median bandwidth) between the samples and the data.
+    pub mmd2: f64,
+    /// Energy distance between the samples and the data.
+    pub energy: f64,
     /// For a conditional model: the fraction a nearest-centroid classifier fitted on the data
     /// labels as the class asked for.
     pub accuracy: Option<f64>,
@@ -137,6 +144,8 @@ pub fn evaluate(
         let (x, labels, nfe) = generate(model, s, options.n, options.seed, options.guidance)?;
         let x = x.to_device(&Device::Cpu)?;
         let sw = sliced_wasserstein(&real, &x, PROJECTIONS, options.seed)?;
+        let mmd2 = mmd2_rbf(&real, &x, Bandwidth::Median, MmdEstimator::Unbiased)?;
+        let energy = energy_distance(&real, &x)?;
         let accuracy = match (&data_labels, &labels) {
             (Some(rl), Some(gl)) => Some(nearest_centroid_accuracy(&real, rl, &x, gl)?),
             _ => None,
@@ -145,6 +154,8 @@ pub fn evaluate(
             setting: s.clone(),
             nfe,
             sliced_wasserstein: sw,
+            mmd2,
+            energy,
             accuracy,
         });
     }
@@ -174,9 +185,9 @@ pub fn noise_floor(source: &DataSource, data: &Dataset, seed: u64) -> Result<(f6
 /// Renders rows as a Markdown table (with an accuracy column when any row has one).
 pub fn table(rows: &[Row]) -> String {
     let acc = rows.iter().any(|r| r.accuracy.is_some());
-    let mut s = String::from("| method | schedule | steps | NFE | sliced W2 |");
+    let mut s = String::from("| method | schedule | steps | NFE | sliced W2 | MMD² | energy |");
     s.push_str(if acc { " class accuracy |\n" } else { "\n" });
-    s.push_str("| --- | --- | ---: | ---: | ---: |");
+    s.push_str("| --- | --- | ---: | ---: | ---: | ---: | ---: |");
     s.push_str(if acc { " ---: |\n" } else { "\n" });
     for r in rows {
         let steps = if r.setting.method.is_adaptive() {
@@ -185,8 +196,14 @@ pub fn table(rows: &[Row]) -> String {
             r.setting.steps.to_string()
         };
         s.push_str(&format!(
-            "| {} | {} | {} | {} | {:.4} |",
-            r.setting.method, r.setting.schedule, steps, r.nfe, r.sliced_wasserstein
+            "| {} | {} | {} | {} | {:.4} | {:.5} | {:.4} |",
+            r.setting.method,
+            r.setting.schedule,
+            steps,
+            r.nfe,
+            r.sliced_wasserstein,
+            r.mmd2,
+            r.energy
         ));
         if acc {
             s.push_str(&match r.accuracy {

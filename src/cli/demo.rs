@@ -27,7 +27,7 @@ pub struct DemoArgs {
     /// Where to write the model, samples and pictures.
     #[arg(long, default_value = "demo")]
     out_dir: PathBuf,
-    /// Training steps (default: 3000 for 2-D toys, 6000 for digits).
+    /// Training steps (default: 10000 for 2-D toys, 6000 for digits).
     #[arg(long)]
     steps: Option<usize>,
     /// Classifier-free guidance weight when sampling a conditional model.
@@ -68,7 +68,7 @@ fn preset(digits: bool, steps: Option<usize>, seed: u64) -> Result<TrainSettings
     let mut s = Wrap::try_parse_from(args)
         .map(|w| w.s)
         .map_err(|e| crate::Error::invalid("demo preset", e, "valid training settings"))?;
-    s.steps = steps.unwrap_or(if digits { 6000 } else { 3000 });
+    s.steps = steps.unwrap_or(if digits { 6000 } else { 10000 });
     s.seed = seed;
     Ok(s)
 }

@@ -1,9 +1,9 @@
 //! The command-line interface: a thin layer that parses arguments and calls the library.
 
+mod bench;
 mod demo;
 mod eval;
 mod loglik;
-mod bench;
 mod sample;
 mod train;
 

@@ -84,7 +84,23 @@ where
     Ok((loss.to_dtype(DType::F32)?.to_scalar::<f32>()?, grads))
 }
 
-/// The velocity-mlp's loss and gradients by candle's autograd (the default [`LossFn`]).
+/// The default [`LossFn`]: the fused CPU kernel (`model::loss_and_grads`) for a model on the
+/// CPU, candle's autograd ([`loss_and_grads`]) on other devices, where tensors stay put.
+pub fn default_loss_and_grads(
+    model: &VelocityMlp,
+    noisy_x: &Tensor,
+    t: &Tensor,
+    labels: Option<&Tensor>,
+    target: &Tensor,
+) -> Result<(f32, Vec<(String, Tensor)>)> {
+    if model.device().is_cpu() {
+        crate::model::loss_and_grads(model, noisy_x, t, labels, target)
+    } else {
+        loss_and_grads(model, noisy_x, t, labels, target)
+    }
+}
+
+/// The velocity-mlp's loss and gradients by candle's autograd, on any device.
 pub fn loss_and_grads(
     model: &VelocityMlp,
     noisy_x: &Tensor,
@@ -216,7 +232,7 @@ impl Trainer {
             ema,
             step,
             losses,
-            loss_fn: Box::new(loss_and_grads),
+            loss_fn: Box::new(default_loss_and_grads),
             checkpoint: None,
             progress: true,
         })
