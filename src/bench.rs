@@ -14,6 +14,7 @@ use crate::diffusion::{Diffusion, SampleOptions};
 use crate::error::{Error, Result};
 use crate::flow_matching::{randn, FlowMatching};
 use crate::model::{loss_and_grads, VelocityMlp, VelocityMlpConfig};
+use crate::train::{AdamW, AdamWParams};
 use crate::XDims;
 
 /// Batch sizes of the sampling figures.
@@ -92,71 +93,6 @@ pub fn sample_ms(model: &VelocityMlp, batch: usize, reps: usize) -> Result<f64> 
     })
 }
 
-/// A minimal AdamW (PyTorch's update, decoupled weight decay) over the model's variables.
-pub struct AdamW {
-    vars: Vec<(String, Var)>,
-    params: Vec<Vec<f32>>,
-    m: Vec<Vec<f32>>,
-    v: Vec<Vec<f32>>,
-    step: i32,
-    /// Learning rate.
-    pub lr: f32,
-    /// Decoupled weight decay.
-    pub weight_decay: f32,
-}
-
-impl AdamW {
-    /// State for every variable of `varmap` (betas 0.9, 0.999, eps 1e-8).
-    pub fn new(varmap: &VarMap, lr: f32, weight_decay: f32) -> Result<Self> {
-        let data = varmap
-            .data()
-            .lock()
-            .map_err(|_| Error::Training("the variable map's lock is poisoned".into()))?;
-        let mut vars: Vec<(String, Var)> =
-            data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-        vars.sort_by(|a, b| a.0.cmp(&b.0));
-        let params = vars
-            .iter()
-            .map(|(_, v)| Ok(v.as_tensor().flatten_all()?.to_vec1::<f32>()?))
-            .collect::<Result<Vec<_>>>()?;
-        let zeros: Vec<Vec<f32>> = params.iter().map(|p| vec![0.0; p.len()]).collect();
-        Ok(AdamW {
-            vars,
-            m: zeros.clone(),
-            v: zeros,
-            params,
-            step: 0,
-            lr,
-            weight_decay,
-        })
-    }
-
-    /// Applies one update from gradients keyed like the variables.
-    pub fn update(&mut self, grads: &[(String, Tensor)]) -> Result<()> {
-        self.step += 1;
-        let (b1, b2, eps) = (0.9f32, 0.999f32, 1e-8f32);
-        let c1 = 1.0 - b1.powi(self.step);
-        let c2 = 1.0 - b2.powi(self.step);
-        for (i, (name, var)) in self.vars.iter().enumerate() {
-            let g = grads
-                .iter()
-                .find(|(k, _)| k == name)
-                .ok_or_else(|| Error::Training(format!("no gradient for {name:?}")))?;
-            let g = g.1.flatten_all()?.to_vec1::<f32>()?;
-            let (p, m, v) = (&mut self.params[i], &mut self.m[i], &mut self.v[i]);
-            for j in 0..p.len() {
-                p[j] *= 1.0 - self.lr * self.weight_decay;
-                m[j] = b1 * m[j] + (1.0 - b1) * g[j];
-                v[j] = b2 * v[j] + (1.0 - b2) * g[j] * g[j];
-                p[j] -= self.lr * (m[j] / c1) / ((v[j] / c2).sqrt() + eps);
-            }
-            let t = Tensor::from_slice(p, var.as_tensor().dims(), &Device::Cpu)?;
-            var.set(&t)?;
-        }
-        Ok(())
-    }
-}
-
 /// Training data of the benchmark: `(noisy_x, t, target)` for `batch` rows.
 pub fn training_batch(batch: usize) -> Result<(Tensor, Tensor, Tensor)> {
     let mut rng = StdRng::seed_from_u64(42);
@@ -175,11 +111,27 @@ pub fn training_batch(batch: usize) -> Result<(Tensor, Tensor, Tensor)> {
 pub fn train_steps_per_s(batch: usize, reps: usize) -> Result<f64> {
     let varmap = VarMap::new();
     let model = workload_model(&varmap)?;
-    let mut opt = AdamW::new(&varmap, 1e-4, 0.01)?;
+    // The trainer's own AdamW, with PyTorch's settings in the reference script.
+    let params = AdamWParams {
+        weight_decay: 0.01,
+        ..AdamWParams::default()
+    };
+    let mut vars: Vec<(String, Var)> = varmap
+        .data()
+        .lock()
+        .map_err(|_| Error::Training("the variable map's lock is poisoned".into()))?
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    let plain: Vec<Var> = vars.iter().map(|(_, v)| v.clone()).collect();
+    let mut opt = AdamW::new(params, &plain)?;
     let (noisy, t, target) = training_batch(batch)?;
     let ms = median_ms(reps, || {
-        let (_, grads) = loss_and_grads(&model, &noisy, &t, None, &target)?;
-        opt.update(&grads)
+        let (_, mut grads) = loss_and_grads(&model, &noisy, &t, None, &target)?;
+        grads.sort_by(|a, b| a.0.cmp(&b.0));
+        let grads: Vec<Tensor> = grads.into_iter().map(|(_, g)| g).collect();
+        opt.step(&plain, &grads, 1e-4)
     })?;
     Ok(1e3 / ms)
 }

@@ -56,7 +56,8 @@ pub(crate) fn parse_steps(s: &str) -> Result<Vec<usize>> {
         .collect()
 }
 
-/// Every (method, schedule, steps) combination; an adaptive method is run once per schedule.
+/// Every (method, schedule, steps) combination; an adaptive method picks its own steps, so it
+/// runs once, on the uniform grid's ends.
 pub(crate) fn settings(methods: &str, schedules: &str, steps: &[usize]) -> Result<Vec<Setting>> {
     let methods: Vec<Method> = methods.split(',').map(str::parse).collect::<Result<_>>()?;
     let schedules: Vec<Schedule> = schedules
@@ -65,9 +66,16 @@ pub(crate) fn settings(methods: &str, schedules: &str, steps: &[usize]) -> Resul
         .collect::<Result<_>>()?;
     let mut out = Vec::new();
     for m in &methods {
+        if m.is_adaptive() {
+            out.push(Setting {
+                method: m.clone(),
+                schedule: Schedule::Uniform,
+                steps: steps[0],
+            });
+            continue;
+        }
         for s in &schedules {
-            let counts: &[usize] = if m.is_adaptive() { &steps[..1] } else { steps };
-            for &n in counts {
+            for &n in steps {
                 out.push(Setting {
                     method: m.clone(),
                     schedule: s.clone(),
