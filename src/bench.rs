@@ -116,14 +116,7 @@ pub fn train_steps_per_s(batch: usize, reps: usize) -> Result<f64> {
         weight_decay: 0.01,
         ..AdamWParams::default()
     };
-    let mut vars: Vec<(String, Var)> = varmap
-        .data()
-        .lock()
-        .map_err(|_| Error::Training("the variable map's lock is poisoned".into()))?
-        .iter()
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    let vars = crate::train::sorted_vars(&varmap)?;
     let plain: Vec<Var> = vars.iter().map(|(_, v)| v.clone()).collect();
     let mut opt = AdamW::new(params, &plain)?;
     let (noisy, t, target) = training_batch(batch)?;

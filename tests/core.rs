@@ -637,3 +637,39 @@ fn an_existing_output_survives_a_failed_run() {
     assert!(!ok);
     assert_eq!(std::fs::read(&out).unwrap(), b"precious");
 }
+
+#[test]
+fn sampling_a_trainable_model_builds_no_autograd_graph() {
+    let varmap = candle_nn::VarMap::new();
+    let mut config = flow_matching::VelocityMlpConfig::new(XDims::new(2).unwrap());
+    config.hidden = 16;
+    let mut model = VelocityMlp::init(config, &varmap, &Device::Cpu, 0).unwrap();
+    // Through the model directly, the weights are tracked ...
+    let x = Tensor::ones((3, 2), DType::F32, &Device::Cpu).unwrap();
+    let t = Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap();
+    let direct = model
+        .forward(&x, &t, None)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let w = varmap.data().lock().unwrap()["net.0.weight"]
+        .as_tensor()
+        .clone();
+    assert!(direct.get(&w).is_some());
+    // ... but no sampler path keeps a graph: generic RK4 and the fast Euler path.
+    let fm = FlowMatching::new(2).unwrap();
+    for method in ["rk4", "euler"] {
+        let opts = SampleOptions {
+            method: Some(method.parse().unwrap()),
+            ..SampleOptions::seeded(0)
+        };
+        let out = fm.sample(3, &mut model, &Device::Cpu, &opts).unwrap();
+        let grads = out.x.sum_all().unwrap().backward().unwrap();
+        assert!(
+            grads.get(&w).is_none(),
+            "{method} kept a graph to the weights"
+        );
+    }
+}

@@ -469,7 +469,7 @@ impl Trainer {
 }
 
 /// The variables of a `VarMap`, sorted by key so every run visits them in the same order.
-fn sorted_vars(varmap: &VarMap) -> Result<Vec<(String, Var)>> {
+pub(crate) fn sorted_vars(varmap: &VarMap) -> Result<Vec<(String, Var)>> {
     let data = varmap
         .data()
         .lock()
