@@ -169,8 +169,7 @@ pub fn time_tensor(x: &Tensor, t: f64) -> Result<Tensor> {
 
 /// Calls a step function and checks that it answered with `x`'s shape, dtype and device.
 pub fn checked_step(f: &mut dyn StepFn, x: &Tensor, t: f64) -> Result<Tensor> {
-    // Detached, so a step function over trainable weights never chains a graph across steps.
-    let v = f.step_at(x, t)?.detach();
+    let v = f.step_at(x, t)?;
     if v.dims() != x.dims() {
         return Err(Error::StepShape {
             expected: x.dims().to_vec(),

@@ -126,9 +126,10 @@ pub fn check_finite(x: &Tensor, step: usize, t: f64) -> Result<()> {
     }
 }
 
-/// Calls the step function with its output checked; shared by the solvers.
+/// Calls the step function with its output checked; shared by the solvers. The velocity is
+/// detached, so a step function over trainable weights never chains a graph across steps.
 pub(crate) fn eval(f: &mut dyn StepFn, x: &Tensor, t: f64) -> Result<Tensor> {
-    checked_step(f, x, t)
+    Ok(checked_step(f, x, t)?.detach())
 }
 
 /// An integration method, chosen by name (`euler`, `midpoint`, `heun`, `rk4`, `dopri5`).
