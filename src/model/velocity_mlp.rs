@@ -248,20 +248,17 @@ impl VelocityMlp {
         v
     }
 
-    /// The first-layer weight and every layer, for the fused CPU kernels.
-    #[allow(dead_code)] // read by the fused CPU kernels
+    /// Every linear layer as `(weight, bias)`, for the fused CPU kernels.
     pub(crate) fn layers(&self) -> &[(Tensor, Tensor)] {
         &self.layers
     }
 
     /// The time frequencies `[F]`.
-    #[allow(dead_code)] // read by the fused CPU kernels
     pub(crate) fn freqs(&self) -> &Tensor {
         &self.freqs
     }
 
     /// The class embedding `[num_classes + 1, K]`, when conditional.
-    #[allow(dead_code)] // read by the fused CPU kernels
     pub(crate) fn cond_embed(&self) -> Option<&Tensor> {
         self.cond.as_ref()
     }
