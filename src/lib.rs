@@ -7,6 +7,7 @@
 
 pub mod bench;
 pub mod cli;
+pub mod coupling;
 pub mod data;
 pub mod diffusion;
 pub mod error;
@@ -19,6 +20,7 @@ pub mod likelihood;
 pub mod metrics;
 pub mod model;
 pub mod plot;
+pub mod reflow;
 pub mod schedule;
 pub mod solver;
 pub mod train;

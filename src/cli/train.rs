@@ -85,6 +85,7 @@ impl TrainSettings {
             cond_drop_rate: self.cond_drop,
             seed: self.seed,
             checkpoint_every: self.checkpoint_every,
+            coupling: crate::coupling::Coupling::Independent,
         };
         config.validate()?;
         Ok(config)
