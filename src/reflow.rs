@@ -10,16 +10,20 @@
 //! Conditional models keep each pair's label: the pairs are drawn for labels cycling over the
 //! classes (equal class weights) and the model is retrained on `(z, x1, label)`.
 
+use std::sync::{Arc, Mutex};
+
 use candle_core::{Device, Tensor};
 use rand::Rng;
 
-use crate::diffusion::{Diffusion, SampleOptions, StepFn};
+use crate::diffusion::{Diffusion, SampleOptions};
 use crate::error::{Error, Result};
 use crate::evaluate::cycling_labels;
 use crate::flow_matching::{FlowMatching, TimestepSampler};
 use crate::guidance::Guided;
 use crate::model::VelocityMlp;
+use crate::progress::Progress;
 use crate::solver::Method;
+use crate::step::StepFn;
 use crate::train::{LrSchedule, PairBatch, TrainConfig, Trainer};
 
 /// `(noise, sample)` pairs drawn from a model, with the labels they were drawn for.
@@ -217,14 +221,17 @@ pub struct ReflowRound {
 }
 
 /// Reflows `model` for `options.rounds` rounds and returns the new model (same config, an
-/// ordinary velocity-mlp) with one report per round. `on_round(i, report)` is called after
-/// each round (for progress; the library prints nothing).
+/// ordinary velocity-mlp) with one report per round. Each round's training reports its steps
+/// to `on_progress` (stage `"reflow"`, steps counted within the round; the library prints
+/// nothing).
 pub fn reflow(
     model: &VelocityMlp,
     options: &ReflowOptions,
-    mut on_round: impl FnMut(usize, &ReflowRound),
+    on_progress: impl FnMut(&Progress) + Send + 'static,
 ) -> Result<(VelocityMlp, Vec<ReflowRound>)> {
     options.validate()?;
+    // Every round's trainer needs its own 'static callback; they share this one.
+    let shared = Arc::new(Mutex::new(on_progress));
     let device: Device = model.device().clone();
     let mut current = model.detach();
     let mut reports = Vec::with_capacity(options.rounds);
@@ -247,7 +254,16 @@ pub fn reflow(
             seed: options.train.seed.wrapping_add(round as u64),
             ..options.train.clone()
         };
-        let mut trainer = Trainer::from_model(&current, config, &device)?.with_progress(false);
+        let cb = Arc::clone(&shared);
+        let mut trainer =
+            Trainer::from_model(&current, config, &device)?.with_progress(move |p: &Progress| {
+                if let Ok(mut f) = cb.lock() {
+                    f(&Progress {
+                        stage: "reflow",
+                        ..p.clone()
+                    });
+                }
+            });
         let out = trainer.train_pairs(|rng, b| pairs.random_batch(rng, b))?;
         let tail = &out.history[out.history.len().saturating_sub(100)..];
         let final_loss = tail.iter().map(|&(_, l)| l as f64).sum::<f64>() / tail.len() as f64;
@@ -257,7 +273,6 @@ pub fn reflow(
             mean_pair_distance2: d2,
             final_loss,
         };
-        on_round(round, &report);
         reports.push(report);
     }
     Ok((current, reports))

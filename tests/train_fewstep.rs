@@ -97,8 +97,7 @@ fn coupling_round_trips_through_checkpoints() {
     };
     let mut t = Trainer::new(small_model(2), cfg.clone(), &CPU)
         .unwrap()
-        .with_checkpoint(&path)
-        .with_progress(false);
+        .with_checkpoint(&path);
     t.train(|rng: &mut StdRng, b| {
         let (x, l) = two_gaussians(rng, b);
         Ok((x, Some(l)))
@@ -118,9 +117,7 @@ fn ot_training_matches_independent_draws_and_learns() {
             coupling,
             ..config(300)
         };
-        let mut t = Trainer::new(small_model(0), cfg, &CPU)
-            .unwrap()
-            .with_progress(false);
+        let mut t = Trainer::new(small_model(0), cfg, &CPU).unwrap();
         t.train(data).unwrap().history
     };
     let ind = run(Coupling::Independent);
@@ -144,9 +141,7 @@ fn pairs_are_used_as_given() {
         let x = z.broadcast_add(&shift)?;
         Ok((x, z, None))
     };
-    let mut t = Trainer::new(small_model(0), config(400), &CPU)
-        .unwrap()
-        .with_progress(false);
+    let mut t = Trainer::new(small_model(0), config(400), &CPU).unwrap();
     let out = t.train_pairs(pairs).unwrap();
     let mut rng = StdRng::seed_from_u64(4);
     let x = flow_matching::flow_matching::randn(&mut rng, &[100, 2], DType::F32, &CPU).unwrap();
@@ -170,9 +165,7 @@ fn from_model_starts_at_the_models_weights_and_leaves_it_alone() {
         .ema_model()
         .unwrap();
     let before: Vec<Vec<f32>> = flat(&first);
-    let mut t = Trainer::from_model(&first, config(5), &CPU)
-        .unwrap()
-        .with_progress(false);
+    let mut t = Trainer::from_model(&first, config(5), &CPU).unwrap();
     assert_eq!(flat(&t.ema_model().unwrap()), before);
     assert_eq!(flat(&t.raw_model()), before);
     t.train(|rng: &mut StdRng, b| {
@@ -201,9 +194,7 @@ fn early_stopping_keeps_the_best_weights() {
         patience: 2,
         min_rel_improvement: 0.0,
     };
-    let mut t = Trainer::new(small_model(0), config(400), &CPU)
-        .unwrap()
-        .with_progress(false);
+    let mut t = Trainer::new(small_model(0), config(400), &CPU).unwrap();
     let (out, report) = t
         .train_early_stopping(
             |rng: &mut StdRng, b| Ok((two_gaussians(rng, b).0, None)),
@@ -272,12 +263,14 @@ fn reflow_keeps_the_config_and_the_labels() {
         },
         ..ReflowOptions::default()
     };
-    let mut seen = Vec::new();
-    let (m, rounds) = reflow(&first, &opts, |i, r| seen.push((i, r.final_loss))).unwrap();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = std::sync::Arc::clone(&seen);
+    let (m, rounds) = reflow(&first, &opts, move |p| log.lock().unwrap().push(p.done)).unwrap();
     assert_eq!(m.config(), first.config());
     assert_eq!(rounds.len(), 2);
-    assert_eq!(seen.len(), 2);
+    // Each round reports its five steps.
+    assert_eq!(*seen.lock().unwrap(), [1, 2, 3, 4, 5, 1, 2, 3, 4, 5]);
     let bad = ReflowOptions { rounds: 0, ..opts };
-    let e = reflow(&first, &bad, |_, _| {}).unwrap_err().to_string();
+    let e = reflow(&first, &bad, |_| {}).unwrap_err().to_string();
     assert!(e.contains("--rounds"), "{e}");
 }

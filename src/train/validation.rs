@@ -131,12 +131,17 @@ impl Trainer {
             ));
         }
         let total = self.config.steps;
+        let reporter = crate::progress::Reporter::new("train", self.step.min(total), total);
         let mut history = Vec::new();
         let mut best: Option<(usize, f64, VelocityMlp)> = None;
         let mut misses = 0;
         let mut stopped_early = false;
         while self.step < total {
-            self.step(&mut data)?;
+            let lr = self.config.lr_at(self.step);
+            let loss = self.step(&mut data)?;
+            if let Some(on_progress) = self.progress.as_mut() {
+                reporter.report(self.step, Some(loss), Some(lr), on_progress);
+            }
             if !(self.step.is_multiple_of(stop.every) || self.step == total) {
                 continue;
             }

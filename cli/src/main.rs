@@ -1,15 +1,20 @@
-//! The command-line interface: a thin layer that parses arguments and calls the library.
+//! The `flow-matching` command: a thin layer that parses arguments, calls the library and
+//! renders its results and progress.
 
 mod bench;
 mod demo;
+mod encode;
 mod eval;
+mod harness;
 mod loglik;
+mod progress;
+mod reflow;
 mod sample;
 mod train;
 
 use clap::{Parser, Subcommand};
 
-use crate::error::Result;
+use flow_matching::Result;
 
 /// Flow-matching generative models: sample, train, evaluate.
 #[derive(Debug, Parser)]
@@ -31,6 +36,10 @@ enum Command {
     Sample(sample::SampleArgs),
     /// Log-likelihoods (nats, bits/dim) of data rows under a velocity-mlp model.
     Loglik(loglik::LoglikArgs),
+    /// Retrain a model on its own (noise, sample) pairs so that 1-2 Euler steps sample well.
+    Reflow(reflow::ReflowArgs),
+    /// Map data to noise by integrating the model's flow backwards.
+    Encode(encode::EncodeArgs),
     /// Time sampling and training against PyTorch eager, side by side.
     Bench(bench::BenchArgs),
     /// One batch-4096 sample, then the peak RSS in MiB (the benchmark's child process).
@@ -39,7 +48,7 @@ enum Command {
 }
 
 /// Runs the command line `args` (the program name first).
-pub fn run<I, T>(args: I) -> Result<()>
+fn run<I, T>(args: I) -> Result<()>
 where
     I: IntoIterator<Item = T>,
     T: Into<std::ffi::OsString> + Clone,
@@ -57,17 +66,19 @@ where
         Command::Eval(a) => eval::run(a),
         Command::Sample(a) => sample::run(a),
         Command::Loglik(a) => loglik::run(a),
+        Command::Reflow(a) => reflow::run(a),
+        Command::Encode(a) => encode::run(a),
         Command::Bench(a) => bench::run(a),
         Command::BenchPeakRss(a) => bench::run_peak_rss(a),
     }
 }
 
 /// Parses a comma-separated list of labels such as `0,1,2`.
-pub(crate) fn parse_labels(s: &str) -> Result<Vec<u32>> {
+fn parse_labels(s: &str) -> Result<Vec<u32>> {
     s.split(',')
         .map(|p| {
             p.trim().parse::<u32>().map_err(|_| {
-                crate::Error::invalid(
+                flow_matching::Error::invalid(
                     "--labels",
                     s,
                     format!("comma-separated class indices; {p:?} is not a non-negative integer"),
@@ -75,4 +86,11 @@ pub(crate) fn parse_labels(s: &str) -> Result<Vec<u32>> {
             })
         })
         .collect()
+}
+
+fn main() {
+    if let Err(e) = run(std::env::args_os()) {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
 }

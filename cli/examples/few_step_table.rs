@@ -149,7 +149,7 @@ fn main() -> Result<()> {
                 coupling,
                 ..config.clone()
             };
-            let mut t = Trainer::new(mc.clone(), config, &device)?.with_progress(false);
+            let mut t = Trainer::new(mc.clone(), config, &device)?;
             let m = t.train(draw)?.model;
             Ok((m, w.elapsed().as_secs_f64(), cpu_seconds() - c))
         };
