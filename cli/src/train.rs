@@ -376,6 +376,10 @@ pub fn run(a: TrainArgs) -> Result<()> {
     let data = TrainingData::open(&a.data, a.label_column, a.conditional)?;
     if a.resume.is_none() {
         let (sizing, chosen) = a.settings.sizing(data.rows(), data.dim());
+        // Refuse bad settings before printing anything.
+        a.settings.train_config(&sizing)?;
+        a.settings
+            .model_config(&sizing, &data.x_dims, data.num_classes)?;
         if chosen {
             eprintln!(
                 "sizes: {sizing} (chosen from the data: {} of dimension {}; set --steps --batch --hidden --depth to override)",
