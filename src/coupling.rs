@@ -197,8 +197,8 @@ pub fn assignment_jv(cost: &[f64], n: usize) -> Result<Vec<usize>> {
             current += 1;
             // The best and second-best reduced costs of row fi.
             let (mut j1, mut v1, mut j2, mut v2) = (0usize, c(fi, 0) - v[0], NONE, f64::INFINITY);
-            for j in 1..n {
-                let h = c(fi, j) - v[j];
+            for (j, vj) in v.iter().enumerate().skip(1) {
+                let h = c(fi, j) - vj;
                 if h < v2 {
                     if h >= v1 {
                         v2 = h;
@@ -262,7 +262,9 @@ pub fn assignment_jv(cost: &[f64], n: usize) -> Result<Vec<usize>> {
                 n_ready = lo;
                 hi = lo + 1;
                 let mut mind = d[cols[lo]];
-                for k in hi..n {
+                // k runs over the columns after the first; hi moves inside the loop.
+                let mut k = hi;
+                while k < n {
                     let j = cols[k];
                     if d[j] <= mind {
                         if d[j] < mind {
@@ -273,6 +275,7 @@ pub fn assignment_jv(cost: &[f64], n: usize) -> Result<Vec<usize>> {
                         cols[hi] = j;
                         hi += 1;
                     }
+                    k += 1;
                 }
                 phase_min = mind;
                 for &j in &cols[lo..hi] {

@@ -167,14 +167,15 @@ fn main() -> Result<()> {
             seed,
             ..ReflowOptions::default()
         };
-        let (re, _) = reflow(&base, &ropts, |r, rep| {
+        let (re, reports) = reflow(&base, &ropts, |_| {})?;
+        for (r, rep) in reports.iter().enumerate() {
             eprintln!(
                 "{}: reflow round {} loss {:.4}",
                 case.name,
                 r + 1,
                 rep.final_loss
-            )
-        })?;
+            );
+        }
         let (rw, rc) = (w.elapsed().as_secs_f64(), cpu_seconds() - c);
         eprintln!("{}: reflow in {rw:.1} s ({rc:.1} CPU s)", case.name);
         models.push(("base".to_string(), base, bw, bc));

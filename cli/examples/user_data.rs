@@ -6,7 +6,6 @@
 use candle_core::{Device, Tensor};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use rand_distr::{Distribution, StandardNormal};
 
 fn main() -> flow_matching::Result<()> {
     let args: Vec<String> = std::env::args().collect();
@@ -28,8 +27,13 @@ fn main() -> flow_matching::Result<()> {
             let a = rng.random::<f64>() * 2.0 * std::f64::consts::PI;
             (3.0 * a.cos(), 3.0 * a.sin())
         };
-        let nx: f64 = StandardNormal.sample(&mut rng);
-        let ny: f64 = StandardNormal.sample(&mut rng);
+        // Two standard normals by Box–Muller.
+        let (u1, u2): (f64, f64) = (1.0 - rng.random::<f64>(), rng.random::<f64>());
+        let r = (-2.0 * u1.ln()).sqrt();
+        let (nx, ny) = (
+            r * (2.0 * std::f64::consts::PI * u2).cos(),
+            r * (2.0 * std::f64::consts::PI * u2).sin(),
+        );
         v.push((x + 0.06 * nx) as f32);
         v.push((y + 0.06 * ny) as f32);
     }
