@@ -46,6 +46,12 @@ pub struct EncodeArgs {
 /// Runs `encode`.
 pub fn run(a: EncodeArgs) -> Result<()> {
     let device = Device::Cpu;
+    let data_path = std::path::Path::new(&a.data);
+    let mut inputs = vec![("--model", a.model.as_path())];
+    if data_path.is_file() {
+        inputs.push(("--data", data_path));
+    }
+    let _locks = flow_matching::output::prepare_outputs(&[("--out", &a.out)], &inputs)?;
     let model = VelocityMlp::load(&a.model, &device)?;
     let method: Method = a.method.parse()?;
     let schedule: Schedule = a.schedule.parse()?;

@@ -130,9 +130,39 @@ pub fn run(a: LoglikArgs) -> Result<()> {
     }
     let method: Method = a.method.parse()?;
     let schedule: Schedule = a.schedule.parse()?;
+    // The per-row files are checked and locked before any work.
+    let mut outputs: Vec<(&str, &std::path::Path)> = Vec::new();
+    if let Some(p) = &a.out {
+        outputs.push(("--out", p));
+    }
+    if let Some(p) = &a.bpd_out {
+        outputs.push(("--bpd-out", p));
+    }
+    let _locks = flow_matching::output::prepare_outputs(&outputs, &[("--model", &a.model)])?;
     // Detached weights: the backward passes then reach only x, never the model.
     let model = VelocityMlp::load(&a.model, &device)?.detach();
     let x_dims = model.config().x_dims.clone();
+    {
+        use crate::bounds::{at_least_one, floats, memory};
+        at_least_one("--steps", a.steps)?;
+        at_least_one("--n", a.n)?;
+        let d = x_dims.numel();
+        // Per batch: the state, one gradient per probe (or per dimension when exact) and
+        // the solver's stages; a toy's --n points are drawn up front.
+        let probes = a.probes.unwrap_or(d);
+        memory(
+            format!(
+                "log-likelihoods of --batch {} rows of {d} values with {probes} probes (--n {})",
+                a.batch, a.n
+            ),
+            &[
+                probes
+                    .checked_add(8)
+                    .and_then(|k| floats(&[a.batch, d, k, 2])),
+                floats(&[a.n, d, 2]),
+            ],
+        )?;
+    }
     let data = load_rows(&a.data, a.n, a.seed, &model, &device)?;
     let n = data.dim(0)?;
     let labels = row_labels(a.labels.as_deref(), n)?;

@@ -53,6 +53,9 @@ pub struct ReflowArgs {
 /// Runs `reflow`.
 pub fn run(a: ReflowArgs) -> Result<()> {
     let device = Device::Cpu;
+    // The output is checked and locked before the pairs are generated.
+    let _locks =
+        flow_matching::output::prepare_outputs(&[("--out", &a.out)], &[("--model", &a.model)])?;
     let model = VelocityMlp::load(&a.model, &device)?;
     let defaults = ReflowOptions::default();
     let options = ReflowOptions {
