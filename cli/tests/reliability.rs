@@ -421,6 +421,14 @@ fn outputs_are_never_destroyed() {
     let data_before = std::fs::read(&data).unwrap();
     let (m, o) = (s(&model), d.join("x.npy"));
     let missing = d.join("no-such-dir").join("m.safetensors");
+    // A named pipe stands for /dev/null and other special files (a test must not depend on
+    // the machine's /dev/null still being a device).
+    let fifo = d.join("pipe");
+    assert!(Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
     let mut cases = 0;
     let train = |extra: &[&str], expect: &str| {
         let mut args = vec!["train"];
@@ -434,7 +442,7 @@ fn outputs_are_never_destroyed() {
     );
     train(&["--data", s(&data), "--out", s(&data)], "input --data");
     train(&["--data", "moons", "--out", s(&missing)], "does not exist");
-    train(&["--data", "moons", "--out", "/dev/null"], "regular file");
+    train(&["--data", "moons", "--out", s(&fifo)], "regular file");
     train(&["--data", "moons", "--out", s(&d)], "directory");
     train(
         &[
@@ -457,7 +465,7 @@ fn outputs_are_never_destroyed() {
             "also the output --out",
         ),
         (vec!["--out", s(&o), "--times", m], "input --model"),
-        (vec!["--out", "/dev/null"], "regular file"),
+        (vec!["--out", s(&fifo)], "regular file"),
         (vec!["--out", s(&missing)], "does not exist"),
     ] {
         let mut args = vec!["sample", "--model", m];
