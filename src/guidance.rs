@@ -7,11 +7,11 @@
 
 use candle_core::Tensor;
 
-use crate::diffusion::{FastVelocity, StepFn};
 use crate::error::{Error, Result};
 use crate::flow_matching::FlowMatching;
 use crate::model::fast::{FastMlp, GuidedFastMlp};
 use crate::model::VelocityMlp;
+use crate::step::{FastVelocity, StepFn};
 
 /// `v_uncond + w (v_cond - v_uncond)`.
 ///

@@ -352,7 +352,7 @@ fn twin_coefs(t: f32) -> (f32, f32) {
 
 struct TwinFast;
 
-impl flow_matching::diffusion::FastVelocity for TwinFast {
+impl flow_matching::FastVelocity for TwinFast {
     fn velocity(&mut self, x: &[f32], t: f32, out: &mut [f32]) -> Result<()> {
         let (a, b) = twin_coefs(t);
         for (o, xi) in out.iter_mut().zip(x) {
@@ -371,7 +371,7 @@ impl StepFn for Twin {
         let (a, b) = twin_coefs(t as f32);
         Ok(x.sin()?.affine(a as f64, b as f64)?)
     }
-    fn fast_velocity(&mut self) -> Option<Box<dyn flow_matching::diffusion::FastVelocity + '_>> {
+    fn fast_velocity(&mut self) -> Option<Box<dyn flow_matching::FastVelocity + '_>> {
         Some(Box::new(TwinFast))
     }
 }

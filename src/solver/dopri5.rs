@@ -4,8 +4,8 @@ use candle_core::Tensor;
 
 use super::fields::TensorField;
 use super::{rk, Integration, Solver};
-use crate::diffusion::StepFn;
 use crate::error::{Error, Result};
+use crate::step::StepFn;
 
 /// Tolerances and limits of the adaptive solver.
 #[derive(Debug, Clone, PartialEq)]

@@ -5,8 +5,8 @@ use candle_core::{DType, Tensor};
 
 use super::rk::Field;
 use super::{check_finite, delta, eval};
-use crate::diffusion::{FastVelocity, StepFn};
 use crate::error::{Error, Result};
+use crate::step::{FastVelocity, StepFn};
 
 /// Tensors: every operation is a candle op, so the solvers run wherever the step function does.
 pub struct TensorField<'a> {

@@ -16,8 +16,8 @@ pub use rk4::Rk4;
 
 use candle_core::{DType, Tensor};
 
-use crate::diffusion::{checked_step, FastVelocity, StepFn};
 use crate::error::{Error, Result};
+use crate::step::{checked_step, FastVelocity, StepFn};
 use fields::{SliceField, TensorField};
 use rk::Tableau;
 

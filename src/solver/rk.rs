@@ -2,7 +2,7 @@
 //! steps and one for adaptive Dormand-Prince, both generic over the vector operations of
 //! [`Field`]. [`TensorField`](super::fields::TensorField) runs them on candle tensors (any
 //! dtype or device), [`SliceField`](super::fields::SliceField) on preallocated f32 slices
-//! through a [`FastVelocity`](crate::diffusion::FastVelocity): the same arithmetic in the same
+//! through a [`FastVelocity`](crate::step::FastVelocity): the same arithmetic in the same
 //! order, so the two paths agree to the bit for the same velocities.
 
 use crate::error::{Error, Result};
