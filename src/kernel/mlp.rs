@@ -15,6 +15,11 @@ const NARROW_INPUT: usize = 8;
 /// (`CHUNK x H` floats, 64 KiB at H = 256) stay in the core's L2 cache from layer to layer.
 const CHUNK: usize = 64;
 
+/// Fewer rows than this go through the hidden layers as one matvec per row: the packed matmul
+/// needs the weights transposed, which for a 2-row guided sample at batch 1 costs more than
+/// the whole run (and the per-row matvec reads each weight row once per row, from L2).
+const PACKED_MIN_ROWS: usize = 4;
+
 /// A velocity-mlp's weights as row-major f32 slices (the spec's tensors, in the spec's layout).
 #[derive(Debug, Clone)]
 pub struct MlpWeights<'a> {
@@ -141,7 +146,7 @@ impl Sampler {
                 s.b.resize(chunk * h, 0.0);
             }
         }
-        if rows > 1 && h.is_multiple_of(TILE_N) && self.packed.is_empty() {
+        if rows >= PACKED_MIN_ROWS && h.is_multiple_of(TILE_N) && self.packed.is_empty() {
             self.packed = (1..w.depth())
                 .map(|l| transpose(w.layers[l].0, h, h))
                 .collect();
@@ -361,7 +366,7 @@ fn forward_chunk(
     for l in 1..depth {
         let (wl, bl) = w.layers[l];
         match sh.packed.get(l - 1) {
-            Some(wt) if rows > 1 => {
+            Some(wt) if rows >= PACKED_MIN_ROWS => {
                 for r in 0..rows {
                     nxt[r * h..(r + 1) * h].copy_from_slice(bl);
                 }
@@ -378,7 +383,7 @@ fn forward_chunk(
 
 /// `y[m, n] = x[m, k] w^T + b`: dot products for one row or a narrow output, else gemm.
 fn linear(y: &mut [f32], x: &[f32], wt: &[f32], b: &[f32], m: usize, n: usize, k: usize) {
-    if m == 1 || n < NARROW_INPUT {
+    if m < PACKED_MIN_ROWS || n < NARROW_INPUT {
         for r in 0..m {
             matvec_bias(wt, b, &x[r * k..(r + 1) * k], &mut y[r * n..(r + 1) * n]);
         }
