@@ -4,10 +4,12 @@ use std::path::PathBuf;
 
 use candle_core::Device;
 
+use crate::bounds;
 use flow_matching::error::{Error, Result};
 use flow_matching::flow_matching::FlowMatching;
-use flow_matching::io::{read_npy, write_npy};
+use flow_matching::io::{read_npy, stage_npy};
 use flow_matching::model::VelocityMlp;
+use flow_matching::output::{commit, prepare_outputs};
 use flow_matching::schedule::Schedule;
 use flow_matching::solver::Method;
 use flow_matching::{Diffusion, SampleOptions, StepFn};
@@ -62,6 +64,23 @@ pub struct SampleArgs {
 /// Runs `sample`.
 pub fn run(a: SampleArgs) -> Result<()> {
     let device = Device::Cpu;
+    // Outputs are checked and locked before the model is read or a step is taken.
+    let mut outputs = vec![("--out", a.out.as_path())];
+    if let Some(p) = &a.trajectory {
+        outputs.push(("--trajectory", p.as_path()));
+    }
+    if let Some(p) = &a.times {
+        outputs.push(("--times", p.as_path()));
+    }
+    let mut inputs = vec![("--model", a.model.as_path())];
+    if let Some(p) = &a.x_init {
+        inputs.push(("--x-init", p.as_path()));
+    }
+    let _locks = prepare_outputs(&outputs, &inputs)?;
+    bounds::at_least_one("--steps", a.steps)?;
+    if a.x_init.is_none() {
+        bounds::at_least_one("--batch", a.batch)?;
+    }
     let model = VelocityMlp::load(&a.model, &device)?;
     let mut method: Method = a.method.parse()?;
     if a.rtol.is_some() || a.atol.is_some() {
@@ -90,9 +109,16 @@ pub fn run(a: SampleArgs) -> Result<()> {
         .map(|p| read_npy(p, &device))
         .transpose()?;
     let batch = match &x_init {
-        Some(x) => x.dim(0)?,
+        Some(x) => x.dims().first().copied().unwrap_or(0),
         None => a.batch,
     };
+    bounds::at_least_one("--x-init rows", batch)?;
+    bounds::sampling(
+        batch,
+        model.config().x_dims.numel(),
+        a.steps,
+        a.trajectory.is_some(),
+    )?;
     let options = SampleOptions {
         return_all_steps: a.trajectory.is_some() || a.times.is_some(),
         steps: Some(a.steps),
@@ -138,13 +164,15 @@ pub fn run(a: SampleArgs) -> Result<()> {
         }
     };
     let out = fm.sample(batch, step_fn, &device, &options)?;
-    write_npy(&a.out, &out.x)?;
+    // All outputs are written to temporaries first; only then is any renamed into place.
+    let mut staged = vec![stage_npy(&a.out, &out.x)?];
     if let (Some(p), Some(t)) = (&a.trajectory, &out.trajectory) {
-        write_npy(p, t)?;
+        staged.push(stage_npy(p, t)?);
     }
     if let (Some(p), Some(t)) = (&a.times, &out.times) {
-        write_npy(p, t)?;
+        staged.push(stage_npy(p, t)?);
     }
+    commit(staged)?;
     eprintln!(
         "wrote {} samples of shape {} to {} ({} steps, {}, {} function evaluations)",
         batch,

@@ -9,6 +9,7 @@ use flow_matching::data::{Batch, DataSource, Dataset};
 use flow_matching::diffusion::XDims;
 use flow_matching::error::{Error, Result};
 use flow_matching::model::VelocityMlpConfig;
+use flow_matching::output::{check_outputs, prepare_outputs};
 use flow_matching::train::{AdamWParams, TrainConfig, TrainOutput, Trainer};
 
 /// Model and optimiser settings shared by `train` and `demo`.
@@ -33,7 +34,7 @@ pub struct TrainSettings {
     #[arg(long, default_value_t = 0.0)]
     pub weight_decay: f64,
     /// Clip the global gradient norm to this value (0: no clipping).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     pub clip: f64,
     /// EMA decay of the weights used for sampling.
     #[arg(long, default_value_t = 0.999)]
@@ -68,6 +69,10 @@ pub struct TrainSettings {
 impl TrainSettings {
     /// The trainer's config.
     pub fn train_config(&self) -> Result<TrainConfig> {
+        crate::bounds::at_least_one("--steps", self.steps)?;
+        crate::bounds::at_least_one("--batch", self.batch)?;
+        // A negative value used to turn clipping off silently; only 0 means "off".
+        crate::bounds::non_negative("--clip", self.clip, "0: no clipping")?;
         let config = TrainConfig {
             steps: self.steps,
             batch_size: self.batch,
@@ -101,6 +106,7 @@ impl TrainSettings {
             cond_dim: self.cond_dim,
         };
         config.validate()?;
+        crate::bounds::training(&config, self.batch, self.steps)?;
         Ok(config)
     }
 }
@@ -196,6 +202,7 @@ pub fn fit(
         Some(p) => {
             let t = Trainer::resume(p, device)?.with_steps(settings.steps)?;
             let mc = t.model().config();
+            crate::bounds::training(mc, t.config().batch_size, settings.steps)?;
             if mc.x_dims.dims() != data.x_dims.as_slice() || mc.num_classes != data.num_classes {
                 return Err(Error::invalid(
                     "--resume",
@@ -225,6 +232,22 @@ pub fn fit(
 /// Runs `train`.
 pub fn run(a: TrainArgs) -> Result<()> {
     let device = Device::Cpu;
+    // Every output is checked and locked before the data is read or a step is taken.
+    let mut outputs = vec![("--out", a.out.as_path())];
+    if let Some(p) = &a.loss_plot {
+        outputs.push(("--loss-plot", p.as_path()));
+    }
+    let data_path = Path::new(&a.data);
+    let inputs: Vec<(&str, &Path)> = if data_path.is_file() {
+        vec![("--data", data_path)]
+    } else {
+        Vec::new()
+    };
+    let _locks = prepare_outputs(&outputs, &inputs)?;
+    // --out may be the --resume file (a run continued in place); the loss plot may not.
+    if let (Some(plot), Some(resume)) = (&a.loss_plot, &a.resume) {
+        check_outputs(&[("--loss-plot", plot)], &[("--resume", resume)])?;
+    }
     let data = TrainingData::open(&a.data, a.label_column, a.conditional)?;
     let start = std::time::Instant::now();
     let out = fit(&data, &a.settings, a.resume.as_deref(), &a.out, &device)?;

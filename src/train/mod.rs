@@ -432,6 +432,12 @@ impl Trainer {
     where
         D: FnMut(&mut StdRng, usize) -> Result<(Tensor, Option<Vec<u32>>)>,
     {
+        // Held for the whole run: a second run writing the same checkpoint fails at once.
+        let _lock = self
+            .checkpoint
+            .as_deref()
+            .map(crate::output::OutputLock::acquire)
+            .transpose()?;
         let total = self.config.steps;
         let reporter = Reporter::new("train", self.step.min(total), total);
         let every = self.config.checkpoint_every;
