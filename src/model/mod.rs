@@ -1,8 +1,16 @@
 //! Velocity networks.
 
+mod cond;
 pub mod fast;
+mod transformer;
+pub mod transformer_fast;
 mod velocity_mlp;
 
-pub use fast::{loss_and_grads, FastMlp};
+pub use cond::{CondNorm, Condition, IntoCondition};
+pub use fast::{loss_and_grads, loss_and_grads_cond, FastMlp};
 
-pub use velocity_mlp::{read_file, Conditioned, VelocityMlp, VelocityMlpConfig};
+pub use transformer::{
+    file_format, read_transformer_file, TransformerConditioned, TransformerConfig,
+    WaypointTransformer, TRANSFORMER_FORMAT,
+};
+pub use velocity_mlp::{read_file, CondConditioned, Conditioned, VelocityMlp, VelocityMlpConfig};
