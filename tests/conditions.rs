@@ -255,14 +255,8 @@ fn trainer_learns_a_continuous_condition_and_guidance_uses_it() {
     let out = trainer.train(linear_data).unwrap();
     let model = out.model;
     let c = Tensor::new(&[[-1.0f32], [0.0], [1.0]], &CPU).unwrap();
-    // Condition-major: row n * 50 + k is c[n] (flow_matching::condition::repeat_per_cond).
-    let cond = Tensor::cat(
-        &(0..3)
-            .map(|n| c.narrow(0, n, 1).unwrap().repeat((50, 1)).unwrap())
-            .collect::<Vec<_>>(),
-        0,
-    )
-    .unwrap();
+    // Condition-major: row n * 50 + k is c[n].
+    let cond = flow_matching::condition::repeat_per_cond(&c, 50).unwrap();
     let fm = FlowMatching::new(3).unwrap().with_steps(20).unwrap();
     let s = fm
         .sample(

@@ -13,10 +13,11 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, StandardNormal};
 
-use crate::diffusion::{FastVelocity, StepFn, XDims};
+use crate::diffusion::XDims;
 use crate::error::{Error, Result};
 use crate::io::atomic_write;
 use crate::model::cond::{flat_features, CondNorm, Condition};
+use crate::step::{FastVelocity, StepFn};
 use crate::train::{ModelConfig, TrainableModel};
 
 /// `2 pi` rounded to float32 first, as the reference computes `((2*pi) * v) * f`.

@@ -6,11 +6,11 @@
 
 use candle_core::{DType, Tensor};
 
-use crate::diffusion::FastVelocity;
 use crate::error::{Error, Result};
 use crate::kernel::{self, TILE_N};
 use crate::model::cond::Condition;
 use crate::model::transformer::{WaypointTransformer, LN_EPS};
+use crate::step::FastVelocity;
 
 /// `2 pi` rounded to float32 first, as the reference computes `((2*pi) * v) * f`.
 const TWO_PI_F32: f32 = 2.0 * std::f32::consts::PI;

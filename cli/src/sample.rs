@@ -1,0 +1,294 @@
+//! `flow-matching sample`: noise to samples through a model file.
+
+use std::path::PathBuf;
+
+use candle_core::Device;
+
+use flow_matching::condition::repeat_per_cond;
+use flow_matching::error::{Error, Result};
+use flow_matching::flow_matching::FlowMatching;
+use flow_matching::guidance::GuidedCondition;
+use flow_matching::io::{read_npy, write_npy};
+use flow_matching::model::{
+    file_format, TransformerConditioned, VelocityMlp, WaypointTransformer, TRANSFORMER_FORMAT,
+};
+use flow_matching::schedule::Schedule;
+use flow_matching::solver::Method;
+use flow_matching::{Diffusion, SampleOptions, StepFn};
+
+use crate::cond::CondFlags;
+
+/// Arguments of `sample`.
+#[derive(Debug, clap::Args)]
+pub struct SampleArgs {
+    /// A velocity-mlp or waypoint-transformer safetensors file.
+    #[arg(long)]
+    model: PathBuf,
+    /// Number of samples (ignored with --x-init, whose first dimension is the batch, and with
+    /// conditions of several rows, whose rows (times --per-cond) set it).
+    #[arg(long, default_value_t = 16)]
+    batch: usize,
+    /// Seed for the initial noise.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Initial noise [B, *x_dims] as a .npy file, instead of drawing it.
+    #[arg(long)]
+    x_init: Option<PathBuf>,
+    /// Number of integration steps.
+    #[arg(long, default_value_t = 10)]
+    steps: usize,
+    /// Integration method: euler, midpoint, heun, rk4, dopri5.
+    #[arg(long, default_value = "euler")]
+    method: String,
+    /// Relative tolerance of --method dopri5 (default 1e-5).
+    #[arg(long)]
+    rtol: Option<f64>,
+    /// Absolute tolerance of --method dopri5 (default 1e-5).
+    #[arg(long)]
+    atol: Option<f64>,
+    /// Classifier-free guidance weight (needs --labels or --cond): 0 = unconditional,
+    /// 1 = conditional.
+    #[arg(long)]
+    guidance: Option<f64>,
+    /// Time grid: uniform, cosine, shift:S, or a comma-separated grid from 0 to 1.
+    #[arg(long, default_value = "uniform")]
+    schedule: String,
+    /// One class per sample for a conditional model, comma-separated (the null label is num_classes).
+    #[arg(long)]
+    labels: Option<String>,
+    /// Where to write the final samples [B, *x_dims] (.npy, f32).
+    #[arg(long)]
+    out: PathBuf,
+    /// Where to write every state [B, T + 1, *x_dims].
+    #[arg(long)]
+    trajectory: Option<PathBuf>,
+    /// Where to write the times [T + 1].
+    #[arg(long)]
+    times: Option<PathBuf>,
+    /// Conditions (--cond NAME=FILE.npy, --per-cond K).
+    #[command(flatten)]
+    cond: CondFlags,
+}
+
+/// The continuous condition of a built-in model from `--cond FILE.npy` `[N, *c_dims]` and
+/// `--per-cond K`: `[N * K, *c_dims]`, condition-major; `None` without `--cond`.
+fn builtin_condition(
+    flags: &CondFlags,
+    check: impl Fn(&candle_core::Tensor, &str) -> Result<()>,
+    device: &Device,
+) -> Result<Option<candle_core::Tensor>> {
+    let arg = match flags.cond.as_slice() {
+        [] => {
+            if let Some(k) = flags.per_cond {
+                return Err(Error::invalid(
+                    "--per-cond",
+                    k,
+                    "--cond FILE.npy as well: K samples are drawn for each condition row",
+                ));
+            }
+            return Ok(None);
+        }
+        [one] => one,
+        more => {
+            return Err(Error::invalid(
+                "--cond",
+                format!("{} files", more.len()),
+                "one condition file for a built-in model",
+            ))
+        }
+    };
+    let k = flags.per_cond.unwrap_or(1);
+    if k == 0 {
+        // Refused before the file is read, naming the flag.
+        repeat_per_cond(
+            &candle_core::Tensor::zeros(1, candle_core::DType::F32, device)?,
+            0,
+        )?;
+    }
+    let c = read_npy(&arg.path, device)?;
+    check(&c, &format!("--cond {}", arg.path.display()))?;
+    Ok(Some(repeat_per_cond(&c, k)?))
+}
+
+/// Runs `sample`.
+pub fn run(a: SampleArgs) -> Result<()> {
+    let device = Device::Cpu;
+    let mut method: Method = a.method.parse()?;
+    if a.rtol.is_some() || a.atol.is_some() {
+        match &mut method {
+            Method::Dopri5(o) => {
+                o.rtol = a.rtol.unwrap_or(o.rtol);
+                o.atol = a.atol.unwrap_or(o.atol);
+                o.validate()?;
+            }
+            other => {
+                return Err(Error::invalid(
+                    "--rtol/--atol",
+                    format!("with --method {other}"),
+                    "tolerances only with --method dopri5",
+                ))
+            }
+        }
+    }
+    let schedule: Schedule = a.schedule.parse()?;
+    let transformer = file_format(&a.model)?.as_deref() == Some(TRANSFORMER_FORMAT);
+    let (vmodel, tmodel) = if transformer {
+        (None, Some(WaypointTransformer::load(&a.model, &device)?))
+    } else {
+        (Some(VelocityMlp::load(&a.model, &device)?), None)
+    };
+    let x_dims = match (&vmodel, &tmodel) {
+        (Some(m), _) => m.config().x_dims.clone(),
+        (_, Some(m)) => m.config().x_dims.clone(),
+        _ => unreachable!("one model is loaded"),
+    };
+    let cond = builtin_condition(
+        &a.cond,
+        |c, what| match (&vmodel, &tmodel) {
+            (Some(m), _) => m.check_condition(c, what),
+            (_, Some(m)) => m.check_condition(c, what),
+            _ => Ok(()),
+        },
+        &device,
+    )?;
+    let labels = a.labels.as_deref().map(super::parse_labels).transpose()?;
+    if labels.is_some() {
+        let continuous = match (&vmodel, &tmodel) {
+            (Some(m), _) => m.config().cond_dims.clone(),
+            (_, Some(m)) => m.config().cond_dims.clone(),
+            _ => None,
+        };
+        if let Some(d) = continuous {
+            return Err(Error::invalid(
+                "--labels",
+                a.labels.as_deref().unwrap_or_default(),
+                format!(
+                    "no labels: {} has a continuous condition; give --cond FILE.npy with rows [N, {d}]",
+                    a.model.display()
+                ),
+            ));
+        }
+        if tmodel.is_some() {
+            return Err(Error::invalid(
+                "--labels",
+                a.labels.as_deref().unwrap_or_default(),
+                format!("no labels: {} is a waypoint transformer", a.model.display()),
+            ));
+        }
+    }
+    let mut fm = FlowMatching::new(x_dims.dims())?;
+    fm.method = method;
+    fm.schedule = schedule;
+    let x_init = a
+        .x_init
+        .as_ref()
+        .map(|p| read_npy(p, &device))
+        .transpose()?;
+    let batch = match (&x_init, &cond) {
+        (Some(x), Some(c)) => {
+            if x.dim(0)? != c.dim(0)? {
+                return Err(Error::Shape {
+                    what: format!(
+                        "--x-init {}",
+                        a.x_init
+                            .as_ref()
+                            .map_or(String::new(), |p| p.display().to_string())
+                    ),
+                    expected: format!("{} rows (the --cond rows times --per-cond)", c.dim(0)?),
+                    got: x.dims().to_vec(),
+                });
+            }
+            c.dim(0)?
+        }
+        (Some(x), None) => x.dim(0)?,
+        (None, Some(c)) => c.dim(0)?,
+        (None, None) => a.batch,
+    };
+    let options = SampleOptions {
+        return_all_steps: a.trajectory.is_some() || a.times.is_some(),
+        steps: Some(a.steps),
+        x_init,
+        seed: Some(a.seed),
+        ..Default::default()
+    };
+    if let Some(w) = a.guidance {
+        fm = fm.with_guidance(w)?;
+    }
+    let mut conditioned;
+    let mut guided;
+    let mut plain;
+    let mut vcond;
+    let mut vguided;
+    let mut tstep;
+    let mut tguided;
+    let step_fn: &mut dyn StepFn = match (&vmodel, &tmodel, &labels, &cond, a.guidance) {
+        (_, _, None, None, Some(w)) => {
+            return Err(Error::invalid(
+                "--guidance",
+                w,
+                "--labels or --cond as well: guidance steers towards the given condition",
+            ))
+        }
+        (Some(model), _, Some(labels), _, guidance) => {
+            if labels.len() != batch {
+                return Err(Error::invalid(
+                    "--labels",
+                    format!("{} labels", labels.len()),
+                    format!("one label per sample ({batch})"),
+                ));
+            }
+            match guidance {
+                Some(_) => {
+                    guided = fm.guided(model, labels)?;
+                    &mut guided
+                }
+                None => {
+                    conditioned = model.with_labels(labels)?;
+                    &mut conditioned
+                }
+            }
+        }
+        (Some(model), _, None, Some(c), Some(_)) => {
+            vguided = GuidedCondition::new(model, c, fm.guidance_weight)?;
+            &mut vguided
+        }
+        (Some(model), _, None, Some(c), None) => {
+            vcond = model.with_condition(c)?;
+            &mut vcond
+        }
+        (Some(model), _, None, None, None) => {
+            plain = model.clone();
+            &mut plain
+        }
+        (_, Some(model), _, Some(c), Some(_)) => {
+            tguided = GuidedCondition::new(model, c, fm.guidance_weight)?;
+            &mut tguided
+        }
+        (_, Some(model), _, c, _) => {
+            tstep = match c {
+                Some(c) => model.with_condition(c)?,
+                None => TransformerConditioned { model, cond: None },
+            };
+            &mut tstep
+        }
+        _ => unreachable!("one model is loaded"),
+    };
+    let out = fm.sample(batch, step_fn, &device, &options)?;
+    write_npy(&a.out, &out.x)?;
+    if let (Some(p), Some(t)) = (&a.trajectory, &out.trajectory) {
+        write_npy(p, t)?;
+    }
+    if let (Some(p), Some(t)) = (&a.times, &out.times) {
+        write_npy(p, t)?;
+    }
+    eprintln!(
+        "wrote {} samples of shape {} to {} ({} steps, {}, {} function evaluations)",
+        batch,
+        fm.x_dims(),
+        a.out.display(),
+        out.accepted_steps,
+        fm.method,
+        out.nfe
+    );
+    Ok(())
+}
