@@ -17,8 +17,10 @@ pub mod guidance;
 pub mod io;
 pub mod kernel;
 pub mod likelihood;
+pub mod limits;
 pub mod metrics;
 pub mod model;
+pub mod output;
 #[cfg(feature = "plot")]
 pub mod plot;
 pub mod progress;

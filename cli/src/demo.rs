@@ -81,6 +81,21 @@ pub fn run(a: DemoArgs) -> Result<()> {
     let train_settings = preset(digits, a.steps, a.seed)?;
     std::fs::create_dir_all(&a.out_dir).map_err(|e| flow_matching::Error::io(&a.out_dir, e))?;
     let model_path = a.out_dir.join("model.safetensors");
+    let (loss_png, samples_npy, samples_png) = (
+        a.out_dir.join("loss.png"),
+        a.out_dir.join("samples.npy"),
+        a.out_dir.join("samples.png"),
+    );
+    crate::bounds::at_least_one("--n", a.n)?;
+    let _locks = flow_matching::output::prepare_outputs(
+        &[
+            ("model", &model_path),
+            ("loss plot", &loss_png),
+            ("samples", &samples_npy),
+            ("sample plot", &samples_png),
+        ],
+        &[],
+    )?;
     eprintln!(
         "training a velocity-mlp (hidden {}, depth {}) on {} for {} steps of batch {}",
         train_settings.hidden,

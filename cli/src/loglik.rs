@@ -80,6 +80,27 @@ pub fn run(a: LoglikArgs) -> Result<()> {
     // Detached weights: the backward passes then reach only x, never the model.
     let model = VelocityMlp::load(&a.model, &device)?.detach();
     let x_dims = model.config().x_dims.clone();
+    {
+        use crate::bounds::{at_least_one, floats, memory};
+        at_least_one("--steps", a.steps)?;
+        at_least_one("--n", a.n)?;
+        let d = x_dims.numel();
+        // Per batch: the state, one gradient per probe (or per dimension when exact) and
+        // the solver's stages; a toy's --n points are drawn up front.
+        let probes = a.probes.unwrap_or(d);
+        memory(
+            format!(
+                "log-likelihoods of --batch {} rows of {d} values with {probes} probes (--n {})",
+                a.batch, a.n
+            ),
+            &[
+                probes
+                    .checked_add(8)
+                    .and_then(|k| floats(&[a.batch, d, k, 2])),
+                floats(&[a.n, d, 2]),
+            ],
+        )?;
+    }
     // A named toy draws --n fresh points (seeded); files and digits are read whole.
     // .npy arrays keep their shape ([N, *x_dims], as `sample` writes them); named data and CSV
     // tables are rows.

@@ -2,6 +2,7 @@
 //! renders its results and progress.
 
 mod bench;
+mod bounds;
 mod cond;
 mod demo;
 mod eval;
@@ -73,8 +74,11 @@ fn parse_labels(s: &str) -> Result<Vec<u32>> {
             p.trim().parse::<u32>().map_err(|_| {
                 flow_matching::Error::invalid(
                     "--labels",
-                    s,
-                    format!("comma-separated class indices; {p:?} is not a non-negative integer"),
+                    flow_matching::limits::excerpt(s),
+                    format!(
+                        "comma-separated class indices; {:?} is not a non-negative integer",
+                        flow_matching::limits::excerpt(p)
+                    ),
                 )
             })
         })

@@ -4,14 +4,16 @@ use std::path::PathBuf;
 
 use candle_core::Device;
 
+use crate::bounds;
 use flow_matching::condition::repeat_per_cond;
 use flow_matching::error::{Error, Result};
 use flow_matching::flow_matching::FlowMatching;
 use flow_matching::guidance::GuidedCondition;
-use flow_matching::io::{read_npy, write_npy};
+use flow_matching::io::{read_npy, stage_npy};
 use flow_matching::model::{
     file_format, TransformerConditioned, VelocityMlp, WaypointTransformer, TRANSFORMER_FORMAT,
 };
+use flow_matching::output::{commit, prepare_outputs};
 use flow_matching::schedule::Schedule;
 use flow_matching::solver::Method;
 use flow_matching::{Diffusion, SampleOptions, StepFn};
@@ -113,6 +115,26 @@ fn builtin_condition(
 /// Runs `sample`.
 pub fn run(a: SampleArgs) -> Result<()> {
     let device = Device::Cpu;
+    // Outputs are checked and locked before the model is read or a step is taken.
+    let mut outputs = vec![("--out", a.out.as_path())];
+    if let Some(p) = &a.trajectory {
+        outputs.push(("--trajectory", p.as_path()));
+    }
+    if let Some(p) = &a.times {
+        outputs.push(("--times", p.as_path()));
+    }
+    let mut inputs = vec![("--model", a.model.as_path())];
+    if let Some(p) = &a.x_init {
+        inputs.push(("--x-init", p.as_path()));
+    }
+    for c in &a.cond.cond {
+        inputs.push(("--cond", c.path.as_path()));
+    }
+    let _locks = prepare_outputs(&outputs, &inputs)?;
+    bounds::at_least_one("--steps", a.steps)?;
+    if a.x_init.is_none() && a.cond.cond.is_empty() {
+        bounds::at_least_one("--batch", a.batch)?;
+    }
     let mut method: Method = a.method.parse()?;
     if a.rtol.is_some() || a.atol.is_some() {
         match &mut method {
@@ -200,10 +222,12 @@ pub fn run(a: SampleArgs) -> Result<()> {
             }
             c.dim(0)?
         }
-        (Some(x), None) => x.dim(0)?,
+        (Some(x), None) => x.dims().first().copied().unwrap_or(0),
         (None, Some(c)) => c.dim(0)?,
         (None, None) => a.batch,
     };
+    bounds::at_least_one("--x-init rows", batch)?;
+    bounds::sampling(batch, x_dims.numel(), a.steps, a.trajectory.is_some())?;
     let options = SampleOptions {
         return_all_steps: a.trajectory.is_some() || a.times.is_some(),
         steps: Some(a.steps),
@@ -274,13 +298,15 @@ pub fn run(a: SampleArgs) -> Result<()> {
         _ => unreachable!("one model is loaded"),
     };
     let out = fm.sample(batch, step_fn, &device, &options)?;
-    write_npy(&a.out, &out.x)?;
+    // All outputs are written to temporaries first; only then is any renamed into place.
+    let mut staged = vec![stage_npy(&a.out, &out.x)?];
     if let (Some(p), Some(t)) = (&a.trajectory, &out.trajectory) {
-        write_npy(p, t)?;
+        staged.push(stage_npy(p, t)?);
     }
     if let (Some(p), Some(t)) = (&a.times, &out.times) {
-        write_npy(p, t)?;
+        staged.push(stage_npy(p, t)?);
     }
+    commit(staged)?;
     eprintln!(
         "wrote {} samples of shape {} to {} ({} steps, {}, {} function evaluations)",
         batch,

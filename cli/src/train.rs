@@ -12,9 +12,10 @@ use flow_matching::diffusion::XDims;
 use flow_matching::error::{Error, Result};
 use flow_matching::io::read_npy;
 use flow_matching::model::{
-    file_format, CondNorm, Condition, TransformerConfig, VelocityMlpConfig, WaypointTransformer,
-    TRANSFORMER_FORMAT,
+    file_format, CondNorm, Condition, TransformerConfig, VelocityMlp, VelocityMlpConfig,
+    WaypointTransformer, TRANSFORMER_FORMAT,
 };
+use flow_matching::output::{check_outputs, prepare_outputs};
 use flow_matching::train::{
     AdamWParams, ModelConfig, TrainConfig, TrainOutput, TrainableModel, Trainer,
 };
@@ -41,7 +42,7 @@ pub struct TrainSettings {
     #[arg(long, default_value_t = 0.0)]
     pub weight_decay: f64,
     /// Clip the global gradient norm to this value (0: no clipping).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     pub clip: f64,
     /// EMA decay of the weights used for sampling.
     #[arg(long, default_value_t = 0.999)]
@@ -85,6 +86,10 @@ pub struct TrainSettings {
 impl TrainSettings {
     /// The trainer's config.
     pub fn train_config(&self) -> Result<TrainConfig> {
+        crate::bounds::at_least_one("--steps", self.steps)?;
+        crate::bounds::at_least_one("--batch", self.batch)?;
+        // A negative value used to turn clipping off silently; only 0 means "off".
+        crate::bounds::non_negative("--clip", self.clip, "0: no clipping")?;
         let config = TrainConfig {
             steps: self.steps,
             batch_size: self.batch,
@@ -120,6 +125,7 @@ impl TrainSettings {
             cond_norm: None,
         };
         config.validate()?;
+        crate::bounds::training(&config, self.batch, self.steps)?;
         Ok(config)
     }
 
@@ -307,7 +313,10 @@ pub fn fit(
         mc.cond_dims = Some(dims);
         mc.cond_norm = Some(norm);
     }
-    fit_model(data, mc, settings, resume, out, device)
+    // A resumed model's size is checked against the memory bounds like a new one's.
+    let bound: fn(&VelocityMlp, usize, usize) -> Result<()> =
+        |m, batch, steps| crate::bounds::training(m.config(), batch, steps);
+    fit_model(data, mc, bound, settings, resume, out, device)
 }
 
 /// [`fit`] for the waypoint transformer.
@@ -330,7 +339,7 @@ pub fn fit_transformer(
         mc.cond_dims = Some(dims);
         mc.cond_norm = Some(norm);
     }
-    fit_model(data, mc, settings, resume, out, device)
+    fit_model(data, mc, |_, _, _| Ok(()), settings, resume, out, device)
 }
 
 /// The run of any model kind: a new one from `mc`, or a resumed checkpoint that must fit the
@@ -338,6 +347,7 @@ pub fn fit_transformer(
 fn fit_model<C>(
     data: &TrainingData,
     mc: C,
+    bound: fn(&C::Model, usize, usize) -> Result<()>,
     settings: &TrainSettings,
     resume: Option<&Path>,
     out: &Path,
@@ -350,6 +360,7 @@ where
         Some(p) => {
             let t = Trainer::<C::Model>::resume_model(p, device)?.with_steps(settings.steps)?;
             let m = t.model();
+            bound(m, t.config().batch_size, settings.steps)?;
             let want_cond = data.cond.as_ref().map(|(c, _)| c.dims()[1..].to_vec());
             let has_cond = m.cond_dims().map(|d| d.dims().to_vec());
             if m.x_dims().dims() != data.x_dims.as_slice()
@@ -388,6 +399,25 @@ where
 /// Runs `train`.
 pub fn run(a: TrainArgs) -> Result<()> {
     let device = Device::Cpu;
+    // Every output is checked and locked before the data is read or a step is taken.
+    let mut outputs = vec![("--out", a.out.as_path())];
+    if let Some(p) = &a.loss_plot {
+        outputs.push(("--loss-plot", p.as_path()));
+    }
+    let data_path = Path::new(&a.data);
+    let mut inputs: Vec<(&str, &Path)> = if data_path.is_file() {
+        vec![("--data", data_path)]
+    } else {
+        Vec::new()
+    };
+    if let Some(c) = &a.cond {
+        inputs.push(("--cond", c.as_path()));
+    }
+    let _locks = prepare_outputs(&outputs, &inputs)?;
+    // --out may be the --resume file (a run continued in place); the loss plot may not.
+    if let (Some(plot), Some(resume)) = (&a.loss_plot, &a.resume) {
+        check_outputs(&[("--loss-plot", plot)], &[("--resume", resume)])?;
+    }
     let mut data = TrainingData::open(&a.data, a.label_column, a.conditional)?;
     if let Some(c) = &a.cond {
         data = data.with_cond_file(c, &device)?;

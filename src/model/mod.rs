@@ -13,4 +13,7 @@ pub use transformer::{
     file_format, read_transformer_file, TransformerConditioned, TransformerConfig,
     WaypointTransformer, TRANSFORMER_FORMAT,
 };
-pub use velocity_mlp::{read_file, CondConditioned, Conditioned, VelocityMlp, VelocityMlpConfig};
+pub use velocity_mlp::{
+    first_non_finite, read_bytes, read_file, CondConditioned, Conditioned, VelocityMlp,
+    VelocityMlpConfig,
+};

@@ -184,7 +184,8 @@ impl TrainConfig {
             let v = get(meta, key)?;
             v.parse().map_err(|_| {
                 Error::Training(format!(
-                    "checkpoint metadata \"train.{key}\" is {v:?}, not a valid number"
+                    "checkpoint metadata \"train.{key}\" is {:?}, not a valid number",
+                    crate::limits::excerpt(v)
                 ))
             })
         }
@@ -197,7 +198,8 @@ impl TrainConfig {
             "false" => false,
             other => {
                 return Err(Error::Training(format!(
-                    "checkpoint metadata \"train.ema_warmup\" is {other:?}, expected true or false"
+                    "checkpoint metadata \"train.ema_warmup\" is {:?}, expected true or false",
+                    crate::limits::excerpt(other)
                 )))
             }
         };

@@ -508,6 +508,12 @@ impl<M: TrainableModel> Trainer<M> {
         D: FnMut(&mut StdRng, usize) -> Result<(Tensor, C)>,
         C: IntoCondition,
     {
+        // Held for the whole run: a second run writing the same checkpoint fails at once.
+        let _lock = self
+            .checkpoint
+            .as_deref()
+            .map(crate::output::OutputLock::acquire)
+            .transpose()?;
         let total = self.config.steps;
         let reporter = Reporter::new("train", self.step.min(total), total);
         let every = self.config.checkpoint_every;
