@@ -8,6 +8,7 @@
 #![warn(missing_docs)]
 
 pub mod condition;
+pub mod coupling;
 pub mod data;
 pub mod diffusion;
 pub mod error;
@@ -24,6 +25,7 @@ pub mod output;
 #[cfg(feature = "plot")]
 pub mod plot;
 pub mod progress;
+pub mod reflow;
 pub mod schedule;
 pub mod solver;
 pub mod step;

@@ -220,11 +220,16 @@ fn temp_file_in(dir: &Path, name: &OsStr) -> std::io::Result<tempfile::NamedTemp
     let mut prefix = std::ffi::OsString::from(".");
     prefix.push(name);
     prefix.push(".");
-    tempfile::Builder::new()
-        .prefix(&prefix)
-        .suffix(TEMP_SUFFIX)
-        .rand_bytes(RAND_CHARS)
-        .tempfile_in(dir)
+    let mut b = tempfile::Builder::new();
+    b.prefix(&prefix).suffix(TEMP_SUFFIX).rand_bytes(RAND_CHARS);
+    // An output is an ordinary file: 0666 less the umask, as `File::create` would give
+    // (tempfile's default, 0600, would hide a model from the user's other accounts).
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        b.permissions(fs::Permissions::from_mode(0o666));
+    }
+    b.tempfile_in(dir)
 }
 
 /// Whether `entry` is a temporary file of the output named `name` (see [`TEMP_SUFFIX`]).
@@ -500,6 +505,15 @@ mod tests {
         assert_eq!(std::fs::read(&a).unwrap(), b"old");
         assert!(!b.exists());
         commit(vec![sa, sb]).unwrap();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode();
+            let plain = dir.path().join("plain");
+            File::create(&plain).unwrap();
+            assert_eq!(mode(&b), mode(&plain), "an output gets File::create's mode");
+            std::fs::remove_file(&plain).unwrap();
+        }
         assert_eq!(std::fs::read(&a).unwrap(), b"new a");
         assert_eq!(std::fs::read(&b).unwrap(), b"new b");
         let names: Vec<_> = std::fs::read_dir(dir.path())

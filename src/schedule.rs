@@ -19,6 +19,10 @@ pub enum Schedule {
     Custom(Vec<f64>),
 }
 
+/// The most steps of a grid in float32 (or half) precision: `2^24`, where the spacing of
+/// float32 numbers just below 1 is reached.
+pub const MAX_F32_STEPS: usize = 1 << 24;
+
 /// The names [`Schedule`] parses from (`shift:S` takes a number).
 pub const SCHEDULE_NAMES: [&str; 3] = ["uniform", "shift:S", "cosine"];
 
@@ -133,6 +137,17 @@ impl Schedule {
         self.validate()?;
         if steps == 0 && !matches!(self, Schedule::Custom(_)) {
             return Err(Error::ZeroSteps);
+        }
+        // Beyond 2^24 steps a float32 grid's neighbouring times near t = 1 coincide (its
+        // spacing there is 2^-24): refuse before building a grid that cannot be valid.
+        if dtype != DType::F64 && steps > MAX_F32_STEPS && !matches!(self, Schedule::Custom(_)) {
+            return Err(Error::invalid(
+                "steps",
+                steps,
+                format!(
+                    "at most {MAX_F32_STEPS} in {dtype:?} precision: beyond that, neighbouring times near t = 1 coincide"
+                ),
+            ));
         }
         // The grid is materialised (8 bytes a time, twice while mapped): refuse a step count
         // whose grid cannot fit rather than abort half way.

@@ -301,3 +301,16 @@ fn non_finite_weights_are_not_written() {
     );
     assert_eq!(std::fs::read(&p).unwrap(), before);
 }
+
+#[test]
+fn huge_float32_grids_are_refused_before_building() {
+    use flow_matching::Schedule;
+    let e = Schedule::Uniform
+        .grid(1_000_000_000, candle_core::DType::F32)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("at most 16777216"), "{e}");
+    assert!(Schedule::Uniform
+        .grid(usize::MAX, candle_core::DType::F64)
+        .is_err());
+}

@@ -68,7 +68,7 @@ fn preset(digits: bool, steps: Option<usize>, seed: u64) -> Result<TrainSettings
     let mut s = Wrap::try_parse_from(args)
         .map(|w| w.s)
         .map_err(|e| flow_matching::Error::invalid("demo preset", e, "valid training settings"))?;
-    s.steps = steps.unwrap_or(if digits { 6000 } else { 10000 });
+    s.steps = Some(steps.unwrap_or(if digits { 6000 } else { 10000 }));
     s.seed = seed;
     Ok(s)
 }
@@ -96,13 +96,10 @@ pub fn run(a: DemoArgs) -> Result<()> {
         ],
         &[],
     )?;
+    let (sizing, _) = train_settings.sizing(data.rows(), data.dim());
     eprintln!(
         "training a velocity-mlp (hidden {}, depth {}) on {} for {} steps of batch {}",
-        train_settings.hidden,
-        train_settings.depth,
-        data.source,
-        train_settings.steps,
-        train_settings.batch
+        sizing.hidden, sizing.depth, data.source, sizing.steps, sizing.batch_size
     );
     let start = std::time::Instant::now();
     let out = fit(&data, &train_settings, None, &model_path, &device)?;

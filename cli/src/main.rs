@@ -5,10 +5,12 @@ mod bench;
 mod bounds;
 mod cond;
 mod demo;
+mod encode;
 mod eval;
 mod harness;
 mod loglik;
 mod progress;
+mod reflow;
 mod sample;
 mod train;
 
@@ -36,6 +38,10 @@ enum Command {
     Sample(sample::SampleArgs),
     /// Log-likelihoods (nats, bits/dim) of data rows under a velocity-mlp model.
     Loglik(loglik::LoglikArgs),
+    /// Retrain a model on its own (noise, sample) pairs so that 1-2 Euler steps sample well.
+    Reflow(reflow::ReflowArgs),
+    /// Map data to noise by integrating the model's flow backwards.
+    Encode(encode::EncodeArgs),
     /// Time sampling and training against PyTorch eager, side by side.
     Bench(bench::BenchArgs),
     /// One batch-4096 sample, then the peak RSS in MiB (the benchmark's child process).
@@ -62,6 +68,8 @@ where
         Command::Eval(a) => eval::run(a),
         Command::Sample(a) => sample::run(a),
         Command::Loglik(a) => loglik::run(a),
+        Command::Reflow(a) => reflow::run(a),
+        Command::Encode(a) => encode::run(a),
         Command::Bench(a) => bench::run(a),
         Command::BenchPeakRss(a) => bench::run_peak_rss(a),
     }

@@ -421,6 +421,14 @@ fn outputs_are_never_destroyed() {
     let data_before = std::fs::read(&data).unwrap();
     let (m, o) = (s(&model), d.join("x.npy"));
     let missing = d.join("no-such-dir").join("m.safetensors");
+    // A named pipe stands for /dev/null and other special files (a test must not depend on
+    // the machine's /dev/null still being a device).
+    let fifo = d.join("pipe");
+    assert!(Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
     let mut cases = 0;
     let train = |extra: &[&str], expect: &str| {
         let mut args = vec!["train"];
@@ -434,7 +442,7 @@ fn outputs_are_never_destroyed() {
     );
     train(&["--data", s(&data), "--out", s(&data)], "input --data");
     train(&["--data", "moons", "--out", s(&missing)], "does not exist");
-    train(&["--data", "moons", "--out", "/dev/null"], "regular file");
+    train(&["--data", "moons", "--out", s(&fifo)], "regular file");
     train(&["--data", "moons", "--out", s(&d)], "directory");
     train(
         &[
@@ -457,7 +465,7 @@ fn outputs_are_never_destroyed() {
             "also the output --out",
         ),
         (vec!["--out", s(&o), "--times", m], "input --model"),
-        (vec!["--out", "/dev/null"], "regular file"),
+        (vec!["--out", s(&fifo)], "regular file"),
         (vec!["--out", s(&missing)], "does not exist"),
     ] {
         let mut args = vec!["sample", "--model", m];
@@ -574,12 +582,42 @@ fn a_second_writer_gets_a_lock_error() {
     first.wait().unwrap();
 }
 
+/// Whether a temporary output file exists in `d`.
+fn temp_files(d: &Path) -> bool {
+    std::fs::read_dir(d).unwrap().any(|e| {
+        e.as_ref()
+            .is_ok_and(|e| e.file_name().to_string_lossy().ends_with(".fm-tmp"))
+    })
+}
+
 #[test]
 fn kill_during_checkpoint_keeps_the_old_one() {
     let d = dir("kill");
-    let ckpt = tiny_model(&d);
+    // A default-width model: its checkpoint (weights, EMA, moments: ~3 MB) takes long
+    // enough to write that some kills land inside a write.
+    let ckpt = d.join("model.safetensors");
+    let out = fm(&[
+        "train",
+        "--data",
+        "moons",
+        "--out",
+        s(&ckpt),
+        "--steps",
+        "4",
+        "--batch",
+        "8",
+        "--warmup",
+        "1",
+        "--checkpoint-every",
+        "1",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let (mut kills, mut caught_mid_write) = (0, 0);
-    for round in 0..6u64 {
+    for round in 0..10u64 {
         let good = std::fs::read(&ckpt).unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_flow-matching"))
             .args([
@@ -591,14 +629,15 @@ fn kill_during_checkpoint_keeps_the_old_one() {
                 "--out",
                 s(&ckpt),
             ])
-            .args(["--steps", "1000000", "--checkpoint-every", "1"])
+            // A resumed run keeps the checkpoint's settings: a checkpoint every step.
+            .args(["--steps", "1000000"])
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
         // Let it write a few checkpoints, then kill it at a varying moment.
         let mut seen = 0;
         let mut last = std::fs::metadata(&ckpt).unwrap().modified().unwrap();
-        while seen < 2 + round {
+        while seen < 2 + round % 3 {
             std::thread::sleep(std::time::Duration::from_millis(3));
             if let Ok(t) = std::fs::metadata(&ckpt).and_then(|m| m.modified()) {
                 if t != last {
@@ -608,17 +647,17 @@ fn kill_during_checkpoint_keeps_the_old_one() {
             }
             assert!(child.try_wait().unwrap().is_none(), "the run ended early");
         }
-        std::thread::sleep(std::time::Duration::from_micros(700 * round));
+        if round % 2 == 1 {
+            // Odd rounds: kill the moment a temporary file shows up, i.e. inside a write.
+            let start = std::time::Instant::now();
+            while !temp_files(&d) && start.elapsed() < std::time::Duration::from_secs(5) {}
+        } else {
+            std::thread::sleep(std::time::Duration::from_micros(500 * round));
+        }
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();
         kills += 1;
-        caught_mid_write += std::fs::read_dir(&d)
-            .unwrap()
-            .filter(|e| {
-                e.as_ref()
-                    .is_ok_and(|e| e.file_name().to_string_lossy().ends_with(".fm-tmp"))
-            })
-            .count();
+        caught_mid_write += usize::from(temp_files(&d));
         // Whatever the moment, the file is a complete checkpoint (the old or a newer one).
         let t = Trainer::resume(&ckpt, &Device::Cpu)
             .unwrap_or_else(|e| panic!("round {round}: checkpoint unusable after kill -9: {e}"));
@@ -653,5 +692,6 @@ fn kill_during_checkpoint_keeps_the_old_one() {
         .filter(|n| n.contains(".fm-"))
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
-    eprintln!("kill -9 rounds: {kills}, {caught_mid_write} killed with a temporary file open");
+    eprintln!("kill -9 rounds: {kills}, {caught_mid_write} of them inside a checkpoint write");
+    assert!(caught_mid_write > 0, "no kill landed inside a write");
 }
