@@ -3,6 +3,7 @@
 
 mod bench;
 mod bounds;
+mod cond;
 mod demo;
 mod encode;
 mod eval;

@@ -137,6 +137,8 @@ impl TrainSettings {
             num_classes,
             num_freqs: self.freqs,
             cond_dim: self.cond_dim,
+            cond_dims: None,
+            cond_norm: None,
         };
         config.validate()?;
         crate::bounds::training(&config, sizing.batch_size, sizing.steps)?;
