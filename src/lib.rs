@@ -26,10 +26,12 @@ pub mod output;
 pub mod plot;
 pub mod progress;
 pub mod reflow;
+pub mod regression;
 pub mod schedule;
 pub mod solver;
 pub mod step;
 pub mod train;
+pub mod trajectory;
 
 pub use diffusion::{Diffusion, Sample, SampleOptions, XDims};
 pub use error::{Error, Result};

@@ -395,3 +395,158 @@ pub fn loss_curve(path: impl AsRef<Path>, losses: &[(usize, f64)], title: &str) 
         Ok(())
     })
 }
+
+/// One panel of [`trajectory_grid`]: a scene seen from above, positions in metres.
+#[derive(Debug, Clone, Default)]
+pub struct TrajectoryPanel {
+    /// The panel's caption (e.g. the scene's speed and the true intent).
+    pub title: String,
+    /// The true future (black, thick).
+    pub truth: Vec<(f64, f64)>,
+    /// Sampled futures (blue, thin).
+    pub samples: Vec<Vec<(f64, f64)>>,
+    /// A deterministic prediction (red), if any.
+    pub baseline: Option<Vec<(f64, f64)>>,
+    /// Grey road lines (each a polyline) drawn underneath, e.g. a junction's stop line.
+    pub road: Vec<Vec<(f64, f64)>>,
+}
+
+/// A grid of bird's-eye panels, `cols` per row, each with equal scales on both axes: the
+/// car starts at the origin heading right; the truth is black, samples blue, the baseline
+/// red, road lines grey. Non-finite points are left out.
+///
+/// ```
+/// use flow_matching::plot::{trajectory_grid, TrajectoryPanel};
+/// let line = |k: f64| (0..64).map(|i| (i as f64, k * (i as f64).powi(2) / 100.0)).collect();
+/// let panel = TrajectoryPanel {
+///     title: "scene".into(),
+///     truth: line(0.0),
+///     samples: vec![line(0.1), line(-0.1)],
+///     baseline: Some(line(0.0)),
+///     road: vec![],
+/// };
+/// let path = std::env::temp_dir().join(format!("fm-doc-traj-{}.png", std::process::id()));
+/// trajectory_grid(&path, &[panel.clone(), panel], 2, "futures").unwrap();
+/// # std::fs::remove_file(&path).unwrap();
+/// ```
+pub fn trajectory_grid(
+    path: impl AsRef<Path>,
+    panels: &[TrajectoryPanel],
+    cols: usize,
+    title: &str,
+) -> Result<()> {
+    let path = path.as_ref();
+    if panels.is_empty() || cols == 0 {
+        return Err(Error::invalid(
+            "trajectory grid",
+            format!("{} panels in {cols} columns", panels.len()),
+            "at least one panel and one column",
+        ));
+    }
+    let rows = panels.len().div_ceil(cols);
+    const CELL: u32 = 260;
+    let top = if title.is_empty() { 0 } else { 34 };
+    let legend = 26;
+    let (w, h) = (cols as u32 * CELL, top + legend + rows as u32 * CELL);
+    let finite = |p: &(f64, f64)| p.0.is_finite() && p.1.is_finite();
+    render(path, (w, h), |root| {
+        let err = |e| plot_err(path, e);
+        if !title.is_empty() {
+            root.draw(&Text::new(
+                title.to_string(),
+                (10, 6),
+                (FAMILY, 20).into_font().color(&BLACK),
+            ))
+            .map_err(err)?;
+        }
+        let keys = [
+            ("truth", BLACK),
+            ("flow-matching samples", GENERATED),
+            ("regression baseline", RGBColor(214, 39, 40)),
+        ];
+        let mut x = 10;
+        for (name, color) in keys {
+            let y = top as i32 + 12;
+            root.draw(&PathElement::new(
+                [(x, y), (x + 24, y)],
+                color.stroke_width(3),
+            ))
+            .map_err(err)?;
+            root.draw(&Text::new(
+                name,
+                (x + 30, y - 8),
+                (FAMILY, 14).into_font().color(&BLACK),
+            ))
+            .map_err(err)?;
+            x += 40 + 8 * name.len() as i32;
+        }
+        let body = root.margin(top + legend, 0, 0, 0);
+        let cells = body.split_evenly((rows, cols));
+        for (cell, p) in cells.iter().zip(panels) {
+            // A square view around everything drawn, so turns look like turns.
+            let pts = p
+                .truth
+                .iter()
+                .chain(p.samples.iter().flatten())
+                .chain(p.baseline.iter().flatten())
+                .chain(std::iter::once(&(0.0, 0.0)))
+                .filter(|q| finite(q));
+            let (mut lo, mut hi) = ((f64::MAX, f64::MAX), (f64::MIN, f64::MIN));
+            for q in pts {
+                lo = (lo.0.min(q.0), lo.1.min(q.1));
+                hi = (hi.0.max(q.0), hi.1.max(q.1));
+            }
+            let half = 0.5 * (hi.0 - lo.0).max(hi.1 - lo.1).max(10.0) * 1.1;
+            let c = (0.5 * (lo.0 + hi.0), 0.5 * (lo.1 + hi.1));
+            let mut chart = ChartBuilder::on(cell)
+                .caption(&p.title, (FAMILY, 13))
+                .margin(6)
+                .x_label_area_size(18)
+                .y_label_area_size(28)
+                .build_cartesian_2d((c.0 - half)..(c.0 + half), (c.1 - half)..(c.1 + half))
+                .map_err(err)?;
+            chart
+                .configure_mesh()
+                .light_line_style(WHITE.mix(0.0))
+                .x_labels(4)
+                .y_labels(4)
+                .label_style((FAMILY, 10))
+                .draw()
+                .map_err(err)?;
+            for r in &p.road {
+                chart
+                    .draw_series(LineSeries::new(
+                        r.iter().copied().filter(finite),
+                        RGBColor(170, 170, 170).stroke_width(2),
+                    ))
+                    .map_err(err)?;
+            }
+            for s in &p.samples {
+                chart
+                    .draw_series(LineSeries::new(
+                        s.iter().copied().filter(finite),
+                        GENERATED.mix(0.7).stroke_width(1),
+                    ))
+                    .map_err(err)?;
+            }
+            if let Some(b) = &p.baseline {
+                chart
+                    .draw_series(LineSeries::new(
+                        b.iter().copied().filter(finite),
+                        RGBColor(214, 39, 40).stroke_width(2),
+                    ))
+                    .map_err(err)?;
+            }
+            chart
+                .draw_series(LineSeries::new(
+                    p.truth.iter().copied().filter(finite),
+                    BLACK.stroke_width(2),
+                ))
+                .map_err(err)?;
+            chart
+                .draw_series(std::iter::once(Circle::new((0.0, 0.0), 3, BLACK.filled())))
+                .map_err(err)?;
+        }
+        Ok(())
+    })
+}

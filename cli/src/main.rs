@@ -7,6 +7,7 @@ mod cond;
 mod demo;
 mod encode;
 mod eval;
+mod eval_traj;
 mod harness;
 mod loglik;
 mod progress;
@@ -34,6 +35,8 @@ enum Command {
     Train(train::TrainArgs),
     /// Sample quality against data for several solvers, grids and step counts.
     Eval(eval::EvalArgs),
+    /// minADE/minFDE (metres) of sampled trajectories against the true futures.
+    EvalTraj(eval_traj::EvalTrajArgs),
     /// Draw samples from a velocity-mlp model and write them as .npy files.
     Sample(sample::SampleArgs),
     /// Log-likelihoods (nats, bits/dim) of data rows under a velocity-mlp model.
@@ -66,6 +69,7 @@ where
         Command::Demo(a) => demo::run(a),
         Command::Train(a) => train::run(a),
         Command::Eval(a) => eval::run(a),
+        Command::EvalTraj(a) => eval_traj::run(a),
         Command::Sample(a) => sample::run(a),
         Command::Loglik(a) => loglik::run(a),
         Command::Reflow(a) => reflow::run(a),

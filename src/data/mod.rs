@@ -7,6 +7,7 @@
 //! with a label column); whether to train a class-conditional model is the caller's choice.
 
 mod digits;
+pub mod driving;
 mod file;
 mod toy;
 
@@ -189,6 +190,9 @@ pub enum DataSource {
     Toy(Toy),
     /// The embedded 8×8 digits (1797 images, 10 classes).
     Digits,
+    /// Synthetic ego-vehicle scenes (see [`driving`]): futures `[64, 2]` conditioned on
+    /// [`driving::COND_DIM`] scene features, drawn fresh on demand.
+    Driving,
     /// A CSV or `.npy` file, with an optional 0-based label column.
     File {
         /// The file.
@@ -214,6 +218,9 @@ impl DataSource {
         if s == "digits" {
             return Ok(DataSource::Digits);
         }
+        if s == "driving" {
+            return Ok(DataSource::Driving);
+        }
         if Path::new(s).is_file() {
             return Ok(DataSource::File {
                 path: PathBuf::from(s),
@@ -231,6 +238,7 @@ impl DataSource {
     pub fn known_names() -> String {
         let mut names: Vec<&str> = Toy::ALL.iter().map(|t| t.name()).collect();
         names.push("digits");
+        names.push("driving");
         format!(
             "{}, or the path of an existing .csv or .npy file",
             names.join(", ")
@@ -256,7 +264,7 @@ impl DataSource {
 
     /// Whether [`DataSource::draw_batch`] can draw endless fresh samples (true for toys).
     pub fn is_infinite(&self) -> bool {
-        matches!(self, DataSource::Toy(_))
+        matches!(self, DataSource::Toy(_) | DataSource::Driving)
     }
 
     /// Loads the data: `n_toy` points drawn with `seed` for a toy; the whole table otherwise
@@ -274,6 +282,7 @@ impl DataSource {
                 Dataset::new(x, labels, t.num_classes())
             }
             DataSource::Digits => digits(),
+            DataSource::Driving => Dataset::new(driving::draw_driving(n_toy, seed)?.x, None, 0),
             DataSource::File { path, label_column } => load_file(path, *label_column),
         }
     }
@@ -284,6 +293,7 @@ impl DataSource {
     pub fn draw_batch<R: Rng + ?Sized>(&self, rng: &mut R, b: usize) -> Result<Batch> {
         match self {
             DataSource::Toy(t) => t.sample_labeled(b, rng),
+            DataSource::Driving => Ok((driving::draw_driving_with(b, rng)?.x, None)),
             other => Err(Error::invalid(
                 "data source",
                 other,
@@ -297,6 +307,7 @@ impl DataSource {
         match self {
             DataSource::Toy(_) => Some(vec![2]),
             DataSource::Digits => Some(vec![64]),
+            DataSource::Driving => Some(vec![driving::HORIZON, 2]),
             DataSource::File { .. } => None,
         }
     }
@@ -314,6 +325,7 @@ impl fmt::Display for DataSource {
         match self {
             DataSource::Toy(t) => write!(f, "{t}"),
             DataSource::Digits => f.write_str("digits"),
+            DataSource::Driving => f.write_str("driving"),
             DataSource::File { path, .. } => write!(f, "{}", path.display()),
         }
     }
