@@ -180,7 +180,7 @@ fn data_source_parses_names_and_paths() {
     assert_eq!(
         DataSource::parse("nope").unwrap_err().to_string(),
         "unknown dataset \"nope\"; expected one of: moons, 8gaussians, checkerboard, circles, \
-         swissroll, digits, or the path of an existing .csv or .npy file"
+         swissroll, digits, driving, or the path of an existing .csv or .npy file"
     );
     // A directory is not a data file.
     assert!(DataSource::parse(dir.to_str().unwrap()).is_err());
@@ -423,7 +423,7 @@ fn bad_npy_files_and_missing_files() {
     assert_eq!(
         data::load_file(&p, None).unwrap_err().to_string(),
         format!(
-            "data file {}: expected a 2-D array [rows, columns], found shape [2]",
+            "data file {}: expected a 2-D array [rows, columns] (or [rows, *x_dims] without a label column), found shape [2]",
             p.display()
         )
     );

@@ -100,7 +100,7 @@ fn train_refuses_bad_data_and_settings() {
     assert!(!ok);
     assert_eq!(
         err.trim(),
-        "error: unknown dataset \"spirals\"; expected one of: moons, 8gaussians, checkerboard, circles, swissroll, digits, or the path of an existing .csv or .npy file"
+        "error: unknown dataset \"spirals\"; expected one of: moons, 8gaussians, checkerboard, circles, swissroll, digits, driving, or the path of an existing .csv or .npy file"
     );
     let (ok, _, err) = cli(&["train", "--data", "8gaussians", "--conditional", "--out", o]);
     assert!(!ok);

@@ -240,6 +240,6 @@ fn cli_guidance_weights_zero_and_one() {
     ]);
     assert_eq!(
         String::from_utf8_lossy(&o.stderr),
-        "error: invalid --guidance 2: --labels as well: guidance steers towards the given classes\n"
+        "error: invalid --guidance 2: --labels or --cond as well: guidance steers towards the given condition\n"
     );
 }

@@ -657,7 +657,7 @@ fn meta_usize(meta: &HashMap<String, String>, key: &str, path: &Path) -> Result<
 /// The `format` entry of a safetensors file's metadata (`None` when it has none), to pick
 /// the reader.
 pub fn file_format(path: &Path) -> Result<Option<String>> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let bytes = crate::limits::read_input(path)?;
     let (_, header) =
         safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| Error::ModelFile {
             path: path.to_path_buf(),
@@ -674,7 +674,7 @@ pub fn read_transformer_file(
     path: &Path,
     device: &Device,
 ) -> Result<(TransformerConfig, HashMap<String, Tensor>)> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let bytes = crate::limits::read_input(path)?;
     let bad = |reason: String| Error::ModelFile {
         path: PathBuf::from(path),
         reason,
