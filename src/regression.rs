@@ -1,7 +1,7 @@
 //! The deterministic baseline: the same velocity network trained by plain MSE regression.
 //!
 //! What a user tries first is to regress the future directly from the condition. To compare
-//! like with like, the baseline is the *same* network and the *same* [`Trainer`] (AdamW,
+//! like with like, the baseline is the *same* network and the *same* [`Trainer`](crate::train::Trainer) (AdamW,
 //! warm-up and cosine learning rate, gradient clipping, EMA), with one change: the loss.
 //! [`regression_loss`] wraps the trainer's loss function so that the network is evaluated
 //! at the fixed input `x = 0`, `t = 0` and its output is fitted to the data sample `x1`
