@@ -652,6 +652,10 @@ pub fn couple_batch(
     )
 }
 
+/// Rows per group when the trainer pairs noise under continuous conditions: small enough that
+/// a group's conditions are close, large enough for the assignment to straighten paths.
+pub const CONDITION_GROUP_ROWS: usize = 16;
+
 /// Group ids for continuous conditions `[B, ...]`: rows sorted by their condition's
 /// projection on its first coordinate-wise standardised direction of largest spread, then cut
 /// into consecutive groups of about `group_size` rows. Pairing within such groups is an

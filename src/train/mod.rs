@@ -388,9 +388,19 @@ impl<M: TrainableModel> Trainer<M> {
         let x = x.to_device(&device)?.to_dtype(DType::F32)?;
         let batch = self.fm.construct_training_data(&x, &mut rng)?;
         let cond = self.checked_condition(cond, b)?;
-        // Coupling pairs noise within classes; a continuous condition stays with its row.
+        // Coupling pairs noise within classes, or within groups of rows with nearby continuous
+        // conditions (`coupling::condition_groups`), so no row's noise comes from a far-off
+        // condition.
         let labels: Option<Vec<u32>> = match &cond {
             Some(Condition::Labels(l)) => Some(l.to_dtype(DType::U32)?.to_vec1::<u32>()?),
+            Some(Condition::Features { values, .. })
+                if self.config.coupling != crate::coupling::Coupling::Independent =>
+            {
+                Some(crate::coupling::condition_groups(
+                    values,
+                    crate::coupling::CONDITION_GROUP_ROWS,
+                )?)
+            }
             _ => None,
         };
         let batch = match noise {
