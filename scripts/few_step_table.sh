@@ -7,6 +7,8 @@
 # side; the rows are printed in order at the end.
 #
 #   scripts/few_step_table.sh [OUT_DIR]      (default: few-step-table/)
+#   STEPS=10000 reproduces the recorded table (docs/few-step-table.md); unset, the sizing
+#   rule's step count is used.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-few-step-table}
@@ -17,10 +19,10 @@ bin=target/release/examples
 "$bin/user_data" "$out/user-heldout.npy" 2000 1
 pids=()
 for d in moons 8gaussians checkerboard circles swissroll; do
-  "$bin/few_step_table" --data "$d" > "$out/$d.md" 2> "$out/$d.log" &
+  "$bin/few_step_table" --data "$d" ${STEPS:+--steps "$STEPS"} > "$out/$d.md" 2> "$out/$d.log" &
   pids+=($!)
 done
-"$bin/few_step_table" --data "" --user "$out/user.npy:$out/user-heldout.npy" > "$out/user.md" 2> "$out/user.log" &
+"$bin/few_step_table" --data "" ${STEPS:+--steps "$STEPS"} --user "$out/user.npy:$out/user-heldout.npy" > "$out/user.md" 2> "$out/user.log" &
 pids+=($!)
 for p in "${pids[@]}"; do wait "$p"; done
 head -n 2 "$out/moons.md"

@@ -78,6 +78,8 @@ fn main() -> Result<()> {
     let n: usize = get("--n").and_then(|s| s.parse().ok()).unwrap_or(2000);
     let seed: u64 = get("--seed").and_then(|s| s.parse().ok()).unwrap_or(0);
     let rounds: usize = get("--rounds").and_then(|s| s.parse().ok()).unwrap_or(1);
+    // The recorded table used 10,000 steps (the first sizing rule); `--steps` reproduces it.
+    let steps: Option<usize> = get("--steps").and_then(|s| s.parse().ok());
     let names =
         get("--data").unwrap_or_else(|| "moons,8gaussians,checkerboard,circles,swissroll".into());
     let device = Device::Cpu;
@@ -133,7 +135,10 @@ fn main() -> Result<()> {
     );
     for case in &cases {
         let rows = case.table.as_ref().map(Dataset::len);
-        let (sizing, config) = default_config(rows, 2, seed);
+        let (sizing, mut config) = default_config(rows, 2, seed);
+        if let Some(s) = steps {
+            config.steps = s;
+        }
         let mc = VelocityMlpConfig {
             hidden: sizing.hidden,
             depth: sizing.depth,
