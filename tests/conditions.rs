@@ -234,23 +234,34 @@ fn linear_data(
     ))
 }
 
-#[test]
-fn trainer_learns_a_continuous_condition_and_guidance_uses_it() {
-    let cfg = VelocityMlpConfig {
+/// A small velocity-mlp for [`linear_data`]: x_dims [3], a one-number condition.
+fn linear_model_config() -> VelocityMlpConfig {
+    VelocityMlpConfig {
         hidden: 64,
         depth: 2,
         cond_dim: 8,
         cond_dims: Some(XDims::new(1).unwrap()),
         ..VelocityMlpConfig::new(XDims::new(3).unwrap())
-    };
-    let config = TrainConfig {
+    }
+}
+
+/// 600 steps that learn [`linear_data`] with the given coupling.
+fn linear_train_config(coupling: flow_matching::coupling::Coupling) -> TrainConfig {
+    TrainConfig {
         steps: 600,
         batch_size: 128,
         lr: 3e-3,
         checkpoint_every: 0,
         ema_decay: 0.99,
+        coupling,
         ..TrainConfig::default()
-    };
+    }
+}
+
+#[test]
+fn trainer_learns_a_continuous_condition_and_guidance_uses_it() {
+    let cfg = linear_model_config();
+    let config = linear_train_config(Default::default());
     let mut trainer = Trainer::new(cfg, config, &CPU).unwrap();
     let out = trainer.train(linear_data).unwrap();
     let model = out.model;
@@ -374,22 +385,8 @@ fn ot_coupling_pairs_within_nearby_conditions_and_still_learns_them() {
         );
     }
     // Through the trainer: OT under a continuous condition keeps the condition learnable.
-    let cfg = VelocityMlpConfig {
-        hidden: 64,
-        depth: 2,
-        cond_dim: 8,
-        cond_dims: Some(XDims::new(1).unwrap()),
-        ..VelocityMlpConfig::new(XDims::new(3).unwrap())
-    };
-    let config = TrainConfig {
-        steps: 600,
-        batch_size: 128,
-        lr: 3e-3,
-        checkpoint_every: 0,
-        ema_decay: 0.99,
-        coupling: ot,
-        ..TrainConfig::default()
-    };
+    let cfg = linear_model_config();
+    let config = linear_train_config(ot);
     let model = Trainer::new(cfg, config, &CPU)
         .unwrap()
         .train(linear_data)
