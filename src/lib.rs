@@ -18,6 +18,8 @@ pub mod kernel;
 pub mod likelihood;
 pub mod metrics;
 pub mod model;
+#[cfg(feature = "onnx")]
+pub mod onnx;
 pub mod plot;
 pub mod schedule;
 pub mod solver;
