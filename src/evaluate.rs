@@ -5,7 +5,7 @@ use candle_core::{Device, Tensor};
 use rand::SeedableRng;
 
 use crate::data::{DataSource, Dataset};
-use crate::diffusion::{Diffusion, SampleOptions, StepFn};
+use crate::diffusion::{Diffusion, SampleOptions};
 use crate::error::{Error, Result};
 use crate::flow_matching::FlowMatching;
 use crate::guidance::Guided;
@@ -14,8 +14,10 @@ use crate::metrics::{
     MmdEstimator,
 };
 use crate::model::VelocityMlp;
+use crate::progress::{Progress, Reporter};
 use crate::schedule::Schedule;
 use crate::solver::Method;
+use crate::step::StepFn;
 
 /// Random projections of the sliced Wasserstein distance in every report.
 pub const PROJECTIONS: usize = 256;
@@ -119,6 +121,18 @@ pub fn evaluate(
     settings: &[Setting],
     options: &EvalOptions,
 ) -> Result<Vec<Row>> {
+    evaluate_with_progress(model, data, settings, options, &mut |_| {})
+}
+
+/// [`evaluate`], reporting each finished setting to `on_progress`.
+pub fn evaluate_with_progress(
+    model: &VelocityMlp,
+    data: &Dataset,
+    settings: &[Setting],
+    options: &EvalOptions,
+    on_progress: &mut dyn FnMut(&Progress),
+) -> Result<Vec<Row>> {
+    let reporter = Reporter::new("eval", 0, settings.len());
     if data.x_dims() != model.config().x_dims.dims() {
         return Err(Error::Shape {
             what: "evaluation data".into(),
@@ -158,6 +172,7 @@ pub fn evaluate(
             energy,
             accuracy,
         });
+        reporter.report(rows.len(), None, None, on_progress);
     }
     Ok(rows)
 }

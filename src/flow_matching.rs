@@ -5,10 +5,11 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rand_distr::{Beta, Distribution, StandardNormal};
 
-use crate::diffusion::{Diffusion, Sample, SampleOptions, StepFn, XDims};
+use crate::diffusion::{Diffusion, Sample, SampleOptions, XDims};
 use crate::error::{Error, Result};
 use crate::schedule::Schedule;
 use crate::solver::Method;
+use crate::step::StepFn;
 
 /// How training draws the time `t` of each sample.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
@@ -456,7 +457,7 @@ fn check_dtype(dtype: DType) -> Result<DType> {
 
 /// The Euler fast path of [`FlowMatching::sample`] over f32 slices.
 fn fast_euler(
-    f: &mut dyn crate::diffusion::FastVelocity,
+    f: &mut dyn crate::step::FastVelocity,
     x0: &Tensor,
     grid: &[f64],
     record: bool,

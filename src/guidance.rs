@@ -7,10 +7,10 @@
 
 use candle_core::Tensor;
 
-use crate::diffusion::StepFn;
 use crate::error::{Error, Result};
 use crate::flow_matching::FlowMatching;
 use crate::model::VelocityMlp;
+use crate::step::StepFn;
 
 /// `v_uncond + w (v_cond - v_uncond)`.
 ///

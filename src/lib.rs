@@ -5,8 +5,9 @@
 //! [`Diffusion`] trait and the [`StepFn`] protocol), ODE solvers, time schedules, the
 //! `velocity-mlp` model shared with PyTorch, and training helpers.
 
-pub mod bench;
-pub mod cli;
+#![warn(missing_docs)]
+
+pub mod condition;
 pub mod data;
 pub mod diffusion;
 pub mod error;
@@ -20,17 +21,21 @@ pub mod metrics;
 pub mod model;
 #[cfg(feature = "onnx")]
 pub mod onnx;
+#[cfg(feature = "plot")]
 pub mod plot;
+pub mod progress;
 pub mod schedule;
 pub mod solver;
+pub mod step;
 pub mod train;
 
-pub use diffusion::{Diffusion, Sample, SampleOptions, StepFn, XDims};
+pub use diffusion::{Diffusion, Sample, SampleOptions, XDims};
 pub use error::{Error, Result};
 pub use flow_matching::{FlowMatching, TimestepSampler, TrainingBatch};
 pub use model::{VelocityMlp, VelocityMlpConfig};
 pub use schedule::Schedule;
 pub use solver::{AdaptiveOptions, Method};
+pub use step::{FastVelocity, StepFn};
 
 /// The README's examples, compiled and run as doctests.
 #[cfg(doctest)]

@@ -13,11 +13,11 @@ use candle_core::{DType, Tensor, Var};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::diffusion::{checked_step, StepFn};
 use crate::error::{Error, Result};
 use crate::flow_matching::randn;
 use crate::schedule::Schedule;
 use crate::solver::Method;
+use crate::step::{checked_step, StepFn};
 
 /// The distribution of Hutchinson's probe vectors.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

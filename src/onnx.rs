@@ -24,7 +24,8 @@ use candle_core::{DType, Tensor};
 use tract_onnx::prelude as tp;
 use tract_onnx::prelude::{Framework, InferenceModelExt, IntoRunnable};
 
-use crate::diffusion::{FastVelocity, StepFn, XDims};
+use crate::step::{FastVelocity, StepFn};
+use crate::XDims;
 use crate::error::{Error, Result};
 use crate::guidance::check_weight;
 

@@ -1,7 +1,6 @@
 //! The seed's sampler: shapes, overrides, seeding, Euler's order, training helpers, errors.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use candle_core::{DType, Device, Tensor};
 use flow_matching::flow_matching::TIMESTEP_SAMPLER_NAMES;
@@ -573,69 +572,6 @@ fn labels_are_checked_against_the_model() {
         e,
         "invalid labels [0]: no labels: this model is unconditional (num_classes = 0)"
     );
-}
-
-fn cli(args: &[&str]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_flow-matching"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stderr).to_string(),
-    )
-}
-
-#[test]
-fn cli_errors_are_one_clear_line() {
-    let model = golden("mlp-2d/model.safetensors");
-    let model = model.to_str().unwrap();
-    let out = tmp("cli-out.npy");
-    let out = out.to_str().unwrap();
-    let (ok, err) = cli(&[
-        "sample", "--model", model, "--method", "verlet", "--out", out,
-    ]);
-    assert!(!ok);
-    assert_eq!(
-        err.trim(),
-        "error: unknown integration method \"verlet\"; expected one of: euler, midpoint, heun, rk4, dopri5"
-    );
-    let (ok, err) = cli(&["sample", "--model", "/no/such.safetensors", "--out", out]);
-    assert!(!ok);
-    assert_eq!(
-        err.trim(),
-        "error: /no/such.safetensors: No such file or directory (os error 2)"
-    );
-    let (ok, err) = cli(&["sample", "--model", model, "--batch", "0", "--out", out]);
-    assert!(!ok);
-    assert_eq!(err.trim(), "error: batch size must be at least 1, got 0");
-    let (ok, err) = cli(&["sample", "--model", model, "--labels", "1,x", "--out", out]);
-    assert!(!ok);
-    assert_eq!(
-        err.trim(),
-        "error: invalid --labels 1,x: comma-separated class indices; \"x\" is not a non-negative integer"
-    );
-    let (ok, _) = cli(&[
-        "sample", "--model", model, "--batch", "5", "--seed", "3", "--out", out,
-    ]);
-    assert!(ok);
-    let x = flow_matching::io::read_npy(out, &Device::Cpu).unwrap();
-    assert_eq!(x.dims(), &[5, 2]);
-}
-
-#[test]
-fn an_existing_output_survives_a_failed_run() {
-    let out = tmp("keep.npy");
-    std::fs::write(&out, b"precious").unwrap();
-    let (ok, _) = cli(&[
-        "sample",
-        "--model",
-        "/no/such.safetensors",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
-    assert!(!ok);
-    assert_eq!(std::fs::read(&out).unwrap(), b"precious");
 }
 
 #[test]

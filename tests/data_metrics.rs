@@ -5,7 +5,9 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use flow_matching::data::{self, DataSource, Dataset, Toy};
 use flow_matching::metrics::{self, Bandwidth, MmdEstimator};
-use flow_matching::{plot, Error};
+#[cfg(feature = "plot")]
+use flow_matching::plot;
+use flow_matching::Error;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
@@ -607,6 +609,7 @@ fn nearest_centroid_accuracy_on_digits() {
 // ---------------------------------------------------------------- plots
 
 /// Asserts `dir` holds exactly the file `name`, a PNG.
+#[cfg(feature = "plot")]
 fn only_png(dir: &Path, name: &str) {
     let names: Vec<String> = std::fs::read_dir(dir)
         .unwrap()
@@ -622,6 +625,7 @@ fn only_png(dir: &Path, name: &str) {
     assert!(bytes.starts_with(b"\x89PNG\r\n\x1a\n"));
 }
 
+#[cfg(feature = "plot")]
 #[test]
 fn plots_write_png_files_atomically() {
     let dir = scratch("plots");

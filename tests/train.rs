@@ -88,9 +88,7 @@ fn training_learns_two_gaussians() {
         ema_decay: 0.99,
         ..small_config(400, 1)
     };
-    let mut trainer = Trainer::new(small_model(0), config, &CPU)
-        .unwrap()
-        .with_progress(false);
+    let mut trainer = Trainer::new(small_model(0), config, &CPU).unwrap();
     let out = trainer.train(uncond_data).unwrap();
     assert_eq!(out.history.len(), 400);
     assert_eq!(out.history[0].0, 1);
@@ -126,9 +124,7 @@ fn training_learns_two_gaussians() {
 #[test]
 fn same_seed_same_run_different_seed_different_run() {
     let run = |seed| {
-        let mut t = Trainer::new(small_model(2), small_config(20, seed), &CPU)
-            .unwrap()
-            .with_progress(false);
+        let mut t = Trainer::new(small_model(2), small_config(20, seed), &CPU).unwrap();
         t.train(cond_data).unwrap()
     };
     let (a, b, c) = (run(5), run(5), run(6));
@@ -152,9 +148,7 @@ fn resume_equals_uninterrupted() {
     };
     // Uninterrupted, with a checkpoint taken halfway.
     let path = tmp("resume.safetensors");
-    let mut full = Trainer::new(small_model(2), config.clone(), &CPU)
-        .unwrap()
-        .with_progress(false);
+    let mut full = Trainer::new(small_model(2), config.clone(), &CPU).unwrap();
     let mut data = cond_data;
     for _ in 0..15 {
         full.step(&mut data).unwrap();
@@ -162,7 +156,7 @@ fn resume_equals_uninterrupted() {
     full.save_checkpoint(&path).unwrap();
     let full_out = full.train(cond_data).unwrap();
 
-    let mut resumed = Trainer::resume(&path, &CPU).unwrap().with_progress(false);
+    let mut resumed = Trainer::resume(&path, &CPU).unwrap();
     assert_eq!(resumed.steps_done(), 15);
     assert_eq!(resumed.config(), &config);
     let resumed_out = resumed.train(cond_data).unwrap();
@@ -191,8 +185,7 @@ fn checkpoint_follows_the_spec() {
     };
     let mut trainer = Trainer::new(small_model(2), config, &CPU)
         .unwrap()
-        .with_checkpoint(&path)
-        .with_progress(false);
+        .with_checkpoint(&path);
     let out = trainer.train(cond_data).unwrap();
 
     // Any spec reader gets the EMA weights, extra keys ignored.
@@ -257,8 +250,7 @@ fn checkpoints_are_written_every_n_steps() {
     };
     let mut trainer = Trainer::new(small_model(0), config, &CPU)
         .unwrap()
-        .with_checkpoint(&path)
-        .with_progress(false);
+        .with_checkpoint(&path);
     // Before each step, the step count of the checkpoint on disk (if any).
     let mut on_disk = Vec::new();
     trainer
@@ -280,9 +272,7 @@ fn checkpoints_are_written_every_n_steps() {
 #[test]
 fn bad_checkpoints_give_clear_errors() {
     let path = tmp("bad.safetensors");
-    let mut trainer = Trainer::new(small_model(0), small_config(3, 0), &CPU)
-        .unwrap()
-        .with_progress(false);
+    let mut trainer = Trainer::new(small_model(0), small_config(3, 0), &CPU).unwrap();
     trainer.train(uncond_data).unwrap();
     trainer.save_checkpoint(&path).unwrap();
     let bytes = std::fs::read(&path).unwrap();
@@ -443,8 +433,7 @@ fn classifier_free_guidance_label_dropping() {
         };
         let mut t = Trainer::new(small_model(2), config, &CPU)
             .unwrap()
-            .with_loss_fn(recording(seen.clone()))
-            .with_progress(false);
+            .with_loss_fn(recording(seen.clone()));
         t.train(cond_data).unwrap();
         let seen = seen.borrow();
         assert_eq!(seen.len(), 3 * 64);
@@ -542,9 +531,7 @@ fn bad_configs_are_refused() {
 
 #[test]
 fn bad_data_gives_clear_errors() {
-    let mut t = Trainer::new(small_model(0), small_config(2, 0), &CPU)
-        .unwrap()
-        .with_progress(false);
+    let mut t = Trainer::new(small_model(0), small_config(2, 0), &CPU).unwrap();
     let err = t
         .step(&mut |_: &mut StdRng, _| Ok((Tensor::zeros((3, 2), DType::F32, &CPU)?, None)))
         .unwrap_err();
@@ -576,22 +563,42 @@ fn a_finished_run_extends_like_a_longer_run_under_a_constant_schedule() {
     let path = tmp("extend.safetensors");
     let mut short = Trainer::new(small_model(0), small_config(10, 4), &CPU)
         .unwrap()
-        .with_checkpoint(&path)
-        .with_progress(false);
+        .with_checkpoint(&path);
     short.train(uncond_data).unwrap();
     let extended = Trainer::resume(&path, &CPU)
         .unwrap()
         .with_steps(16)
         .unwrap()
-        .with_progress(false)
         .train(uncond_data)
         .unwrap();
     let long = Trainer::new(small_model(0), small_config(16, 4), &CPU)
         .unwrap()
-        .with_progress(false)
         .train(uncond_data)
         .unwrap();
     assert_eq!(extended.history, long.history);
     assert_eq!(flat(&extended.raw), flat(&long.raw));
     assert_eq!(flat(&extended.model), flat(&long.model));
+}
+
+#[test]
+fn progress_reports_every_step_with_loss_lr_and_time_left() {
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = seen.clone();
+    let config = small_config(6, 3);
+    let lrs: Vec<f64> = (0..6).map(|s| config.lr_at(s)).collect();
+    let mut trainer = Trainer::new(small_model(0), config, &CPU)
+        .unwrap()
+        .with_progress(move |p: &flow_matching::progress::Progress| {
+            sink.lock().unwrap().push(p.clone())
+        });
+    let out = trainer.train(uncond_data).unwrap();
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen.len(), 6);
+    for (i, p) in seen.iter().enumerate() {
+        assert_eq!((p.stage, p.done, p.total), ("train", i + 1, 6));
+        assert_eq!(p.loss, Some(out.history[i].1));
+        assert_eq!(p.lr, Some(lrs[i]));
+        assert!(p.remaining.is_some());
+    }
+    assert_eq!(seen[5].remaining, Some(std::time::Duration::ZERO));
 }

@@ -1,7 +1,7 @@
 //! Forward Euler over preallocated f32 slices, for step functions with a [`FastVelocity`].
 
-use crate::diffusion::FastVelocity;
 use crate::error::{Error, Result};
+use crate::step::FastVelocity;
 
 /// The result of [`euler`]: the final state and, when recording, every state `[T + 1, B, D]`.
 #[derive(Debug, Clone)]

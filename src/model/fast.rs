@@ -3,10 +3,10 @@
 
 use candle_core::{DType, Layout, Storage, StorageRef, Tensor};
 
-use crate::diffusion::FastVelocity;
 use crate::error::{Error, Result};
 use crate::kernel::mlp::{self, MlpWeights, Sampler};
 use crate::model::VelocityMlp;
+use crate::step::FastVelocity;
 
 /// The model's tensors in [`VelocityMlp::tensors`] order, read-locked for the borrow.
 struct Locked<'a> {

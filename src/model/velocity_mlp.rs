@@ -10,10 +10,11 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, StandardNormal};
 
-use crate::diffusion::{FastVelocity, StepFn, XDims};
+use crate::diffusion::XDims;
 use crate::error::{Error, Result};
 use crate::io::atomic_write;
 use crate::model::fast::FastMlp;
+use crate::step::{FastVelocity, StepFn};
 
 /// `2 pi` rounded to float32 first, as the reference computes `((2*pi) * t) * f`.
 const TWO_PI_F32: f32 = 2.0 * std::f32::consts::PI;

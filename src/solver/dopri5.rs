@@ -3,8 +3,8 @@
 use candle_core::{DType, Tensor};
 
 use super::{check_finite, eval, Integration, Solver};
-use crate::diffusion::StepFn;
 use crate::error::{Error, Result};
+use crate::step::StepFn;
 
 /// Tolerances and limits of the adaptive solver.
 #[derive(Debug, Clone, PartialEq)]

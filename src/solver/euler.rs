@@ -3,8 +3,8 @@
 use candle_core::Tensor;
 
 use super::{axpy, eval, FixedStep};
-use crate::diffusion::StepFn;
 use crate::error::Result;
+use crate::step::StepFn;
 
 /// Forward Euler, first order; the seed's only method.
 #[derive(Debug, Clone, Copy, Default)]

@@ -3,8 +3,8 @@
 use candle_core::Tensor;
 
 use super::{axpy, eval, FixedStep};
-use crate::diffusion::StepFn;
 use crate::error::Result;
+use crate::step::StepFn;
 
 /// Explicit midpoint method, second order.
 #[derive(Debug, Clone, Copy, Default)]

@@ -14,8 +14,8 @@ pub use rk4::Rk4;
 
 use candle_core::{DType, Tensor};
 
-use crate::diffusion::{checked_step, StepFn};
 use crate::error::{Error, Result};
+use crate::step::{checked_step, StepFn};
 
 /// The states and statistics of one integration.
 #[derive(Debug, Clone)]

@@ -10,18 +10,17 @@ mod config;
 mod optim;
 
 use std::collections::HashMap;
-use std::io::IsTerminal;
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarMap;
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
 use crate::error::{Error, Result};
 use crate::flow_matching::FlowMatching;
 use crate::model::{VelocityMlp, VelocityMlpConfig};
+use crate::progress::{Progress, ProgressFn, Reporter};
 
 pub use config::TrainConfig;
 pub use optim::{clip_grad_norm, grad_norm, lr_at, AdamW, AdamWParams, Ema, LrSchedule};
@@ -161,7 +160,7 @@ pub struct Trainer {
     losses: Vec<f32>,
     loss_fn: LossFn,
     checkpoint: Option<PathBuf>,
-    progress: bool,
+    progress: Option<ProgressFn>,
 }
 
 impl std::fmt::Debug for Trainer {
@@ -234,7 +233,7 @@ impl Trainer {
             losses,
             loss_fn: Box::new(default_loss_and_grads),
             checkpoint: None,
-            progress: true,
+            progress: None,
         })
     }
 
@@ -250,9 +249,10 @@ impl Trainer {
         self
     }
 
-    /// Shows or hides the progress bar (it is always hidden when stderr is not a terminal).
-    pub fn with_progress(mut self, show: bool) -> Self {
-        self.progress = show;
+    /// Reports every step (step, loss, learning rate, time left) to `on_progress`; without it
+    /// the run is silent. The application decides how to show it (the CLI draws a bar).
+    pub fn with_progress(mut self, on_progress: impl FnMut(&Progress) + Send + 'static) -> Self {
+        self.progress = Some(Box::new(on_progress));
         self
     }
 
@@ -433,30 +433,20 @@ impl Trainer {
         D: FnMut(&mut StdRng, usize) -> Result<(Tensor, Option<Vec<u32>>)>,
     {
         let total = self.config.steps;
-        let target = if self.progress && std::io::stderr().is_terminal() {
-            ProgressDrawTarget::stderr()
-        } else {
-            ProgressDrawTarget::hidden()
-        };
-        let bar = ProgressBar::with_draw_target(Some(total as u64), target);
-        if let Ok(style) = ProgressStyle::with_template(
-            "step {pos}/{len} {wide_bar} {per_sec} [{elapsed_precise}<{eta_precise}] loss {msg}",
-        ) {
-            bar.set_style(style);
-        }
-        bar.set_position(self.step.min(total) as u64);
+        let reporter = Reporter::new("train", self.step.min(total), total);
         let every = self.config.checkpoint_every;
         while self.step < total {
+            let lr = self.config.lr_at(self.step);
             let loss = self.step(&mut data)?;
-            bar.inc(1);
-            bar.set_message(format!("{loss:.5}"));
+            if let Some(on_progress) = self.progress.as_mut() {
+                reporter.report(self.step, Some(loss), Some(lr), on_progress);
+            }
             if let Some(path) = &self.checkpoint {
                 if every > 0 && self.step.is_multiple_of(every) && self.step < total {
                     self.save_checkpoint(path)?;
                 }
             }
         }
-        bar.finish();
         if let Some(path) = &self.checkpoint {
             self.save_checkpoint(path)?;
         }
@@ -469,7 +459,7 @@ impl Trainer {
 }
 
 /// The variables of a `VarMap`, sorted by key so every run visits them in the same order.
-pub(crate) fn sorted_vars(varmap: &VarMap) -> Result<Vec<(String, Var)>> {
+pub fn sorted_vars(varmap: &VarMap) -> Result<Vec<(String, Var)>> {
     let data = varmap
         .data()
         .lock()

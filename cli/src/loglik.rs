@@ -4,13 +4,13 @@ use std::path::PathBuf;
 
 use candle_core::Device;
 
-use crate::data::DataSource;
-use crate::diffusion::StepFn;
-use crate::error::{Error, Result};
-use crate::likelihood::{log_likelihood, Divergence, LikelihoodOptions, ProbeKind};
-use crate::model::VelocityMlp;
-use crate::schedule::Schedule;
-use crate::solver::Method;
+use flow_matching::data::DataSource;
+use flow_matching::error::{Error, Result};
+use flow_matching::likelihood::{log_likelihood, Divergence, LikelihoodOptions, ProbeKind};
+use flow_matching::model::VelocityMlp;
+use flow_matching::schedule::Schedule;
+use flow_matching::solver::Method;
+use flow_matching::StepFn;
 
 /// Arguments of `loglik`.
 #[derive(Debug, clap::Args)]
@@ -85,7 +85,7 @@ pub fn run(a: LoglikArgs) -> Result<()> {
     // tables are rows.
     let npy = std::path::Path::new(&a.data);
     let mut data = if npy.extension().is_some_and(|e| e == "npy") && npy.is_file() {
-        crate::io::read_npy(npy, &device)?
+        flow_matching::io::read_npy(npy, &device)?
     } else {
         DataSource::parse(&a.data)?.load(a.n, a.seed)?.x
     };
@@ -151,8 +151,8 @@ pub fn run(a: LoglikArgs) -> Result<()> {
         log_p.extend(ll.log_p);
     }
     let d = x_dims.numel();
-    let mean = crate::likelihood::mean(&log_p);
-    let se = crate::likelihood::std_err(&log_p);
+    let mean = flow_matching::likelihood::mean(&log_p);
+    let se = flow_matching::likelihood::std_err(&log_p);
     let bpd = -mean / (d as f64 * std::f64::consts::LN_2);
     let how = match &divergence {
         Divergence::Exact => "exact divergence".to_string(),

@@ -2,13 +2,13 @@
 
 use std::path::PathBuf;
 
-use crate::data::DataSource;
-use crate::error::{Error, Result};
-use crate::evaluate::{evaluate, noise_floor, table, EvalOptions, Setting};
-use crate::model::VelocityMlp;
-use crate::schedule::Schedule;
-use crate::solver::Method;
 use candle_core::Device;
+use flow_matching::data::DataSource;
+use flow_matching::error::{Error, Result};
+use flow_matching::evaluate::{evaluate_with_progress, noise_floor, table, EvalOptions, Setting};
+use flow_matching::model::VelocityMlp;
+use flow_matching::schedule::Schedule;
+use flow_matching::solver::Method;
 
 /// Arguments of `eval`.
 #[derive(Debug, clap::Args)]
@@ -101,7 +101,9 @@ pub fn run(a: EvalArgs) -> Result<()> {
         seed: a.seed,
         guidance: a.guidance,
     };
-    let rows = evaluate(&model, &data, &settings, &options)?;
+    let bar = crate::progress::Bar::new(settings.len(), "setting");
+    let rows = evaluate_with_progress(&model, &data, &settings, &options, &mut bar.callback())?;
+    drop(bar);
     println!("{}", table(&rows));
     println!(
         "reference: sliced W2 between two independent data samples = {floor:.4} (n = {floor_n})"

@@ -7,13 +7,13 @@ use clap::Parser;
 
 use super::eval::settings;
 use super::train::{fit, TrainSettings, TrainingData};
-use crate::diffusion::{Diffusion, SampleOptions};
-use crate::error::Result;
-use crate::evaluate::{evaluate, generate, noise_floor, table, EvalOptions, Setting};
-use crate::flow_matching::FlowMatching;
-use crate::io::write_npy;
-use crate::schedule::Schedule;
-use crate::solver::Method;
+use flow_matching::diffusion::{Diffusion, SampleOptions};
+use flow_matching::error::Result;
+use flow_matching::evaluate::{evaluate, generate, noise_floor, table, EvalOptions, Setting};
+use flow_matching::flow_matching::FlowMatching;
+use flow_matching::io::write_npy;
+use flow_matching::schedule::Schedule;
+use flow_matching::solver::Method;
 
 /// Arguments of `demo`.
 #[derive(Debug, clap::Args)]
@@ -67,7 +67,7 @@ fn preset(digits: bool, steps: Option<usize>, seed: u64) -> Result<TrainSettings
     // Parsing fixed literals through clap keeps one source of truth for the defaults.
     let mut s = Wrap::try_parse_from(args)
         .map(|w| w.s)
-        .map_err(|e| crate::Error::invalid("demo preset", e, "valid training settings"))?;
+        .map_err(|e| flow_matching::Error::invalid("demo preset", e, "valid training settings"))?;
     s.steps = steps.unwrap_or(if digits { 6000 } else { 10000 });
     s.seed = seed;
     Ok(s)
@@ -79,7 +79,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
     let data = TrainingData::open(&a.data, None, a.conditional)?;
     let digits = data.x_dims == [64];
     let train_settings = preset(digits, a.steps, a.seed)?;
-    std::fs::create_dir_all(&a.out_dir).map_err(|e| crate::Error::io(&a.out_dir, e))?;
+    std::fs::create_dir_all(&a.out_dir).map_err(|e| flow_matching::Error::io(&a.out_dir, e))?;
     let model_path = a.out_dir.join("model.safetensors");
     eprintln!(
         "training a velocity-mlp (hidden {}, depth {}) on {} for {} steps of batch {}",
@@ -94,7 +94,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
     let train_secs = start.elapsed().as_secs_f64();
     let model = out.model;
     let losses: Vec<(usize, f64)> = out.history.iter().map(|&(s, l)| (s, l as f64)).collect();
-    crate::plot::loss_curve(
+    flow_matching::plot::loss_curve(
         a.out_dir.join("loss.png"),
         &losses,
         &format!("training loss ({})", data.source),
@@ -132,7 +132,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
             (x.narrow(0, 0, 100.min(a.n))?, None)
         };
         let rows = grid.dim(0)?.div_ceil(10);
-        crate::plot::digit_grid(
+        flow_matching::plot::digit_grid(
             a.out_dir.join("samples.png"),
             &grid,
             rows,
@@ -150,7 +150,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
         };
         let mut f = model.clone();
         let traj = fm.sample(12, &mut f, &device, &opts)?.trajectory;
-        crate::plot::scatter_2d(
+        flow_matching::plot::scatter_2d(
             a.out_dir.join("samples.png"),
             &reference.x,
             &x,

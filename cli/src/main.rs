@@ -1,15 +1,18 @@
-//! The command-line interface: a thin layer that parses arguments and calls the library.
+//! The `flow-matching` command: a thin layer that parses arguments, calls the library and
+//! renders its results and progress.
 
 mod bench;
 mod demo;
 mod eval;
+mod harness;
 mod loglik;
+mod progress;
 mod sample;
 mod train;
 
 use clap::{Parser, Subcommand};
 
-use crate::error::Result;
+use flow_matching::Result;
 
 /// Flow-matching generative models: sample, train, evaluate.
 #[derive(Debug, Parser)]
@@ -39,7 +42,7 @@ enum Command {
 }
 
 /// Runs the command line `args` (the program name first).
-pub fn run<I, T>(args: I) -> Result<()>
+fn run<I, T>(args: I) -> Result<()>
 where
     I: IntoIterator<Item = T>,
     T: Into<std::ffi::OsString> + Clone,
@@ -63,11 +66,11 @@ where
 }
 
 /// Parses a comma-separated list of labels such as `0,1,2`.
-pub(crate) fn parse_labels(s: &str) -> Result<Vec<u32>> {
+fn parse_labels(s: &str) -> Result<Vec<u32>> {
     s.split(',')
         .map(|p| {
             p.trim().parse::<u32>().map_err(|_| {
-                crate::Error::invalid(
+                flow_matching::Error::invalid(
                     "--labels",
                     s,
                     format!("comma-separated class indices; {p:?} is not a non-negative integer"),
@@ -75,4 +78,11 @@ pub(crate) fn parse_labels(s: &str) -> Result<Vec<u32>> {
             })
         })
         .collect()
+}
+
+fn main() {
+    if let Err(e) = run(std::env::args_os()) {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
 }

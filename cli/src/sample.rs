@@ -4,13 +4,13 @@ use std::path::PathBuf;
 
 use candle_core::Device;
 
-use crate::diffusion::{Diffusion, SampleOptions, StepFn};
-use crate::error::{Error, Result};
-use crate::flow_matching::FlowMatching;
-use crate::io::{read_npy, write_npy};
-use crate::model::VelocityMlp;
-use crate::schedule::Schedule;
-use crate::solver::Method;
+use flow_matching::error::{Error, Result};
+use flow_matching::flow_matching::FlowMatching;
+use flow_matching::io::{read_npy, write_npy};
+use flow_matching::model::VelocityMlp;
+use flow_matching::schedule::Schedule;
+use flow_matching::solver::Method;
+use flow_matching::{Diffusion, SampleOptions, StepFn};
 
 /// Arguments of `sample`.
 #[derive(Debug, clap::Args)]

@@ -5,11 +5,11 @@ use std::path::{Path, PathBuf};
 use candle_core::Device;
 use rand::rngs::StdRng;
 
-use crate::data::{Batch, DataSource, Dataset};
-use crate::diffusion::XDims;
-use crate::error::{Error, Result};
-use crate::model::VelocityMlpConfig;
-use crate::train::{AdamWParams, TrainConfig, TrainOutput, Trainer};
+use flow_matching::data::{Batch, DataSource, Dataset};
+use flow_matching::diffusion::XDims;
+use flow_matching::error::{Error, Result};
+use flow_matching::model::VelocityMlpConfig;
+use flow_matching::train::{AdamWParams, TrainConfig, TrainOutput, Trainer};
 
 /// Model and optimiser settings shared by `train` and `demo`.
 #[derive(Debug, Clone, clap::Args)]
@@ -217,7 +217,8 @@ pub fn fit(
             device,
         )?,
     };
-    trainer = trainer.with_checkpoint(out);
+    let bar = crate::progress::Bar::new(trainer.config().steps, "step");
+    trainer = trainer.with_checkpoint(out).with_progress(bar.callback());
     trainer.train(|rng, b| data.draw(rng, b))
 }
 
@@ -237,7 +238,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
     );
     if let Some(p) = &a.loss_plot {
         let losses: Vec<(usize, f64)> = out.history.iter().map(|&(s, l)| (s, l as f64)).collect();
-        crate::plot::loss_curve(p, &losses, &format!("training loss ({})", data.source))?;
+        flow_matching::plot::loss_curve(p, &losses, &format!("training loss ({})", data.source))?;
     }
     Ok(())
 }

@@ -2,8 +2,8 @@
 
 use std::path::PathBuf;
 
-use crate::bench::{self, BenchOptions};
-use crate::error::Result;
+use crate::harness::{self as bench, BenchOptions};
+use flow_matching::Result;
 
 /// Arguments of `bench`.
 #[derive(Debug, clap::Args)]
@@ -18,7 +18,7 @@ pub struct BenchArgs {
     #[arg(long, default_value = "python3")]
     python: String,
     /// The PyTorch reference script.
-    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/bench/pytorch_reference.py"))]
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../bench/pytorch_reference.py"))]
     script: PathBuf,
     /// Let the script `pip install torch safetensors numpy` first.
     #[arg(long)]

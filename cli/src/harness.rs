@@ -10,12 +10,12 @@ use candle_nn::VarMap;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::diffusion::{Diffusion, SampleOptions};
-use crate::error::{Error, Result};
-use crate::flow_matching::{randn, FlowMatching};
-use crate::model::{loss_and_grads, VelocityMlp, VelocityMlpConfig};
-use crate::train::{AdamW, AdamWParams};
-use crate::XDims;
+use flow_matching::diffusion::{Diffusion, SampleOptions};
+use flow_matching::error::{Error, Result};
+use flow_matching::flow_matching::{randn, FlowMatching};
+use flow_matching::model::{loss_and_grads, VelocityMlp, VelocityMlpConfig};
+use flow_matching::train::{AdamW, AdamWParams};
+use flow_matching::XDims;
 
 /// Batch sizes of the sampling figures.
 pub const SAMPLE_BATCHES: [usize; 3] = [1, 64, 4096];
@@ -116,7 +116,7 @@ pub fn train_steps_per_s(batch: usize, reps: usize) -> Result<f64> {
         weight_decay: 0.01,
         ..AdamWParams::default()
     };
-    let vars = crate::train::sorted_vars(&varmap)?;
+    let vars = flow_matching::train::sorted_vars(&varmap)?;
     let plain: Vec<Var> = vars.iter().map(|(_, v)| v.clone()).collect();
     let mut opt = AdamW::new(params, &plain)?;
     let (noisy, t, target) = training_batch(batch)?;

@@ -126,7 +126,7 @@ fn train_refuses_bad_data_and_settings() {
 #[test]
 fn eval_prints_a_row_per_setting_and_the_noise_floor() {
     let model = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/data/golden/mlp-2d/model.safetensors");
+        .join("../tests/data/golden/mlp-2d/model.safetensors");
     let (ok, stdout, err) = cli(&[
         "eval",
         "--model",
@@ -190,7 +190,7 @@ fn demo_writes_its_files_and_table() {
 #[test]
 fn loglik_takes_named_data() {
     let model = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/data/golden/mlp-2d/model.safetensors");
+        .join("../tests/data/golden/mlp-2d/model.safetensors");
     let (ok, stdout, err) = cli(&[
         "loglik",
         "--model",
