@@ -24,10 +24,10 @@ use candle_core::{DType, Tensor};
 use tract_onnx::prelude as tp;
 use tract_onnx::prelude::{Framework, InferenceModelExt, IntoRunnable};
 
-use crate::step::{FastVelocity, StepFn};
-use crate::XDims;
 use crate::error::{Error, Result};
 use crate::guidance::check_weight;
+use crate::step::{FastVelocity, StepFn};
+use crate::XDims;
 
 /// A declared dimension of an input.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -186,7 +186,7 @@ impl OnnxStep {
     /// use flow_matching::{Diffusion, FlowMatching, SampleOptions};
     ///
     /// let mut v = OnnxStep::load("tests/data/onnx/mlp.onnx")?;
-    /// let fm = FlowMatching::new(v.x_dims().clone())?.with_method("rk4")?;
+    /// let fm = FlowMatching::new(v.x_dims())?.with_method("rk4")?;
     /// let s = fm.sample(4, &mut v, &candle_core::Device::Cpu, &SampleOptions::seeded(0))?;
     /// assert_eq!(s.x.dims(), &[4, 3]);
     /// # Ok::<(), flow_matching::Error>(())
@@ -215,12 +215,10 @@ impl OnnxStep {
         })?;
         let graph = match &proto.graph {
             Some(g) if !g.input.is_empty() && !g.output.is_empty() => g,
-            _ => {
-                return Err(onnx_err(
-                    path,
-                    "not an ONNX model: no graph with inputs and outputs (empty or another format?)",
-                ))
-            }
+            _ => return Err(onnx_err(
+                path,
+                "not an ONNX model: no graph with inputs and outputs (empty or another format?)",
+            )),
         };
         if let Some(node) = graph
             .node
@@ -481,22 +479,31 @@ impl OnnxStep {
         self.plans.len()
     }
 
+    /// The condition input called `name`; an error listing the model's condition inputs when it
+    /// has none of that name.
+    pub fn condition_input(&self, name: &str) -> Result<&InputInfo> {
+        self.slot(name).map(|s| &s.info)
+    }
+
     fn slot(&self, name: &str) -> Result<&CondSlot> {
-        self.conds.iter().find(|c| c.info.name == name).ok_or_else(|| {
-            let known: Vec<String> = self
-                .conds
-                .iter()
-                .map(|c| format!("{} {}", c.info.name, c.info.shape_text()))
-                .collect();
-            Error::OnnxUnknownInput {
-                name: name.to_string(),
-                known: if known.is_empty() {
-                    "none (the model takes only x and t)".into()
-                } else {
-                    known.join(", ")
-                },
-            }
-        })
+        self.conds
+            .iter()
+            .find(|c| c.info.name == name)
+            .ok_or_else(|| {
+                let known: Vec<String> = self
+                    .conds
+                    .iter()
+                    .map(|c| format!("{} {}", c.info.name, c.info.shape_text()))
+                    .collect();
+                Error::OnnxUnknownInput {
+                    name: name.to_string(),
+                    known: if known.is_empty() {
+                        "none (the model takes only x and t)".into()
+                    } else {
+                        known.join(", ")
+                    },
+                }
+            })
     }
 
     /// Converts a condition to the declared type after checking its shape against the declared
@@ -550,7 +557,7 @@ impl OnnxStep {
     ///
     /// let ctx = flow_matching::io::read_npy("tests/data/onnx/traj_ctx.npy", &candle_core::Device::Cpu)?;
     /// let mut v = OnnxStep::load("tests/data/onnx/traj.onnx")?.with_condition("ctx", &ctx)?;
-    /// let fm = FlowMatching::new(v.x_dims().clone())?;
+    /// let fm = FlowMatching::new(v.x_dims())?;
     /// let s = fm.sample(4, &mut v, &candle_core::Device::Cpu, &SampleOptions::seeded(0))?;
     /// assert_eq!(s.x.dims(), &[4, 64, 2]);
     /// # Ok::<(), flow_matching::Error>(())
@@ -700,13 +707,8 @@ impl OnnxStep {
                         format!("cannot plan batch {plan_batch}: {}", tract_msg(&e)),
                     )
                 })?;
-            self.plans.insert(
-                (batch, half),
-                Plan {
-                    state: plan,
-                    conds,
-                },
-            );
+            self.plans
+                .insert((batch, half), Plan { state: plan, conds });
         }
         self.plans
             .get_mut(&(batch, half))
@@ -764,7 +766,10 @@ impl OnnxStep {
         }
         let feeds: tp::TVec<tp::TValue> = feeds.into_iter().flatten().collect();
         let outputs = plan.state.run(feeds).map_err(|e| {
-            onnx_err(&path, format!("running the network failed: {}", tract_msg(&e)))
+            onnx_err(
+                &path,
+                format!("running the network failed: {}", tract_msg(&e)),
+            )
         })?;
         let v = outputs
             .first()

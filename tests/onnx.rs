@@ -51,7 +51,7 @@ fn run(
     schedule: Schedule,
     dtype: DType,
 ) -> Tensor {
-    let mut fm = FlowMatching::new(v.x_dims().clone())
+    let mut fm = FlowMatching::new(v.x_dims())
         .unwrap()
         .with_method(method)
         .unwrap();
@@ -111,11 +111,8 @@ fn mlp_matches_pytorch_on_other_schedules_and_encode() {
     let custom: Schedule = "0,0.1,0.3,0.6,1".parse().unwrap();
     let got = run(&mut v, &x0, "euler", 4, custom, DType::F32);
     assert_close(&got, &npy("mlp_euler_custom.npy"), "custom grid");
-    let fm = FlowMatching::new(v.x_dims().clone()).unwrap();
-    let back = fm
-        .encode(&x0, &mut v, &SampleOptions::default())
-        .unwrap()
-        .x;
+    let fm = FlowMatching::new(v.x_dims()).unwrap();
+    let back = fm.encode(&x0, &mut v, &SampleOptions::default()).unwrap().x;
     assert_close(&back, &npy("mlp_encode_euler10.npy"), "encode");
 }
 
@@ -236,7 +233,14 @@ fn a_fixed_batch_export_runs_at_its_batch_only() {
     let err = fm
         .sample(3, &mut v, &Device::Cpu, &SampleOptions::seeded(0))
         .unwrap_err();
-    assert!(matches!(err, Error::OnnxFixedBatch { fixed: 2, asked: 3, .. }));
+    assert!(matches!(
+        err,
+        Error::OnnxFixedBatch {
+            fixed: 2,
+            asked: 3,
+            ..
+        }
+    ));
     assert!(err.to_string().contains("fixed batch of 2"), "{err}");
 }
 
@@ -248,11 +252,9 @@ fn a_symbolic_sample_dimension_needs_explicit_x_dims() {
         msg.contains("tokens") && msg.contains("x_dims"),
         "names the dimension and the fix: {msg}"
     );
-    let mut v = OnnxStep::load_with_x_dims(
-        path("pointwise.onnx"),
-        Some(XDims::new([5, 2]).unwrap()),
-    )
-    .unwrap();
+    let mut v =
+        OnnxStep::load_with_x_dims(path("pointwise.onnx"), Some(XDims::new([5, 2]).unwrap()))
+            .unwrap();
     let got = run(
         &mut v,
         &npy("pointwise_x0.npy"),
@@ -263,8 +265,8 @@ fn a_symbolic_sample_dimension_needs_explicit_x_dims() {
     );
     assert_close(&got, &npy("pointwise_euler10.npy"), "x_dims [5, 2]");
     // Explicit x_dims that contradict a fixed declared dimension are refused.
-    let err = OnnxStep::load_with_x_dims(path("mlp.onnx"), Some(XDims::new(4).unwrap()))
-        .unwrap_err();
+    let err =
+        OnnxStep::load_with_x_dims(path("mlp.onnx"), Some(XDims::new(4).unwrap())).unwrap_err();
     assert!(err.to_string().contains("x_dims"), "{err}");
 }
 
@@ -311,7 +313,10 @@ fn condition_errors_name_the_input_and_the_shapes() {
     // No value for ctx.
     let mut v = OnnxStep::load(path("traj.onnx")).unwrap();
     let err = fm.sample(2, &mut v, &Device::Cpu, &opts).unwrap_err();
-    assert!(matches!(&err, Error::OnnxMissingInput { name, .. } if name == "ctx"), "{err}");
+    assert!(
+        matches!(&err, Error::OnnxMissingInput { name, .. } if name == "ctx"),
+        "{err}"
+    );
     // A name the model does not have: the message lists the ones it has.
     let ctx = npy("traj_ctx.npy");
     let err = OnnxStep::load(path("traj.onnx"))
@@ -319,7 +324,10 @@ fn condition_errors_name_the_input_and_the_shapes() {
         .with_condition("scene", &ctx)
         .unwrap_err();
     let msg = err.to_string();
-    assert!(msg.contains("scene") && msg.contains("ctx [batch, 4, 8]"), "{msg}");
+    assert!(
+        msg.contains("scene") && msg.contains("ctx [batch, 4, 8]"),
+        "{msg}"
+    );
     // A wrong trailing shape.
     let bad = Tensor::zeros((4, 4, 9), DType::F32, &Device::Cpu).unwrap();
     let err = OnnxStep::load(path("traj.onnx"))
@@ -327,7 +335,10 @@ fn condition_errors_name_the_input_and_the_shapes() {
         .with_condition("ctx", &bad)
         .unwrap_err();
     let msg = err.to_string();
-    assert!(msg.contains("[batch, 4, 8]") && msg.contains("[4, 4, 9]"), "{msg}");
+    assert!(
+        msg.contains("[batch, 4, 8]") && msg.contains("[4, 4, 9]"),
+        "{msg}"
+    );
     // Rows that are neither 1 nor the batch.
     let mut v = OnnxStep::load(path("traj.onnx"))
         .unwrap()
@@ -350,6 +361,9 @@ fn a_non_finite_velocity_stops_at_the_first_step() {
             ..Default::default()
         };
         let err = fm.sample(1, &mut v, &Device::Cpu, &opts).unwrap_err();
-        assert!(matches!(err, Error::NonFinite { step: 1, .. }), "{m}: {err}");
+        assert!(
+            matches!(err, Error::NonFinite { step: 1, .. }),
+            "{m}: {err}"
+        );
     }
 }
