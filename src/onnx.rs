@@ -515,7 +515,9 @@ impl OnnxStep {
         if ok {
             for (i, (d, &g)) in slot.dims.iter().zip(dims).enumerate() {
                 if i == 0 && slot.batched {
-                    ok &= g >= 1 && self.fixed_batch.is_none_or(|f| g == 1 || g == f);
+                    // The batch itself is checked when sampling (check_batch), against the
+                    // file's fixed batch too.
+                    ok &= g >= 1;
                 } else if let Some(n) = d.as_i64() {
                     ok &= n as usize == g;
                 } else if let Some(&n) = d

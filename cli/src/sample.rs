@@ -10,15 +10,18 @@ use flow_matching::io::{read_npy, write_npy};
 use flow_matching::model::VelocityMlp;
 use flow_matching::schedule::Schedule;
 use flow_matching::solver::Method;
-use flow_matching::{Diffusion, SampleOptions, StepFn};
+use flow_matching::{Diffusion, Sample, SampleOptions, StepFn};
+
+use crate::cond::{CondArg, CondFlags};
 
 /// Arguments of `sample`.
 #[derive(Debug, clap::Args)]
 pub struct SampleArgs {
-    /// A velocity-mlp safetensors file.
+    /// A velocity-mlp safetensors file, or an ONNX velocity network (.onnx).
     #[arg(long)]
     model: PathBuf,
-    /// Number of samples (ignored with --x-init, whose first dimension is the batch).
+    /// Number of samples (ignored with --x-init, whose first dimension is the batch, and with
+    /// conditions of several rows, whose rows (times --per-cond) set it).
     #[arg(long, default_value_t = 16)]
     batch: usize,
     /// Seed for the initial noise.
@@ -57,12 +60,20 @@ pub struct SampleArgs {
     /// Where to write the times [T + 1].
     #[arg(long)]
     times: Option<PathBuf>,
+    /// Conditions (--cond NAME=FILE.npy, --per-cond K).
+    #[command(flatten)]
+    cond: CondFlags,
+    /// With --guidance on an ONNX model: the unconditional value of a condition input.
+    #[arg(long, value_name = "NAME=FILE.npy")]
+    null_cond: Vec<CondArg>,
+    /// An ONNX model's sample shape, e.g. 64,2 (needed when its x has a symbolic dimension
+    /// besides the batch).
+    #[arg(long)]
+    x_dims: Option<String>,
 }
 
-/// Runs `sample`.
-pub fn run(a: SampleArgs) -> Result<()> {
-    let device = Device::Cpu;
-    let model = VelocityMlp::load(&a.model, &device)?;
+/// The integration method of `--method`, with `--rtol`/`--atol` for dopri5.
+fn parse_method(a: &SampleArgs) -> Result<Method> {
     let mut method: Method = a.method.parse()?;
     if a.rtol.is_some() || a.atol.is_some() {
         match &mut method {
@@ -80,6 +91,104 @@ pub fn run(a: SampleArgs) -> Result<()> {
             }
         }
     }
+    Ok(method)
+}
+
+/// Writes the samples (and the trajectory and times when asked), then says what was written.
+fn write_outputs(a: &SampleArgs, out: &Sample, batch: usize, fm: &FlowMatching) -> Result<()> {
+    write_npy(&a.out, &out.x)?;
+    if let (Some(p), Some(t)) = (&a.trajectory, &out.trajectory) {
+        write_npy(p, t)?;
+    }
+    if let (Some(p), Some(t)) = (&a.times, &out.times) {
+        write_npy(p, t)?;
+    }
+    eprintln!(
+        "wrote {} samples of shape {} to {} ({} steps, {}, {} function evaluations)",
+        batch,
+        fm.x_dims(),
+        a.out.display(),
+        out.accepted_steps,
+        fm.method,
+        out.nfe
+    );
+    Ok(())
+}
+
+/// `sample` for an ONNX velocity network.
+#[cfg(feature = "onnx")]
+fn run_onnx(a: SampleArgs) -> Result<()> {
+    if a.labels.is_some() {
+        return Err(Error::invalid(
+            "--labels",
+            a.labels.as_deref().unwrap_or_default(),
+            "velocity-mlp models only; give an ONNX model's class input with --cond NAME=FILE.npy",
+        ));
+    }
+    let device = Device::Cpu;
+    let method = parse_method(&a)?;
+    let schedule: Schedule = a.schedule.parse()?;
+    let x_init = a
+        .x_init
+        .as_ref()
+        .map(|p| read_npy(p, &device))
+        .transpose()?;
+    let rows = x_init.as_ref().map(|x| x.dim(0)).transpose()?;
+    let (mut step, batch) = crate::onnx::prepare(
+        &a.model,
+        a.x_dims.as_deref(),
+        &a.cond,
+        &a.null_cond,
+        a.guidance,
+        a.batch,
+        rows,
+    )?;
+    let mut fm = FlowMatching::new(step.x_dims())?;
+    fm.method = method;
+    fm.schedule = schedule;
+    let options = SampleOptions {
+        return_all_steps: a.trajectory.is_some() || a.times.is_some(),
+        steps: Some(a.steps),
+        x_init,
+        seed: Some(a.seed),
+        ..Default::default()
+    };
+    let out = fm.sample(batch, &mut step, &device, &options)?;
+    write_outputs(&a, &out, batch, &fm)
+}
+
+#[cfg(not(feature = "onnx"))]
+fn run_onnx(a: SampleArgs) -> Result<()> {
+    Err(Error::invalid(
+        "--model",
+        a.model.display(),
+        "a velocity-mlp file: this build has no ONNX support (build with --features onnx)",
+    ))
+}
+
+/// Runs `sample`.
+pub fn run(a: SampleArgs) -> Result<()> {
+    if super::is_onnx(&a.model) {
+        return run_onnx(a);
+    }
+    if let Some(flag) = [
+        (!a.cond.cond.is_empty(), "--cond"),
+        (a.cond.per_cond.is_some(), "--per-cond"),
+        (!a.null_cond.is_empty(), "--null-cond"),
+        (a.x_dims.is_some(), "--x-dims"),
+    ]
+    .iter()
+    .find_map(|(given, f)| given.then_some(*f))
+    {
+        return Err(Error::invalid(
+            flag,
+            a.model.display(),
+            "an ONNX model (.onnx); a velocity-mlp file takes --labels",
+        ));
+    }
+    let device = Device::Cpu;
+    let model = VelocityMlp::load(&a.model, &device)?;
+    let method = parse_method(&a)?;
     let schedule: Schedule = a.schedule.parse()?;
     let mut fm = FlowMatching::new(model.config().x_dims.dims())?;
     fm.method = method;
@@ -138,21 +247,5 @@ pub fn run(a: SampleArgs) -> Result<()> {
         }
     };
     let out = fm.sample(batch, step_fn, &device, &options)?;
-    write_npy(&a.out, &out.x)?;
-    if let (Some(p), Some(t)) = (&a.trajectory, &out.trajectory) {
-        write_npy(p, t)?;
-    }
-    if let (Some(p), Some(t)) = (&a.times, &out.times) {
-        write_npy(p, t)?;
-    }
-    eprintln!(
-        "wrote {} samples of shape {} to {} ({} steps, {}, {} function evaluations)",
-        batch,
-        fm.x_dims(),
-        a.out.display(),
-        out.accepted_steps,
-        fm.method,
-        out.nfe
-    );
-    Ok(())
+    write_outputs(&a, &out, batch, &fm)
 }
