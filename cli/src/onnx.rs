@@ -119,7 +119,7 @@ pub fn prepare(
     let n = rows.map_or(1, |(r, _)| r);
     let batch = match (x_init_rows, flags.per_cond, rows) {
         (Some(b), _, _) => b,
-        (None, Some(k), _) => n.checked_mul(k).unwrap_or(usize::MAX),
+        (None, Some(k), _) => n.saturating_mul(k),
         (None, None, Some((r, _))) => r,
         (None, None, None) => batch,
     };
