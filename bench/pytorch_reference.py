@@ -5,7 +5,8 @@ Loads a velocity-mlp file (shared/spec/velocity-mlp.md) with the `safetensors` p
 torch module that follows the spec, and times the same figures as the Rust side with
 torch.set_num_threads(2). Prints one JSON object a line: {"figure": ..., "value": ...}.
 
-    python3 bench/pytorch_reference.py --model m.safetensors [--reps-scale 1] [--install]
+    python3 bench/pytorch_reference.py --model m.safetensors [--cond-model c.safetensors]
+        [--reps-scale 1] [--install]
     python3 bench/pytorch_reference.py --model m.safetensors --peak-rss   # one batch-4096 sample
 
 `--install` runs `pip install torch safetensors numpy` first (never in CI).
@@ -22,6 +23,8 @@ import time
 def parse():
     p = argparse.ArgumentParser()
     p.add_argument("--model", required=True)
+    p.add_argument("--cond-model", help="a conditional velocity-mlp for sample_cfg_b1")
+    p.add_argument("--guidance", type=float, default=2.0)
     p.add_argument("--install", action="store_true")
     p.add_argument("--peak-rss", action="store_true")
     p.add_argument("--reps-scale", type=float, default=1.0)
@@ -73,7 +76,7 @@ def build(path, torch):
     m.load_state_dict({**state, "freqs": t["time_embed.freqs"]}, strict=False)
     for i in range(depth + 1):
         assert torch.equal(m.net[2 * i].weight, t[f"net.{2 * i}.weight"])
-    return m, x_dims
+    return m, x_dims, num_classes
 
 
 def sample(model, x0, steps, torch):
@@ -83,6 +86,37 @@ def sample(model, x0, steps, torch):
     with torch.inference_mode():
         for i in range(steps):
             v = model(x, ts[i].expand(b))
+            x = x + (ts[i + 1] - ts[i]) * v
+    return x
+
+
+def sample_rk4(model, x0, steps, torch):
+    """Classical RK4 on the uniform grid, 4 evaluations a step."""
+    ts = torch.linspace(0, 1, steps + 1)
+    x = x0
+    b = x.shape[0]
+    with torch.inference_mode():
+        for i in range(steps):
+            t0, dt = ts[i], ts[i + 1] - ts[i]
+            k1 = model(x, t0.expand(b))
+            k2 = model(x + 0.5 * dt * k1, (t0 + 0.5 * dt).expand(b))
+            k3 = model(x + 0.5 * dt * k2, (t0 + 0.5 * dt).expand(b))
+            k4 = model(x + dt * k3, ts[i + 1].expand(b))
+            x = x + dt / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+    return x
+
+
+def sample_cfg(model, x0, labels, null, weight, steps, torch):
+    """Euler with classifier-free guidance: one 2B-row evaluation a step (rows, then null rows)."""
+    ts = torch.linspace(0, 1, steps + 1)
+    x = x0
+    b = x.shape[0]
+    c2 = torch.cat([labels, torch.full((b,), null, dtype=torch.long)])
+    with torch.inference_mode():
+        for i in range(steps):
+            v2 = model(torch.cat([x, x]), ts[i].expand(2 * b), c2)
+            vc, vu = v2[:b], v2[b:]
+            v = vu + weight * (vc - vu)
             x = x + (ts[i + 1] - ts[i]) * v
     return x
 
@@ -112,7 +146,7 @@ def main():
     import torch
 
     torch.set_num_threads(args.threads)
-    model, x_dims = build(args.model, torch)
+    model, x_dims, _ = build(args.model, torch)
     g = torch.Generator().manual_seed(0)
     if args.peak_rss:
         x0 = torch.randn(4096, *x_dims, generator=g)
@@ -125,6 +159,15 @@ def main():
         reps = max(1, int(reps * args.reps_scale))
         ms = median_ms(lambda: sample(model, x0, args.steps, torch), reps)
         out.append({"figure": f"sample_b{batch}", "value": ms})
+        if batch == 1:
+            reps1 = max(1, int(100 * args.reps_scale))
+            ms = median_ms(lambda: sample_rk4(model, x0, args.steps, torch), reps1)
+            out.append({"figure": "sample_rk4_b1", "value": ms})
+            if args.cond_model:
+                cmodel, _, ncls = build(args.cond_model, torch)
+                lab = torch.zeros(1, dtype=torch.long)
+                run = lambda: sample_cfg(cmodel, x0, lab, ncls, args.guidance, args.steps, torch)
+                out.append({"figure": "sample_cfg_b1", "value": median_ms(run, reps)})
     # Training: batch 4096, AdamW, the loss mean((v - target)^2).
     b = 4096
     x = torch.randn(b, *x_dims, generator=g)

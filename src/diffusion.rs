@@ -12,6 +12,9 @@ use crate::step::StepFn;
 pub struct XDims(Vec<usize>);
 
 impl XDims {
+    /// The most dimensions a sample shape may have.
+    pub const MAX_RANK: usize = 32;
+
     /// Validates a shape: at least one dimension, none of them zero.
     ///
     /// ```
@@ -32,6 +35,19 @@ impl XDims {
             return Err(Error::InvalidXDims {
                 dims,
                 reason: "every dimension must be at least 1",
+            });
+        }
+        // Sizes come from files and flags: a product that wraps would be a tiny, wrong shape.
+        if dims.len() > Self::MAX_RANK {
+            return Err(Error::InvalidXDims {
+                dims: dims[..Self::MAX_RANK].to_vec(),
+                reason: "more than 32 dimensions (the first 32 shown)",
+            });
+        }
+        if crate::limits::checked_bytes(&dims, 4).is_none_or(|b| b > isize::MAX as u64) {
+            return Err(Error::InvalidXDims {
+                dims,
+                reason: "the product of the dimensions overflows (a sample of that many float32 values cannot exist)",
             });
         }
         Ok(XDims(dims))
@@ -70,7 +86,7 @@ impl XDims {
                 p.trim().parse::<usize>().map_err(|_| {
                     Error::invalid(
                         "x_dims",
-                        text,
+                        crate::limits::excerpt(text),
                         "comma-separated positive integers such as 64,2",
                     )
                 })

@@ -199,6 +199,50 @@ pub enum Error {
         /// The batch asked for.
         asked: usize,
     },
+
+    // --- robustness (issue 11): outputs, locks, memory bounds, non-finite weights ---
+    /// An output path refused before any work starts (missing or unwritable directory, a
+    /// special file, a path shared by two roles or with an input).
+    #[error("{role} {}: {reason}", path.display())]
+    OutputPath {
+        /// The flag or role of the output (`--out`, `--loss-plot`, ...).
+        role: String,
+        /// The path given.
+        path: std::path::PathBuf,
+        /// Why it cannot be written.
+        reason: String,
+    },
+
+    /// Another process (or another writer in this one) holds the output's advisory lock.
+    #[error("{}: another run is writing this file (lock {} is held); wait for it to finish or choose another path", path.display(), lock.display())]
+    Locked {
+        /// The output.
+        path: std::path::PathBuf,
+        /// The lock file beside it.
+        lock: std::path::PathBuf,
+    },
+
+    /// A request for more memory than is available, refused before allocating.
+    #[error("{what}: needs {}, more than the {} of memory available (set FLOW_MATCHING_MEMORY_LIMIT to change the ceiling)", crate::limits::human_bytes(*needed), crate::limits::human_bytes(Some(*available)))]
+    TooLarge {
+        /// What would be allocated, naming the flag or file behind it.
+        what: String,
+        /// Bytes needed; `None` when the count overflows 64 bits.
+        needed: Option<u64>,
+        /// Bytes available.
+        available: u64,
+    },
+
+    /// Weights holding NaN or infinity, refused instead of written or resumed.
+    #[error("{what}: tensor {key:?} holds non-finite values (NaN or infinity); {action}")]
+    NonFiniteWeights {
+        /// The model, file or checkpoint.
+        what: String,
+        /// The first tensor found with a non-finite value.
+        key: String,
+        /// What was refused and what is left untouched.
+        action: String,
+    },
 }
 
 /// The crate's result type.

@@ -413,10 +413,11 @@ impl FlowMatching {
         if reverse {
             grid.reverse();
         }
-        // Fast path: CPU f32 Euler with a slice-level velocity (crate::kernel); same outputs.
-        if matches!(method, Method::Euler) && dtype == DType::F32 && device.is_cpu() {
+        // Fast path: CPU f32 with a slice-level velocity (crate::kernel): every method, the
+        // same driver and arithmetic as the tensor path below.
+        if dtype == DType::F32 && device.is_cpu() {
             if let Some(mut fast) = step_fn.fast_velocity() {
-                return fast_euler(fast.as_mut(), &x0, &grid, options.return_all_steps);
+                return fast_solve(method, fast.as_mut(), &x0, &grid, options.return_all_steps);
             }
         }
         let run = method
@@ -455,8 +456,9 @@ fn check_dtype(dtype: DType) -> Result<DType> {
     }
 }
 
-/// The Euler fast path of [`FlowMatching::sample`] over f32 slices.
-fn fast_euler(
+/// The fast path of [`FlowMatching::sample`] and [`FlowMatching::encode`] over f32 slices.
+fn fast_solve(
+    method: &Method,
     f: &mut dyn crate::step::FastVelocity,
     x0: &Tensor,
     grid: &[f64],
@@ -466,17 +468,17 @@ fn fast_euler(
     let batch = dims[0];
     let d = x0.elem_count() / batch;
     let x = x0.flatten_all()?.to_vec1::<f32>()?;
-    let run = crate::kernel::euler::euler(f, x, grid, record)?;
-    let steps = grid.len() - 1;
+    let run = method.integrate_slices(f, x, grid, record)?;
     let (trajectory, times) = match run.states {
         Some(states) => {
-            let traj = crate::kernel::euler::batch_major(&states, steps + 1, batch, d);
+            let n = run.times.len();
+            let traj = crate::kernel::euler::batch_major(&states, n, batch, d);
             let mut shape = dims.clone();
-            shape.insert(1, steps + 1);
-            let times: Vec<f32> = grid.iter().map(|&t| t as f32).collect();
+            shape.insert(1, n);
+            let times: Vec<f32> = run.times.iter().map(|&t| t as f32).collect();
             (
                 Some(Tensor::from_vec(traj, shape, x0.device())?),
-                Some(Tensor::from_vec(times, steps + 1, x0.device())?),
+                Some(Tensor::from_vec(times, n, x0.device())?),
             )
         }
         None => (None, None),
@@ -485,9 +487,9 @@ fn fast_euler(
         x: Tensor::from_vec(run.x, dims, x0.device())?,
         trajectory,
         times,
-        nfe: steps,
-        accepted_steps: steps,
-        rejected_steps: 0,
-        reached_end: true,
+        nfe: run.nfe,
+        accepted_steps: run.accepted,
+        rejected_steps: run.rejected,
+        reached_end: run.reached_end,
     })
 }

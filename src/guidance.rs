@@ -9,8 +9,9 @@ use candle_core::Tensor;
 
 use crate::error::{Error, Result};
 use crate::flow_matching::FlowMatching;
+use crate::model::fast::{FastMlp, GuidedFastMlp};
 use crate::model::VelocityMlp;
-use crate::step::StepFn;
+use crate::step::{FastVelocity, StepFn};
 
 /// `v_uncond + w (v_cond - v_uncond)`.
 ///
@@ -129,6 +130,23 @@ impl<'a> Guided<'a> {
 }
 
 impl StepFn for Guided<'_> {
+    // CPU f32 sampling: one fused 2B-row evaluation per step over the model's own storage
+    // (weights 1 and 0 need only one half, as in `guided_eval`).
+    fn fast_velocity(&mut self) -> Option<Box<dyn FastVelocity + '_>> {
+        let labels = self.labels.to_vec1::<u32>().ok()?;
+        let model = self.model;
+        if self.weight == 1.0 || self.weight == 0.0 {
+            let null = model.config().num_classes as u32;
+            let l = if self.weight == 1.0 {
+                labels
+            } else {
+                vec![null; labels.len()]
+            };
+            return Some(Box::new(FastMlp::new(model, Some(l))?));
+        }
+        Some(Box::new(GuidedFastMlp::new(model, &labels, self.weight)?))
+    }
+
     fn step(&mut self, x: &Tensor, t: &Tensor) -> Result<Tensor> {
         let model = self.model;
         let null = model.config().num_classes as u32;

@@ -8,6 +8,7 @@
 #![warn(missing_docs)]
 
 pub mod condition;
+pub mod coupling;
 pub mod data;
 pub mod diffusion;
 pub mod error;
@@ -17,13 +18,16 @@ pub mod guidance;
 pub mod io;
 pub mod kernel;
 pub mod likelihood;
+pub mod limits;
 pub mod metrics;
 pub mod model;
 #[cfg(feature = "onnx")]
 pub mod onnx;
+pub mod output;
 #[cfg(feature = "plot")]
 pub mod plot;
 pub mod progress;
+pub mod reflow;
 pub mod schedule;
 pub mod solver;
 pub mod step;

@@ -19,6 +19,10 @@ pub enum Schedule {
     Custom(Vec<f64>),
 }
 
+/// The most steps of a grid in float32 (or half) precision: `2^24`, where the spacing of
+/// float32 numbers just below 1 is reached.
+pub const MAX_F32_STEPS: usize = 1 << 24;
+
 /// The names [`Schedule`] parses from (`shift:S` takes a number).
 pub const SCHEDULE_NAMES: [&str; 3] = ["uniform", "shift:S", "cosine"];
 
@@ -39,7 +43,7 @@ impl std::str::FromStr for Schedule {
             let shift: f64 = v.parse().map_err(|_| {
                 Error::invalid(
                     "schedule shift",
-                    v,
+                    crate::limits::excerpt(v),
                     "a number greater than 0, as in shift:3",
                 )
             })?;
@@ -53,7 +57,11 @@ impl std::str::FromStr for Schedule {
                 .map(|p| p.trim().parse::<f64>())
                 .collect::<std::result::Result<Vec<_>, _>>()
                 .map_err(|_| {
-                    Error::invalid("time grid", s, "comma-separated numbers from 0 to 1")
+                    Error::invalid(
+                        "time grid",
+                        crate::limits::excerpt(s),
+                        "comma-separated numbers from 0 to 1",
+                    )
                 })?;
             let sched = Schedule::Custom(grid);
             sched.validate()?;
@@ -61,7 +69,7 @@ impl std::str::FromStr for Schedule {
         }
         Err(Error::UnknownName {
             kind: "time schedule",
-            name: s.to_string(),
+            name: crate::limits::excerpt(s),
             known: format!("{}, or a grid such as 0,0.5,1", SCHEDULE_NAMES.join(", ")),
         })
     }
@@ -91,14 +99,14 @@ impl Schedule {
                 if g.len() < 2 {
                     return Err(Error::invalid(
                         "time grid",
-                        format!("{g:?}"),
+                        crate::limits::excerpt_list(g),
                         "at least two times, from 0 to 1",
                     ));
                 }
                 if g[0] != 0.0 || g[g.len() - 1] != 1.0 {
                     return Err(Error::invalid(
                         "time grid",
-                        format!("{g:?}"),
+                        crate::limits::excerpt_list(g),
                         "a grid that starts at 0 and ends at 1",
                     ));
                 }
@@ -107,7 +115,7 @@ impl Schedule {
                 {
                     return Err(Error::invalid(
                         "time grid",
-                        format!("{g:?}"),
+                        crate::limits::excerpt_list(g),
                         "strictly increasing times",
                     ));
                 }
@@ -129,6 +137,25 @@ impl Schedule {
         self.validate()?;
         if steps == 0 && !matches!(self, Schedule::Custom(_)) {
             return Err(Error::ZeroSteps);
+        }
+        // Beyond 2^24 steps a float32 grid's neighbouring times near t = 1 coincide (its
+        // spacing there is 2^-24): refuse before building a grid that cannot be valid.
+        if dtype != DType::F64 && steps > MAX_F32_STEPS && !matches!(self, Schedule::Custom(_)) {
+            return Err(Error::invalid(
+                "steps",
+                steps,
+                format!(
+                    "at most {MAX_F32_STEPS} in {dtype:?} precision: beyond that, neighbouring times near t = 1 coincide"
+                ),
+            ));
+        }
+        // The grid is materialised (8 bytes a time, twice while mapped): refuse a step count
+        // whose grid cannot fit rather than abort half way.
+        if !matches!(self, Schedule::Custom(_)) {
+            crate::limits::check_memory(
+                &format!("the time grid of {steps} steps"),
+                crate::limits::checked_bytes(&[steps, 2], 8).and_then(|b| b.checked_add(16)),
+            )?;
         }
         let uniform = linspace(steps, dtype);
         let round = |t: f64| {
@@ -159,7 +186,7 @@ impl Schedule {
         {
             return Err(Error::invalid(
                 "time grid",
-                format!("{grid:?}"),
+                crate::limits::excerpt_list(&grid),
                 format!(
                     "strictly increasing times in {dtype:?} precision ({} and {} coincide)",
                     w[0], w[1]

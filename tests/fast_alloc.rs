@@ -1,14 +1,17 @@
 //! The fast sampling loop allocates nothing per step: a 10-step sample makes exactly as many
-//! allocations as a 1-step one. Its own test binary without the libtest harness
+//! allocations as a 1-step one, for every method (recorded or not), guidance and encoding, and
+//! an adaptive run of many steps as many as one of few. Its own test binary without the libtest harness
 //! (`harness = false` in Cargo.toml), so no other thread allocates meanwhile.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use candle_core::Device;
+use candle_core::{DType, Device};
 use candle_nn::VarMap;
+use flow_matching::guidance::Guided;
 use flow_matching::{
-    Diffusion, FlowMatching, SampleOptions, VelocityMlp, VelocityMlpConfig, XDims,
+    AdaptiveOptions, Diffusion, FlowMatching, Method, SampleOptions, StepFn, VelocityMlp,
+    VelocityMlpConfig, XDims,
 };
 
 struct Counting;
@@ -32,16 +35,47 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static GLOBAL: Counting = Counting;
 
-fn allocations(fm: &FlowMatching, model: &mut VelocityMlp, batch: usize, steps: usize) -> usize {
-    let opts = SampleOptions {
-        steps: Some(steps),
-        ..SampleOptions::seeded(1)
-    };
+/// Allocations made by one `sample` call (and the call's step counts).
+fn allocations(
+    fm: &FlowMatching,
+    f: &mut dyn StepFn,
+    batch: usize,
+    opts: &SampleOptions,
+) -> (usize, usize) {
     let before = ALLOCS.load(Ordering::SeqCst);
-    let s = fm.sample(batch, model, &Device::Cpu, &opts).unwrap();
+    let s = fm.sample(batch, f, &Device::Cpu, opts).unwrap();
+    let after = ALLOCS.load(Ordering::SeqCst);
+    let steps = s.accepted_steps + s.rejected_steps;
+    drop(s);
+    (after - before, steps)
+}
+
+/// Allocations made by one `encode` call.
+fn encode_allocations(fm: &FlowMatching, f: &mut dyn StepFn, opts: &SampleOptions) -> usize {
+    let x = fm.noise(3, Some(4), DType::F32, &Device::Cpu).unwrap();
+    let before = ALLOCS.load(Ordering::SeqCst);
+    let s = fm.encode(&x, f, opts).unwrap();
     let after = ALLOCS.load(Ordering::SeqCst);
     drop(s);
     after - before
+}
+
+/// Allocations a run may make beyond a 1-step run's. One thread (up to 63 rows): none. Two
+/// threads: each step's evaluations fork with `rayon::join` from outside the pool, which
+/// pushes a job onto rayon's injector queue, and that queue allocates one block per 63 pushes
+/// whatever the caller does; 10 steps of at most 4 evaluations cross at most one block.
+/// (Whole-run Euler forks once per run and stays exact.)
+fn pool_slack(batch: usize) -> usize {
+    usize::from(batch >= 64)
+}
+
+fn opts(method: &str, steps: usize, record: bool) -> SampleOptions {
+    SampleOptions {
+        steps: Some(steps),
+        method: Some(method.parse().unwrap()),
+        return_all_steps: record,
+        ..SampleOptions::seeded(1)
+    }
 }
 
 fn main() {
@@ -49,23 +83,75 @@ fn main() {
         hidden: 64,
         ..VelocityMlpConfig::new(XDims::new(2).unwrap())
     };
-    let mut model = VelocityMlp::init(cfg, &VarMap::new(), &Device::Cpu, 0)
+    let mut model = VelocityMlp::init(cfg.clone(), &VarMap::new(), &Device::Cpu, 0)
+        .unwrap()
+        .detach();
+    let cond_cfg = VelocityMlpConfig {
+        num_classes: 3,
+        ..cfg
+    };
+    let cond = VelocityMlp::init(cond_cfg, &VarMap::new(), &Device::Cpu, 1)
         .unwrap()
         .detach();
     let fm = FlowMatching::new(2).unwrap();
+    let methods = ["euler", "midpoint", "heun", "rk4"];
     // Warm up first: the thread pool's workers allocate as they start, in the background.
     for batch in [1, 16, 300] {
-        allocations(&fm, &mut model, batch, 2);
+        for m in methods {
+            allocations(&fm, &mut model, batch, &opts(m, 2, false));
+        }
     }
     std::thread::sleep(std::time::Duration::from_millis(100));
     // 1 and 16 rows run on one thread, 300 on two.
     for batch in [1, 16, 300] {
-        let one = allocations(&fm, &mut model, batch, 1);
-        let ten = allocations(&fm, &mut model, batch, 10);
-        assert_eq!(
-            one, ten,
-            "batch {batch}: {one} allocations for 1 step, {ten} for 10"
-        );
+        for m in methods {
+            for record in [false, true] {
+                let (one, _) = allocations(&fm, &mut model, batch, &opts(m, 1, record));
+                let (ten, _) = allocations(&fm, &mut model, batch, &opts(m, 10, record));
+                assert!(
+                    ten <= one + pool_slack(batch),
+                    "{m} batch {batch} record {record}: {one} allocations for 1 step, {ten} for 10"
+                );
+            }
+        }
+        // Classifier-free guidance: one fused 2B-row evaluation per step.
+        let labels: Vec<u32> = (0..batch as u32).map(|i| i % 3).collect();
+        for m in ["euler", "rk4"] {
+            let mut g = Guided::new(&cond, &labels, 2.0).unwrap();
+            allocations(&fm, &mut g, batch, &opts(m, 2, false));
+            let (one, _) = allocations(&fm, &mut g, batch, &opts(m, 1, false));
+            let (ten, _) = allocations(&fm, &mut g, batch, &opts(m, 10, false));
+            assert!(
+                ten <= one + pool_slack(batch),
+                "guided {m} batch {batch}: {one} vs {ten}"
+            );
+        }
+    }
+    // Dormand-Prince: a tighter tolerance takes more steps, with no more allocations.
+    let tol = |rtol: f64| SampleOptions {
+        method: Some(Method::Dopri5(AdaptiveOptions {
+            rtol,
+            atol: rtol,
+            ..AdaptiveOptions::default()
+        })),
+        ..SampleOptions::seeded(1)
+    };
+    allocations(&fm, &mut model, 16, &tol(1e-2));
+    let (loose, loose_steps) = allocations(&fm, &mut model, 16, &tol(1e-2));
+    let (tight, tight_steps) = allocations(&fm, &mut model, 16, &tol(1e-6));
+    assert!(
+        tight_steps > loose_steps + 3,
+        "{loose_steps} vs {tight_steps}"
+    );
+    assert_eq!(
+        loose, tight,
+        "dopri5: {loose} allocations for {loose_steps} steps, {tight} for {tight_steps}"
+    );
+    // Encoding (the grid run backwards) takes the same loop.
+    for m in methods {
+        let one = encode_allocations(&fm, &mut model, &opts(m, 1, false));
+        let ten = encode_allocations(&fm, &mut model, &opts(m, 10, false));
+        assert_eq!(one, ten, "encode {m}: {one} vs {ten}");
     }
     println!("sampling allocations do not grow with steps: ok");
 }

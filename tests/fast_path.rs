@@ -4,11 +4,13 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
+use flow_matching::guidance::Guided;
 use flow_matching::io::read_npy;
 use flow_matching::kernel::{threads_for_batch, MIN_ROWS_PER_THREAD};
 use flow_matching::model::loss_and_grads;
 use flow_matching::{
-    Diffusion, FlowMatching, Result, SampleOptions, StepFn, VelocityMlp, VelocityMlpConfig, XDims,
+    AdaptiveOptions, Diffusion, FlowMatching, Method, Result, SampleOptions, Schedule, StepFn,
+    VelocityMlp, VelocityMlpConfig, XDims,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -337,4 +339,261 @@ fn non_finite_rows_in_a_second_thread_block_are_reported_at_their_step() {
         .to_string();
     assert_eq!(fast, generic);
     assert!(fast.contains("after step 1 "), "{fast}");
+}
+
+/// `v(x, t) = a(t) sin(x) + b(t)`, `a` and `b` computed from `t` rounded to f32: its tensor
+/// form and its slice form produce the same bits, so any difference between the two sampling
+/// paths is the solvers' own.
+struct Twin;
+
+fn twin_coefs(t: f32) -> (f32, f32) {
+    (-(1.0 + 3.0 * t * t), 0.5 - t)
+}
+
+struct TwinFast;
+
+impl flow_matching::FastVelocity for TwinFast {
+    fn velocity(&mut self, x: &[f32], t: f32, out: &mut [f32]) -> Result<()> {
+        let (a, b) = twin_coefs(t);
+        for (o, xi) in out.iter_mut().zip(x) {
+            *o = xi.sin() * a + b;
+        }
+        Ok(())
+    }
+}
+
+impl StepFn for Twin {
+    fn step(&mut self, x: &Tensor, t: &Tensor) -> Result<Tensor> {
+        let t = t.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?[0];
+        self.step_at(x, t)
+    }
+    fn step_at(&mut self, x: &Tensor, t: f64) -> Result<Tensor> {
+        let (a, b) = twin_coefs(t as f32);
+        Ok(x.sin()?.affine(a as f64, b as f64)?)
+    }
+    fn fast_velocity(&mut self) -> Option<Box<dyn flow_matching::FastVelocity + '_>> {
+        Some(Box::new(TwinFast))
+    }
+}
+
+fn bits(t: &Tensor) -> Vec<u32> {
+    vec(t).iter().map(|v| v.to_bits()).collect()
+}
+
+fn methods() -> Vec<(String, Method)> {
+    let loose = AdaptiveOptions {
+        rtol: 1e-3,
+        atol: 1e-4,
+        ..AdaptiveOptions::default()
+    };
+    let capped = AdaptiveOptions {
+        max_steps: 3,
+        return_on_max_steps: true,
+        ..AdaptiveOptions::default()
+    };
+    let mut v: Vec<(String, Method)> = ["euler", "midpoint", "heun", "rk4", "dopri5"]
+        .iter()
+        .map(|m| (m.to_string(), m.parse().unwrap()))
+        .collect();
+    v.push(("dopri5 loose".into(), Method::Dopri5(loose)));
+    v.push(("dopri5 capped".into(), Method::Dopri5(capped)));
+    v
+}
+
+fn same_sample(what: &str, fast: &flow_matching::Sample, generic: &flow_matching::Sample) {
+    assert_eq!(bits(&fast.x), bits(&generic.x), "{what}: final states");
+    assert_eq!(fast.nfe, generic.nfe, "{what}: nfe");
+    assert_eq!(
+        fast.accepted_steps, generic.accepted_steps,
+        "{what}: accepted"
+    );
+    assert_eq!(
+        fast.rejected_steps, generic.rejected_steps,
+        "{what}: rejected"
+    );
+    assert_eq!(fast.reached_end, generic.reached_end, "{what}: reached_end");
+    match (&fast.trajectory, &generic.trajectory) {
+        (Some(a), Some(b)) => {
+            assert_eq!(a.dims(), b.dims(), "{what}: trajectory shape");
+            assert_eq!(bits(a), bits(b), "{what}: trajectory");
+        }
+        (None, None) => {}
+        _ => panic!("{what}: one path recorded a trajectory, the other did not"),
+    }
+    match (&fast.times, &generic.times) {
+        (Some(a), Some(b)) => assert_eq!(bits(a), bits(b), "{what}: times"),
+        (None, None) => {}
+        _ => panic!("{what}: one path returned times, the other did not"),
+    }
+}
+
+#[test]
+fn every_method_schedule_and_direction_is_bit_equal_on_both_paths() {
+    let dev = Device::Cpu;
+    let fm = FlowMatching::new(3).unwrap();
+    let schedules = [
+        Schedule::Uniform,
+        Schedule::Shift(3.0),
+        Schedule::Cosine,
+        Schedule::Custom(vec![0.0, 0.1, 0.45, 0.7, 1.0]),
+    ];
+    let mut adaptive_rejected = 0;
+    for (name, method) in methods() {
+        for schedule in &schedules {
+            for record in [false, true] {
+                let opts = SampleOptions {
+                    method: Some(method.clone()),
+                    schedule: Some(schedule.clone()),
+                    steps: Some(4),
+                    return_all_steps: record,
+                    ..SampleOptions::seeded(7)
+                };
+                let what = format!("{name} {schedule:?} record {record}");
+                let fast = fm.sample(5, &mut Twin, &dev, &opts).unwrap();
+                let generic = fm.sample(5, &mut Generic(&mut Twin), &dev, &opts).unwrap();
+                same_sample(&what, &fast, &generic);
+                adaptive_rejected += fast.rejected_steps;
+                // Encoding runs the grid backwards from the sample.
+                let fast_back = fm.encode(&fast.x, &mut Twin, &opts).unwrap();
+                let generic_back = fm.encode(&fast.x, &mut Generic(&mut Twin), &opts).unwrap();
+                same_sample(&format!("{what} encode"), &fast_back, &generic_back);
+            }
+        }
+    }
+    // The comparison covered the rejection branch as well.
+    assert!(adaptive_rejected > 0);
+}
+
+#[test]
+fn euler_on_the_step_loop_is_bit_equal_to_the_whole_run_kernel() {
+    // Recording takes the generic driver; without recording the model's whole-run Euler
+    // runs. Both must give the same final state.
+    let dev = Device::Cpu;
+    let mut model = VelocityMlp::init(small_config(0, 2), &VarMap::new(), &dev, 9)
+        .unwrap()
+        .detach();
+    let fm = FlowMatching::new(2).unwrap();
+    for b in [1, 3, 2 * MIN_ROWS_PER_THREAD + 5] {
+        let plain = fm
+            .sample(b, &mut model, &dev, &SampleOptions::seeded(3))
+            .unwrap();
+        let rec = SampleOptions {
+            return_all_steps: true,
+            ..SampleOptions::seeded(3)
+        };
+        let recorded = fm.sample(b, &mut model, &dev, &rec).unwrap();
+        assert_eq!(bits(&plain.x), bits(&recorded.x), "batch {b}");
+    }
+}
+
+#[test]
+fn non_finite_states_error_alike_for_every_method() {
+    let dev = Device::Cpu;
+    let fm = FlowMatching::new(3).unwrap();
+    for (name, method) in methods() {
+        let opts = SampleOptions {
+            method: Some(method),
+            x_init: Some(Tensor::new(&[[f32::NAN, 0.5, 1.0], [1.0, 2.0, 3.0]], &dev).unwrap()),
+            ..Default::default()
+        };
+        let fast = fm.sample(2, &mut Twin, &dev, &opts);
+        let generic = fm.sample(2, &mut Generic(&mut Twin), &dev, &opts);
+        match (fast, generic) {
+            (Err(a), Err(b)) => assert_eq!(a.to_string(), b.to_string(), "{name}"),
+            // The capped adaptive run stops at its cap after rejecting every step.
+            (Ok(a), Ok(b)) => {
+                assert!(!a.reached_end && !b.reached_end, "{name}");
+                assert_eq!(a.rejected_steps, b.rejected_steps, "{name}");
+            }
+            (a, b) => panic!("{name}: fast {a:?}, generic {b:?}"),
+        }
+    }
+}
+
+#[test]
+fn model_fast_path_matches_generic_for_every_method_and_encode() {
+    // The fused kernels round differently from candle's matmuls (FMA, summation order), so
+    // the model's two paths agree to a tolerance, not to the bit: ~1e-6 relative per
+    // evaluation, grown over the steps.
+    let dev = Device::Cpu;
+    let mut model = VelocityMlp::init(small_config(0, 2), &VarMap::new(), &dev, 4)
+        .unwrap()
+        .detach();
+    let fm = FlowMatching::new(2).unwrap();
+    for b in [1, 2 * MIN_ROWS_PER_THREAD + 3] {
+        for (name, method) in methods() {
+            let adaptive = method.is_adaptive();
+            let opts = SampleOptions {
+                method: Some(method),
+                steps: Some(6),
+                return_all_steps: !adaptive,
+                ..SampleOptions::seeded(5)
+            };
+            let what = format!("{name} batch {b}");
+            let fast = fm.sample(b, &mut model, &dev, &opts).unwrap();
+            let generic = fm.sample(b, &mut Generic(&mut model), &dev, &opts).unwrap();
+            // Where the velocities differ in the last bit, an adaptive run may accept or
+            // reject a step differently and end on another step sequence: the two end states
+            // then differ by the method's global error (~2e-4 here, a backward run ~1e-3),
+            // not by rounding. With equal velocities the paths are bit-equal (see above).
+            let tol = if adaptive { 3e-3 } else { 2e-6 };
+            assert_close(&what, &vec(&fast.x), &vec(&generic.x), tol, 10.0 * tol);
+            if !adaptive {
+                assert_eq!(fast.nfe, generic.nfe, "{what}: nfe");
+            }
+            if let (Some(a), Some(g)) = (&fast.trajectory, &generic.trajectory) {
+                assert_close(&what, &vec(a), &vec(g), tol, 10.0 * tol);
+            }
+            let back = fm.encode(&fast.x, &mut model, &opts).unwrap();
+            let back_g = fm.encode(&fast.x, &mut Generic(&mut model), &opts).unwrap();
+            assert_close(
+                &format!("{what} encode"),
+                &vec(&back.x),
+                &vec(&back_g.x),
+                tol,
+                10.0 * tol,
+            );
+        }
+    }
+}
+
+#[test]
+fn guided_fast_path_matches_generic() {
+    let dev = Device::Cpu;
+    let model = VelocityMlp::init(small_config(3, 2), &VarMap::new(), &dev, 6)
+        .unwrap()
+        .detach();
+    let fm = FlowMatching::new(2).unwrap();
+    for b in [1, 2 * MIN_ROWS_PER_THREAD + 1] {
+        let labels: Vec<u32> = (0..b).map(|i| (i % 4) as u32).collect();
+        for weight in [2.0, 0.0, 1.0, -0.5] {
+            for method in ["euler", "rk4"] {
+                let mut g = Guided::new(&model, &labels, weight).unwrap();
+                assert!(g.fast_velocity().is_some());
+                let opts = SampleOptions {
+                    method: Some(method.parse().unwrap()),
+                    return_all_steps: true,
+                    ..SampleOptions::seeded(8)
+                };
+                let fast = fm.sample(b, &mut g, &dev, &opts).unwrap();
+                let generic = fm.sample(b, &mut Generic(&mut g), &dev, &opts).unwrap();
+                let what = format!("guided w {weight} {method} batch {b}");
+                assert_close(&what, &vec(&fast.x), &vec(&generic.x), 5e-6, 5e-5);
+                assert_close(
+                    &what,
+                    &vec(fast.trajectory.as_ref().unwrap()),
+                    &vec(generic.trajectory.as_ref().unwrap()),
+                    5e-6,
+                    5e-5,
+                );
+            }
+        }
+    }
+    // A batch that does not match the labels is an error on the fast path too.
+    let mut g = Guided::new(&model, &[0, 1], 2.0).unwrap();
+    let err = fm
+        .sample(3, &mut g, &dev, &SampleOptions::seeded(0))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("one per label"), "{err}");
 }

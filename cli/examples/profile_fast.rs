@@ -1,5 +1,6 @@
 //! Runs one benchmark figure in a loop for a profiler: `cargo run --release --example
-//! profile_fast -- sample 1 2000` or `... train 4096 20`.
+//! profile_fast -- sample 1 2000`, `... rk4 1 500`, `... cfg 1 500` or `... train 4096 20`;
+//! `FLOW_MATCHING_KERNEL=avx2` (or `portable`) compares the kernel paths.
 
 #[allow(dead_code)]
 #[path = "../src/harness.rs"]
@@ -10,12 +11,16 @@ fn main() -> flow_matching::Result<()> {
     let what = args.get(1).map_or("sample", String::as_str);
     let batch: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(1);
     let reps: usize = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(100);
-    let v = if what == "train" {
-        harness::train_steps_per_s(batch, reps)?
-    } else {
-        let model = harness::workload_model(&candle_nn::VarMap::new())?;
-        harness::sample_ms(&model, batch, reps)?
+    let varmap = candle_nn::VarMap::new();
+    let v = match what {
+        "train" => harness::train_steps_per_s(batch, reps)?,
+        "cfg" => harness::cfg_sample_ms(&harness::conditional_model(&varmap)?, reps)?,
+        "rk4" => harness::sample_method_ms(&harness::workload_model(&varmap)?, "rk4", batch, reps)?,
+        _ => harness::sample_ms(&harness::workload_model(&varmap)?, batch, reps)?,
     };
-    println!("{what} batch {batch}: {v:.4}");
+    println!(
+        "{what} batch {batch} ({} kernels): {v:.4}",
+        flow_matching::kernel::kernel_path().name()
+    );
     Ok(())
 }

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use crate::harness::{self as bench, BenchOptions};
-use flow_matching::Result;
+use flow_matching::{kernel, Result};
 
 /// Arguments of `bench`.
 #[derive(Debug, clap::Args)]
@@ -49,6 +49,37 @@ pub fn run(a: BenchArgs) -> Result<()> {
         reps_scale: a.reps_scale,
     };
     let torch = a.install || bench::torch_available(&a.python);
+    let path = kernel::kernel_path().name();
+    let features = kernel::cpu_features();
+    let requested = match kernel::requested_path() {
+        Ok(Some(p)) if p.name() != path => format!(
+            "{} asked for {}, which this CPU lacks",
+            kernel::KERNEL_ENV,
+            p.name()
+        ),
+        Ok(Some(_)) => format!("forced by {}", kernel::KERNEL_ENV),
+        Ok(None) => "the fastest this CPU has".to_string(),
+        Err(e) => format!("{} ignored: {e}", kernel::KERNEL_ENV),
+    };
+    let cpu = cpu_model();
+    let threads = kernel::available_threads();
+    let load = std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default();
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "header": true, "cpu": cpu, "cpu_features": features, "kernel_path": path,
+                "kernel_choice": requested, "threads": threads, "loadavg_at_start": load,
+            })
+        );
+    } else {
+        println!("CPU: {cpu}; features: {}", features.join(" "));
+        println!(
+            "kernel path: {path} ({requested}); {threads} threads; load average at start: {load}"
+        );
+    }
     #[allow(unused_mut)]
     let mut figures = if a.onnx_only {
         Vec::new()
@@ -68,7 +99,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 "{}",
                 serde_json::json!({
                     "figure": f.figure, "ours": f.ours, "pytorch": f.pytorch,
-                    "unit": f.unit, "ratio": f.ratio(),
+                    "unit": f.unit, "ratio": f.ratio(), "kernel_path": path,
                 })
             );
         }
@@ -94,6 +125,19 @@ pub fn run(a: BenchArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The CPU's model name from /proc/cpuinfo ("unknown" elsewhere).
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown".into())
 }
 
 /// Runs the hidden child: one batch-4096 sample, then prints the peak RSS in MiB.

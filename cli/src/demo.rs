@@ -68,7 +68,7 @@ fn preset(digits: bool, steps: Option<usize>, seed: u64) -> Result<TrainSettings
     let mut s = Wrap::try_parse_from(args)
         .map(|w| w.s)
         .map_err(|e| flow_matching::Error::invalid("demo preset", e, "valid training settings"))?;
-    s.steps = steps.unwrap_or(if digits { 6000 } else { 10000 });
+    s.steps = Some(steps.unwrap_or(if digits { 6000 } else { 10000 }));
     s.seed = seed;
     Ok(s)
 }
@@ -81,13 +81,25 @@ pub fn run(a: DemoArgs) -> Result<()> {
     let train_settings = preset(digits, a.steps, a.seed)?;
     std::fs::create_dir_all(&a.out_dir).map_err(|e| flow_matching::Error::io(&a.out_dir, e))?;
     let model_path = a.out_dir.join("model.safetensors");
+    let (loss_png, samples_npy, samples_png) = (
+        a.out_dir.join("loss.png"),
+        a.out_dir.join("samples.npy"),
+        a.out_dir.join("samples.png"),
+    );
+    crate::bounds::at_least_one("--n", a.n)?;
+    let _locks = flow_matching::output::prepare_outputs(
+        &[
+            ("model", &model_path),
+            ("loss plot", &loss_png),
+            ("samples", &samples_npy),
+            ("sample plot", &samples_png),
+        ],
+        &[],
+    )?;
+    let (sizing, _) = train_settings.sizing(data.rows(), data.dim());
     eprintln!(
         "training a velocity-mlp (hidden {}, depth {}) on {} for {} steps of batch {}",
-        train_settings.hidden,
-        train_settings.depth,
-        data.source,
-        train_settings.steps,
-        train_settings.batch
+        sizing.hidden, sizing.depth, data.source, sizing.steps, sizing.batch_size
     );
     let start = std::time::Instant::now();
     let out = fit(&data, &train_settings, None, &model_path, &device)?;

@@ -5,7 +5,9 @@ use std::path::PathBuf;
 use candle_core::Device;
 use flow_matching::data::DataSource;
 use flow_matching::error::{Error, Result};
-use flow_matching::evaluate::{evaluate_with_progress, noise_floor, table, EvalOptions, Setting};
+use flow_matching::evaluate::{
+    evaluate_with_progress, noise_floor, subsample, table, EvalOptions, Setting,
+};
 use flow_matching::model::VelocityMlp;
 use flow_matching::schedule::Schedule;
 use flow_matching::solver::Method;
@@ -55,7 +57,7 @@ pub(crate) fn parse_steps(s: &str) -> Result<Vec<usize>> {
             Ok(n) if n > 0 => Ok(n),
             _ => Err(Error::invalid(
                 "--steps",
-                s,
+                flow_matching::limits::excerpt(s),
                 "comma-separated step counts of at least 1",
             )),
         })
@@ -106,12 +108,23 @@ pub fn run(a: EvalArgs) -> Result<()> {
         ));
     }
     let device = Device::Cpu;
+    crate::bounds::at_least_one("--n", a.n)?;
     let model = VelocityMlp::load(&a.model, &device)?;
+    let d = model.config().x_dims.numel();
+    // Samples, the reference rows, fresh toy points and the metrics' buffers: a few copies.
+    crate::bounds::memory(
+        format!("evaluating --n {} samples of {d} values", a.n),
+        &[crate::bounds::floats(&[a.n, d, 16])],
+    )?;
     let source = DataSource::parse(&a.data)?.with_label_column(a.label_column)?;
     let steps = parse_steps(&a.steps)?;
     let settings = settings(&a.methods, &a.schedules, &steps)?;
     let data = source.load(a.n, a.seed.wrapping_add(1))?;
-    let (floor, floor_n) = noise_floor(&source, &data, a.seed)?;
+    // Pairwise metrics cost O(rows²): a table is cut to --n rows (2 --n for the floor's two
+    // halves) before any of them, whatever the size of the file.
+    let pool = subsample(&data, a.n.saturating_mul(2), a.seed.wrapping_add(3))?;
+    let data = subsample(&pool, a.n, a.seed.wrapping_add(4))?;
+    let (floor, floor_n) = noise_floor(&source, &pool, a.seed)?;
     let options = EvalOptions {
         n: a.n,
         seed: a.seed,

@@ -79,7 +79,17 @@ fn median_ms(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
 
 /// The median time (ms) of one `STEPS`-step Euler sample of `batch` rows.
 pub fn sample_ms(model: &VelocityMlp, batch: usize, reps: usize) -> Result<f64> {
-    let fm = FlowMatching::new(2)?;
+    sample_method_ms(model, "euler", batch, reps)
+}
+
+/// The median time (ms) of one `STEPS`-step sample of `batch` rows with `method`.
+pub fn sample_method_ms(
+    model: &VelocityMlp,
+    method: &str,
+    batch: usize,
+    reps: usize,
+) -> Result<f64> {
+    let fm = FlowMatching::new(2)?.with_method(method)?;
     let mut rng = StdRng::seed_from_u64(batch as u64);
     let opts = SampleOptions {
         steps: Some(STEPS),
@@ -89,6 +99,38 @@ pub fn sample_ms(model: &VelocityMlp, batch: usize, reps: usize) -> Result<f64> 
     let mut m = model.detach();
     median_ms(reps, || {
         fm.sample(batch, &mut m, &Device::Cpu, &opts)?;
+        Ok(())
+    })
+}
+
+/// Classes of the conditional workload model (sample_cfg_b1).
+pub const CLASSES: usize = 10;
+/// Guidance weight of sample_cfg_b1.
+pub const GUIDANCE: f64 = 2.0;
+
+/// The conditional workload model: the workload model with `CLASSES` classes (seed 1).
+pub fn conditional_model(varmap: &VarMap) -> Result<VelocityMlp> {
+    let cfg = VelocityMlpConfig {
+        num_classes: CLASSES,
+        ..VelocityMlpConfig::new(XDims::new(2)?)
+    };
+    VelocityMlp::init(cfg, varmap, &Device::Cpu, 1)
+}
+
+/// The median time (ms) of one `STEPS`-step Euler sample of one row of class 0 with
+/// classifier-free guidance weight `GUIDANCE`.
+pub fn cfg_sample_ms(model: &VelocityMlp, reps: usize) -> Result<f64> {
+    let fm = FlowMatching::new(2)?.with_guidance(GUIDANCE)?;
+    let mut rng = StdRng::seed_from_u64(1);
+    let opts = SampleOptions {
+        steps: Some(STEPS),
+        x_init: Some(randn(&mut rng, &[1, 2], DType::F32, &Device::Cpu)?),
+        ..Default::default()
+    };
+    let m = model.detach();
+    let mut guided = fm.guided(&m, &[0])?;
+    median_ms(reps, || {
+        fm.sample(1, &mut guided, &Device::Cpu, &opts)?;
         Ok(())
     })
 }
@@ -199,11 +241,16 @@ fn run_python(opts: &BenchOptions, model: &Path, extra: &[&str]) -> Result<Vec<(
     Ok(v)
 }
 
-fn our_round(model: &VelocityMlp, scale: f64) -> Result<Vec<(String, f64)>> {
+fn our_round(model: &VelocityMlp, cond: &VelocityMlp, scale: f64) -> Result<Vec<(String, f64)>> {
     let reps = |n: usize| ((n as f64 * scale) as usize).max(1);
     let mut v = Vec::new();
     for (b, n) in SAMPLE_BATCHES.iter().zip([200, 50, 5]) {
         v.push((format!("sample_b{b}"), sample_ms(model, *b, reps(n))?));
+        if *b == 1 {
+            let rk4 = sample_method_ms(model, "rk4", 1, reps(100))?;
+            v.push(("sample_rk4_b1".into(), rk4));
+            v.push(("sample_cfg_b1".into(), cfg_sample_ms(cond, reps(n))?));
+        }
     }
     v.push((
         "train_b4096".into(),
@@ -219,6 +266,9 @@ pub fn run(opts: &BenchOptions, mut progress: impl FnMut(&str)) -> Result<Vec<Fi
     let model_path = dir.join("velocity-mlp.safetensors");
     let model = workload_model(&VarMap::new())?;
     model.save(&model_path)?;
+    let cond_path = dir.join("velocity-mlp-cond.safetensors");
+    let cond = conditional_model(&VarMap::new())?;
+    cond.save(&cond_path)?;
     let torch = opts.install || torch_available(&opts.python);
     let mut ours: Vec<(String, Vec<f64>)> = Vec::new();
     let mut theirs: Vec<(String, Vec<f64>)> = Vec::new();
@@ -231,10 +281,13 @@ pub fn run(opts: &BenchOptions, mut progress: impl FnMut(&str)) -> Result<Vec<Fi
         }
     };
     for r in 0..opts.rounds.max(1) {
-        push(&mut ours, our_round(&model, opts.reps_scale)?);
+        push(&mut ours, our_round(&model, &cond, opts.reps_scale)?);
         progress(&format!("round {}: ours done", r + 1));
         if torch {
-            push(&mut theirs, run_python(opts, &model_path, &[])?);
+            let cond_arg = cond_path.to_string_lossy();
+            let guidance = GUIDANCE.to_string();
+            let extra = ["--cond-model", &cond_arg, "--guidance", &guidance];
+            push(&mut theirs, run_python(opts, &model_path, &extra)?);
             progress(&format!("round {}: PyTorch done", r + 1));
         }
     }

@@ -51,6 +51,59 @@ pub struct LoglikArgs {
     /// One class for every row, or one per row, comma-separated (conditional models).
     #[arg(long)]
     labels: Option<String>,
+    /// Also write each row's log-likelihood (nats) as a float32 .npy array [N].
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Also write each row's bits per dimension as a float32 .npy array [N].
+    #[arg(long)]
+    bpd_out: Option<PathBuf>,
+}
+
+/// The rows to score or encode: a .npy array keeps its shape ([N, *x_dims], as `sample`
+/// writes them); a named toy draws `n` fresh points (seeded); digits and CSV tables are read
+/// whole, their flat rows given the model's sample shape.
+pub(crate) fn load_rows(
+    data: &str,
+    n: usize,
+    seed: u64,
+    model: &VelocityMlp,
+    device: &Device,
+) -> Result<candle_core::Tensor> {
+    let x_dims = model.config().x_dims.clone();
+    let npy = std::path::Path::new(data);
+    let mut rows = if npy.extension().is_some_and(|e| e == "npy") && npy.is_file() {
+        flow_matching::io::read_npy(npy, device)?
+    } else {
+        DataSource::parse(data)?.load(n, seed)?.x
+    };
+    if rows.rank() == 2 && rows.dim(1)? == x_dims.numel() {
+        rows = rows.reshape(x_dims.batched(rows.dim(0)?))?;
+    }
+    if rows.rank() < 2 || rows.dims()[1..] != *x_dims.dims() || rows.dim(0)? == 0 {
+        return Err(Error::Shape {
+            what: format!("data {data}"),
+            expected: format!("[N, {x_dims}] with N >= 1 (the model's x_dims)"),
+            got: rows.dims().to_vec(),
+        });
+    }
+    Ok(rows)
+}
+
+/// `--labels` for `n` rows: one label for all, or one per row.
+pub(crate) fn row_labels(labels: Option<&str>, n: usize) -> Result<Option<Vec<u32>>> {
+    let parsed = labels.map(super::parse_labels).transpose()?;
+    Ok(match parsed {
+        None => None,
+        Some(l) if l.len() == 1 => Some(vec![l[0]; n]),
+        Some(l) if l.len() == n => Some(l),
+        Some(l) => {
+            return Err(Error::invalid(
+                "--labels",
+                format!("{} labels", l.len()),
+                format!("one label for every row, or one per row ({n})"),
+            ))
+        }
+    })
 }
 
 /// Runs `loglik`.
@@ -85,43 +138,42 @@ pub fn run(a: LoglikArgs) -> Result<()> {
     }
     let method: Method = a.method.parse()?;
     let schedule: Schedule = a.schedule.parse()?;
+    // The per-row files are checked and locked before any work.
+    let mut outputs: Vec<(&str, &std::path::Path)> = Vec::new();
+    if let Some(p) = &a.out {
+        outputs.push(("--out", p));
+    }
+    if let Some(p) = &a.bpd_out {
+        outputs.push(("--bpd-out", p));
+    }
+    let _locks = flow_matching::output::prepare_outputs(&outputs, &[("--model", &a.model)])?;
     // Detached weights: the backward passes then reach only x, never the model.
     let model = VelocityMlp::load(&a.model, &device)?.detach();
     let x_dims = model.config().x_dims.clone();
-    // A named toy draws --n fresh points (seeded); files and digits are read whole.
-    // .npy arrays keep their shape ([N, *x_dims], as `sample` writes them); named data and CSV
-    // tables are rows.
-    let npy = std::path::Path::new(&a.data);
-    let mut data = if npy.extension().is_some_and(|e| e == "npy") && npy.is_file() {
-        flow_matching::io::read_npy(npy, &device)?
-    } else {
-        DataSource::parse(&a.data)?.load(a.n, a.seed)?.x
-    };
-    // Rows of a table are flat: give them the model's sample shape when the sizes agree.
-    if data.rank() == 2 && data.dim(1)? == x_dims.numel() {
-        data = data.reshape(x_dims.batched(data.dim(0)?))?;
+    {
+        use crate::bounds::{at_least_one, floats, memory};
+        at_least_one("--steps", a.steps)?;
+        at_least_one("--n", a.n)?;
+        let d = x_dims.numel();
+        // Per batch: the state, one gradient per probe (or per dimension when exact) and
+        // the solver's stages; a toy's --n points are drawn up front.
+        let probes = a.probes.unwrap_or(d);
+        memory(
+            format!(
+                "log-likelihoods of --batch {} rows of {d} values with {probes} probes (--n {})",
+                a.batch, a.n
+            ),
+            &[
+                probes
+                    .checked_add(8)
+                    .and_then(|k| floats(&[a.batch, d, k, 2])),
+                floats(&[a.n, d, 2]),
+            ],
+        )?;
     }
-    if data.rank() < 2 || data.dims()[1..] != *x_dims.dims() || data.dim(0)? == 0 {
-        return Err(Error::Shape {
-            what: format!("data {}", a.data),
-            expected: format!("[N, {x_dims}] with N >= 1 (the model's x_dims)"),
-            got: data.dims().to_vec(),
-        });
-    }
+    let data = load_rows(&a.data, a.n, a.seed, &model, &device)?;
     let n = data.dim(0)?;
-    let parsed = a.labels.as_deref().map(super::parse_labels).transpose()?;
-    let labels: Option<Vec<u32>> = match &parsed {
-        None => None,
-        Some(l) if l.len() == 1 => Some(vec![l[0]; n]),
-        Some(l) if l.len() == n => Some(l.clone()),
-        Some(l) => {
-            return Err(Error::invalid(
-                "--labels",
-                format!("{} labels", l.len()),
-                format!("one label for every row, or one per row ({n})"),
-            ))
-        }
-    };
+    let labels = row_labels(a.labels.as_deref(), n)?;
     let mut log_p = Vec::with_capacity(n);
     let mut nfe = 0;
     for (i, start) in (0..n).step_by(a.batch).enumerate() {
@@ -168,6 +220,17 @@ pub fn run(a: LoglikArgs) -> Result<()> {
             format!("Hutchinson estimator, {probes} {kind:?} probe(s)")
         }
     };
+    let scale = d as f64 * std::f64::consts::LN_2;
+    let per_row = |f: &dyn Fn(f64) -> f64| -> Result<candle_core::Tensor> {
+        let v: Vec<f32> = log_p.iter().map(|&l| f(l) as f32).collect();
+        Ok(candle_core::Tensor::from_vec(v, n, &Device::Cpu)?)
+    };
+    if let Some(p) = &a.out {
+        flow_matching::io::write_npy(p, &per_row(&|l| l)?)?;
+    }
+    if let Some(p) = &a.bpd_out {
+        flow_matching::io::write_npy(p, &per_row(&|l| -l / scale)?)?;
+    }
     println!("log p(x): mean {mean:.6} nats, standard error {se:.6} (N = {n}, D = {d})");
     println!("bits/dim: {bpd:.6}");
     println!("{how}, {method}, {nfe} function evaluations");

@@ -4,14 +4,17 @@
 mod bench;
 #[cfg(feature = "onnx")]
 mod bench_onnx;
+mod bounds;
 mod cond;
 mod demo;
+mod encode;
 mod eval;
 mod harness;
 mod loglik;
 #[cfg(feature = "onnx")]
 mod onnx;
 mod progress;
+mod reflow;
 mod sample;
 mod train;
 
@@ -39,6 +42,10 @@ enum Command {
     Sample(sample::SampleArgs),
     /// Log-likelihoods (nats, bits/dim) of data rows under a velocity-mlp model.
     Loglik(loglik::LoglikArgs),
+    /// Retrain a model on its own (noise, sample) pairs so that 1-2 Euler steps sample well.
+    Reflow(reflow::ReflowArgs),
+    /// Map data to noise by integrating the model's flow backwards.
+    Encode(encode::EncodeArgs),
     /// Time sampling and training against PyTorch eager, side by side.
     Bench(bench::BenchArgs),
     /// One batch-4096 sample, then the peak RSS in MiB (the benchmark's child process).
@@ -65,6 +72,8 @@ where
         Command::Eval(a) => eval::run(a),
         Command::Sample(a) => sample::run(a),
         Command::Loglik(a) => loglik::run(a),
+        Command::Reflow(a) => reflow::run(a),
+        Command::Encode(a) => encode::run(a),
         Command::Bench(a) => bench::run(a),
         Command::BenchPeakRss(a) => bench::run_peak_rss(a),
     }
@@ -83,8 +92,11 @@ fn parse_labels(s: &str) -> Result<Vec<u32>> {
             p.trim().parse::<u32>().map_err(|_| {
                 flow_matching::Error::invalid(
                     "--labels",
-                    s,
-                    format!("comma-separated class indices; {p:?} is not a non-negative integer"),
+                    flow_matching::limits::excerpt(s),
+                    format!(
+                        "comma-separated class indices; {:?} is not a non-negative integer",
+                        flow_matching::limits::excerpt(p)
+                    ),
                 )
             })
         })

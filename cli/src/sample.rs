@@ -4,10 +4,12 @@ use std::path::PathBuf;
 
 use candle_core::Device;
 
+use crate::bounds;
 use flow_matching::error::{Error, Result};
 use flow_matching::flow_matching::FlowMatching;
-use flow_matching::io::{read_npy, write_npy};
+use flow_matching::io::{read_npy, stage_npy};
 use flow_matching::model::VelocityMlp;
+use flow_matching::output::{commit, prepare_outputs};
 use flow_matching::schedule::Schedule;
 use flow_matching::solver::Method;
 use flow_matching::{Diffusion, Sample, SampleOptions, StepFn};
@@ -20,8 +22,7 @@ pub struct SampleArgs {
     /// A velocity-mlp safetensors file, or an ONNX velocity network (.onnx).
     #[arg(long)]
     model: PathBuf,
-    /// Number of samples (ignored with --x-init, whose first dimension is the batch, and with
-    /// conditions of several rows, whose rows (times --per-cond) set it).
+    /// Number of samples (ignored with --x-init, whose first dimension is the batch).
     #[arg(long, default_value_t = 16)]
     batch: usize,
     /// Seed for the initial noise.
@@ -96,13 +97,15 @@ fn parse_method(a: &SampleArgs) -> Result<Method> {
 
 /// Writes the samples (and the trajectory and times when asked), then says what was written.
 fn write_outputs(a: &SampleArgs, out: &Sample, batch: usize, fm: &FlowMatching) -> Result<()> {
-    write_npy(&a.out, &out.x)?;
+    // All outputs are written to temporaries first; only then is any renamed into place.
+    let mut staged = vec![stage_npy(&a.out, &out.x)?];
     if let (Some(p), Some(t)) = (&a.trajectory, &out.trajectory) {
-        write_npy(p, t)?;
+        staged.push(stage_npy(p, t)?);
     }
     if let (Some(p), Some(t)) = (&a.times, &out.times) {
-        write_npy(p, t)?;
+        staged.push(stage_npy(p, t)?);
     }
+    commit(staged)?;
     eprintln!(
         "wrote {} samples of shape {} to {} ({} steps, {}, {} function evaluations)",
         batch,
@@ -117,7 +120,7 @@ fn write_outputs(a: &SampleArgs, out: &Sample, batch: usize, fm: &FlowMatching) 
 
 /// `sample` for an ONNX velocity network.
 #[cfg(feature = "onnx")]
-fn run_onnx(a: SampleArgs) -> Result<()> {
+fn run_onnx(a: &SampleArgs) -> Result<()> {
     if a.labels.is_some() {
         return Err(Error::invalid(
             "--labels",
@@ -126,7 +129,7 @@ fn run_onnx(a: SampleArgs) -> Result<()> {
         ));
     }
     let device = Device::Cpu;
-    let method = parse_method(&a)?;
+    let method = parse_method(a)?;
     let schedule: Schedule = a.schedule.parse()?;
     let x_init = a
         .x_init
@@ -143,6 +146,12 @@ fn run_onnx(a: SampleArgs) -> Result<()> {
         a.batch,
         rows,
     )?;
+    bounds::sampling(
+        batch,
+        step.x_dims().numel(),
+        a.steps,
+        a.trajectory.is_some(),
+    )?;
     let mut fm = FlowMatching::new(step.x_dims())?;
     fm.method = method;
     fm.schedule = schedule;
@@ -154,11 +163,11 @@ fn run_onnx(a: SampleArgs) -> Result<()> {
         ..Default::default()
     };
     let out = fm.sample(batch, &mut step, &device, &options)?;
-    write_outputs(&a, &out, batch, &fm)
+    write_outputs(a, &out, batch, &fm)
 }
 
 #[cfg(not(feature = "onnx"))]
-fn run_onnx(a: SampleArgs) -> Result<()> {
+fn run_onnx(a: &SampleArgs) -> Result<()> {
     Err(Error::invalid(
         "--model",
         a.model.display(),
@@ -168,8 +177,26 @@ fn run_onnx(a: SampleArgs) -> Result<()> {
 
 /// Runs `sample`.
 pub fn run(a: SampleArgs) -> Result<()> {
+    let device = Device::Cpu;
+    // Outputs are checked and locked before the model is read or a step is taken.
+    let mut outputs = vec![("--out", a.out.as_path())];
+    if let Some(p) = &a.trajectory {
+        outputs.push(("--trajectory", p.as_path()));
+    }
+    if let Some(p) = &a.times {
+        outputs.push(("--times", p.as_path()));
+    }
+    let mut inputs = vec![("--model", a.model.as_path())];
+    if let Some(p) = &a.x_init {
+        inputs.push(("--x-init", p.as_path()));
+    }
+    let _locks = prepare_outputs(&outputs, &inputs)?;
+    bounds::at_least_one("--steps", a.steps)?;
+    if a.x_init.is_none() {
+        bounds::at_least_one("--batch", a.batch)?;
+    }
     if super::is_onnx(&a.model) {
-        return run_onnx(a);
+        return run_onnx(&a);
     }
     if let Some(flag) = [
         (!a.cond.cond.is_empty(), "--cond"),
@@ -186,7 +213,6 @@ pub fn run(a: SampleArgs) -> Result<()> {
             "an ONNX model (.onnx); a velocity-mlp file takes --labels",
         ));
     }
-    let device = Device::Cpu;
     let model = VelocityMlp::load(&a.model, &device)?;
     let method = parse_method(&a)?;
     let schedule: Schedule = a.schedule.parse()?;
@@ -199,9 +225,16 @@ pub fn run(a: SampleArgs) -> Result<()> {
         .map(|p| read_npy(p, &device))
         .transpose()?;
     let batch = match &x_init {
-        Some(x) => x.dim(0)?,
+        Some(x) => x.dims().first().copied().unwrap_or(0),
         None => a.batch,
     };
+    bounds::at_least_one("--x-init rows", batch)?;
+    bounds::sampling(
+        batch,
+        model.config().x_dims.numel(),
+        a.steps,
+        a.trajectory.is_some(),
+    )?;
     let options = SampleOptions {
         return_all_steps: a.trajectory.is_some() || a.times.is_some(),
         steps: Some(a.steps),

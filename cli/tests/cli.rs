@@ -110,7 +110,7 @@ fn train_refuses_bad_data_and_settings() {
     );
     let (ok, _, err) = cli(&["train", "--data", "moons", "--steps", "0", "--out", o]);
     assert!(!ok);
-    assert_eq!(err.trim(), "error: invalid steps 0: at least 1");
+    assert_eq!(err.trim(), "error: invalid --steps 0: at least 1");
     let csv = tmp("ragged.csv");
     std::fs::write(&csv, "1,2\n3\n").unwrap();
     let (ok, _, err) = cli(&["train", "--data", csv.to_str().unwrap(), "--out", o]);

@@ -43,7 +43,10 @@ fn sample_ok(out: &str, args: &[&str]) -> Tensor {
 
 /// Runs a command that must fail with one line on stderr and write nothing; returns the line.
 fn fails(args: &[&str]) -> String {
-    let out = tmp(&format!("never-{}.npy", args.len()));
+    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    // One output name per call: tests run in parallel and outputs are locked while written.
+    let out = tmp(&format!("never-{n}.npy"));
     let _ = std::fs::remove_file(&out);
     let out_s = out.to_string_lossy().into_owned();
     let mut all: Vec<&str> = args.to_vec();

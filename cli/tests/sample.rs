@@ -50,7 +50,7 @@ fn cli_errors_are_one_clear_line() {
     );
     let (ok, err) = cli2(&["sample", "--model", model, "--batch", "0", "--out", out]);
     assert!(!ok);
-    assert_eq!(err.trim(), "error: batch size must be at least 1, got 0");
+    assert_eq!(err.trim(), "error: invalid --batch 0: at least 1");
     let (ok, err) = cli2(&["sample", "--model", model, "--labels", "1,x", "--out", out]);
     assert!(!ok);
     assert_eq!(

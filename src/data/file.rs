@@ -11,8 +11,7 @@ use crate::error::{Error, Result};
 /// model with millions of classes.
 pub const MAX_LABEL: u32 = 9_999;
 
-/// The first bytes of every `.npy` file.
-const NPY_MAGIC: &[u8] = b"\x93NUMPY";
+use crate::io::NPY_MAGIC;
 
 /// Loads a data file: `.npy` when it starts with the NumPy magic bytes, CSV otherwise.
 ///
@@ -31,30 +30,22 @@ const NPY_MAGIC: &[u8] = b"\x93NUMPY";
 /// ```
 pub fn load_file(path: impl AsRef<Path>, label_column: Option<usize>) -> Result<Dataset> {
     let path = path.as_ref();
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let bytes = crate::limits::read_input(path)?;
     if bytes.starts_with(NPY_MAGIC) {
-        return load_npy(path, label_column);
+        return npy_table(&bytes, path, label_column);
     }
-    let text = String::from_utf8(bytes).map_err(|e| {
-        data_err(
-            path,
-            format!(
-                "not UTF-8 text (byte {}): expected a CSV file of numbers or a .npy array",
-                e.utf8_error().valid_up_to()
-            ),
-        )
-    })?;
-    let raw = parse_csv_text(&text, path, label_column)?;
+    let raw = parse_csv_bytes(&bytes, path, label_column)?;
     Dataset::new(raw.x, raw.labels, raw.num_classes)
 }
 
-/// Loads a CSV file of numbers: comma-separated, one sample per line, all lines with the same
-/// number of values. A first line that does not parse as numbers is taken as a header and
-/// skipped; blank lines are skipped. See [`load_file`] for `label_column`.
+/// Loads a CSV file of numbers (RFC 4180 through the `csv` crate: quoted fields, CRLF line
+/// ends and a UTF-8 byte-order mark are accepted), one sample per line, all lines with the
+/// same number of values. A first line that does not parse as numbers is taken as a header
+/// and skipped; blank lines are skipped. See [`load_file`] for `label_column`.
 pub fn load_csv(path: impl AsRef<Path>, label_column: Option<usize>) -> Result<Dataset> {
     let path = path.as_ref();
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    let raw = parse_csv_text(&text, path, label_column)?;
+    let bytes = crate::limits::read_input(path)?;
+    let raw = parse_csv_bytes(&bytes, path, label_column)?;
     Dataset::new(raw.x, raw.labels, raw.num_classes)
 }
 
@@ -62,13 +53,23 @@ pub fn load_csv(path: impl AsRef<Path>, label_column: Option<usize>) -> Result<D
 /// [`load_file`] for `label_column`.
 pub fn load_npy(path: impl AsRef<Path>, label_column: Option<usize>) -> Result<Dataset> {
     let path = path.as_ref();
-    let t = crate::io::read_npy(path, &Device::Cpu)?;
-    let (rows, cols) = match *t.dims() {
+    let bytes = crate::limits::read_input(path)?;
+    npy_table(&bytes, path, label_column)
+}
+
+/// A dataset from the bytes of a `.npy` file (see [`load_npy`]).
+fn npy_table(bytes: &[u8], path: &Path, label_column: Option<usize>) -> Result<Dataset> {
+    let (shape, values) = crate::io::decode_npy(bytes)
+        .map_err(|reason| data_err(path, format!("not a readable .npy array: {reason}")))?;
+    let (rows, cols) = match *shape.as_slice() {
         [r, c] => (r, c),
         ref other => {
             return Err(data_err(
                 path,
-                format!("expected a 2-D array [rows, columns], found shape {other:?}"),
+                format!(
+                    "expected a 2-D array [rows, columns], found shape {}",
+                    crate::limits::excerpt_list(other)
+                ),
             ))
         }
     };
@@ -78,7 +79,6 @@ pub fn load_npy(path: impl AsRef<Path>, label_column: Option<usize>) -> Result<D
             format!("empty array of shape [{rows}, {cols}]: expected at least one row and column"),
         ));
     }
-    let values = t.flatten_all()?.to_vec1::<f32>()?;
     let mut table = Table::new(path, cols, label_column)?;
     for (r, row) in values.chunks(cols).enumerate() {
         let at = |c: usize| format!("row {}, column {}", r + 1, c + 1);
@@ -112,63 +112,145 @@ pub(crate) fn parse_csv_text(
     path: &Path,
     label_column: Option<usize>,
 ) -> Result<RawData> {
-    let mut lines = text
-        .lines()
-        .enumerate()
-        .map(|(i, l)| (i + 1, l.trim()))
-        .filter(|(_, l)| !l.is_empty())
-        .peekable();
-    let Some(&(first_no, first)) = lines.peek() else {
-        return Err(data_err(
-            path,
-            "empty file: expected lines of comma-separated numbers",
-        ));
-    };
-    let header = first.split(',').any(|f| f.trim().parse::<f64>().is_err());
-    if header {
-        lines.next();
-    }
-    let Some(&(cols_from, data_first)) = lines.peek() else {
-        return Err(data_err(
-            path,
-            format!("no data: line {first_no} looks like a header and no lines of numbers follow"),
-        ));
-    };
-    let cols = data_first.split(',').count();
-    let mut table = Table::new(path, cols, label_column)?;
-    let mut rows = 0;
-    for (no, line) in lines {
-        let n = line.split(',').count();
-        if n != cols {
+    parse_csv_bytes(text.as_bytes(), path, label_column)
+}
+
+/// The UTF-8 byte-order mark some editors put first.
+const BOM: &[u8] = b"\xEF\xBB\xBF";
+
+/// Parses the bytes of a CSV file (see [`load_csv`]) into a table of features and labels;
+/// `path` only names the source in errors. Memory: the values, never more than about twice
+/// the bytes given (each number takes at least two bytes: a digit and a separator).
+///
+/// ```
+/// use std::path::Path;
+/// let t = flow_matching::data::parse_csv(b"\xEF\xBB\xBF1,2\r\n\"3\",4\r\n", Path::new("x.csv"), None).unwrap();
+/// assert_eq!(t.x.dims(), &[2, 2]); // the BOM does not hide the first row
+/// ```
+pub fn parse_csv(bytes: &[u8], path: &Path, label_column: Option<usize>) -> Result<Dataset> {
+    let raw = parse_csv_bytes(bytes, path, label_column)?;
+    Dataset::new(raw.x, raw.labels, raw.num_classes)
+}
+
+pub(crate) fn parse_csv_bytes(
+    bytes: &[u8],
+    path: &Path,
+    label_column: Option<usize>,
+) -> Result<RawData> {
+    let bytes = bytes.strip_prefix(BOM).unwrap_or(bytes);
+    let mut reader = csv::ReaderBuilder::new()
+        .has_headers(false)
+        .flexible(true)
+        .trim(csv::Trim::All)
+        .from_reader(bytes);
+    let mut record = csv::ByteRecord::new();
+    let mut header_line: Option<u64> = None;
+    let mut first: Option<(u64, usize)> = None;
+    let mut table: Option<Table> = None;
+    let mut rows = 0usize;
+    loop {
+        match reader.read_byte_record(&mut record) {
+            Ok(true) => {}
+            Ok(false) => break,
+            Err(e) => {
+                let at = e
+                    .position()
+                    .map(|p| format!("line {}: ", p.line()))
+                    .unwrap_or_default();
+                return Err(data_err(path, format!("{at}not valid CSV ({e})")));
+            }
+        }
+        let no = record.position().map_or(0, |p| p.line());
+        // A line of spaces reads as one empty field: blank, like an empty line.
+        if record.len() == 1 && record[0].is_empty() {
+            continue;
+        }
+        let Some(&(cols_from, cols)) = first.as_ref() else {
+            let numeric = record.iter().all(|f| parse_field(f).is_some());
+            if !numeric && header_line.is_none() {
+                header_line = Some(no);
+                continue;
+            }
+            first = Some((no, record.len()));
+            table = Some(Table::new(path, record.len(), label_column)?);
+            // Fall through to read this first data line with the table just made.
+            push_row(table.as_mut(), &record, no, path, label_column)?;
+            rows += 1;
+            continue;
+        };
+        if record.len() != cols {
             return Err(data_err(
                 path,
                 format!(
-                    "line {no}: expected {cols} comma-separated values (as on line {cols_from}), found {n}"
+                    "line {no}: expected {cols} comma-separated values (as on line {cols_from}), found {}",
+                    record.len()
                 ),
             ));
         }
-        for (c, field) in line.split(',').enumerate() {
-            let field = field.trim();
-            let at = format!("line {no}, column {}", c + 1);
-            let v: f64 = field
-                .parse()
-                .map_err(|_| data_err(path, format!("{at}: expected a number, found {field:?}")))?;
-            if Some(c) == label_column {
-                table.push_label(v, field, &at)?;
-                continue;
-            }
-            let v32 = v as f32;
-            if !v32.is_finite() {
-                return Err(data_err(
-                    path,
-                    format!("{at}: expected a finite number (within f32 range), found {field:?}"),
-                ));
-            }
-            table.x.push(v32);
-        }
+        push_row(table.as_mut(), &record, no, path, label_column)?;
         rows += 1;
     }
-    table.finish(rows)
+    match table {
+        Some(t) => t.finish(rows),
+        None => Err(data_err(
+            path,
+            match header_line {
+                Some(h) => {
+                    format!("no data: line {h} looks like a header and no lines of numbers follow")
+                }
+                None => "empty file: expected lines of comma-separated numbers".to_string(),
+            },
+        )),
+    }
+}
+
+/// A CSV field as a number (`None` when it is not UTF-8 or not a number).
+fn parse_field(f: &[u8]) -> Option<f64> {
+    std::str::from_utf8(f).ok()?.parse().ok()
+}
+
+/// Reads one data line into the table.
+fn push_row(
+    table: Option<&mut Table>,
+    record: &csv::ByteRecord,
+    no: u64,
+    path: &Path,
+    label_column: Option<usize>,
+) -> Result<()> {
+    let Some(table) = table else {
+        return Ok(());
+    };
+    for (c, field) in record.iter().enumerate() {
+        let at = || format!("line {no}, column {}", c + 1);
+        let v = parse_field(field).ok_or_else(|| {
+            data_err(
+                path,
+                format!(
+                    "{}: expected a number, found {:?}",
+                    at(),
+                    crate::limits::excerpt(&String::from_utf8_lossy(field))
+                ),
+            )
+        })?;
+        let text = || crate::limits::excerpt(&String::from_utf8_lossy(field));
+        if Some(c) == label_column {
+            table.push_label(v, &text(), &at())?;
+            continue;
+        }
+        let v32 = v as f32;
+        if !v32.is_finite() {
+            return Err(data_err(
+                path,
+                format!(
+                    "{}: expected a finite number (within f32 range), found {:?}",
+                    at(),
+                    text()
+                ),
+            ));
+        }
+        table.x.push(v32);
+    }
+    Ok(())
 }
 
 /// Accumulates the values of a table, splitting off the label column.

@@ -21,7 +21,7 @@ use rand::{Rng, SeedableRng};
 use crate::error::{Error, Result};
 
 pub use digits::{digits, DIGITS_ROWS};
-pub use file::{load_csv, load_file, load_npy, MAX_LABEL};
+pub use file::{load_csv, load_file, load_npy, parse_csv, MAX_LABEL};
 pub use toy::Toy;
 
 /// A table of samples `x` `[N, *x_dims]` (f32), with optional class labels.

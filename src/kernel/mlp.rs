@@ -15,6 +15,11 @@ const NARROW_INPUT: usize = 8;
 /// (`CHUNK x H` floats, 64 KiB at H = 256) stay in the core's L2 cache from layer to layer.
 const CHUNK: usize = 64;
 
+/// Fewer rows than this go through the hidden layers as one matvec per row: the packed matmul
+/// needs the weights transposed, which for a 2-row guided sample at batch 1 costs more than
+/// the whole run (and the per-row matvec reads each weight row once per row, from L2).
+const PACKED_MIN_ROWS: usize = 4;
+
 /// A velocity-mlp's weights as row-major f32 slices (the spec's tensors, in the spec's layout).
 #[derive(Debug, Clone)]
 pub struct MlpWeights<'a> {
@@ -141,7 +146,7 @@ impl Sampler {
                 s.b.resize(chunk * h, 0.0);
             }
         }
-        if rows > 1 && h.is_multiple_of(TILE_N) && self.packed.is_empty() {
+        if rows >= PACKED_MIN_ROWS && h.is_multiple_of(TILE_N) && self.packed.is_empty() {
             self.packed = (1..w.depth())
                 .map(|l| transpose(w.layers[l].0, h, h))
                 .collect();
@@ -361,7 +366,7 @@ fn forward_chunk(
     for l in 1..depth {
         let (wl, bl) = w.layers[l];
         match sh.packed.get(l - 1) {
-            Some(wt) if rows > 1 => {
+            Some(wt) if rows >= PACKED_MIN_ROWS => {
                 for r in 0..rows {
                     nxt[r * h..(r + 1) * h].copy_from_slice(bl);
                 }
@@ -378,7 +383,7 @@ fn forward_chunk(
 
 /// `y[m, n] = x[m, k] w^T + b`: dot products for one row or a narrow output, else gemm.
 fn linear(y: &mut [f32], x: &[f32], wt: &[f32], b: &[f32], m: usize, n: usize, k: usize) {
-    if m == 1 || n < NARROW_INPUT {
+    if m < PACKED_MIN_ROWS || n < NARROW_INPUT {
         for r in 0..m {
             matvec_bias(wt, b, &x[r * k..(r + 1) * k], &mut y[r * n..(r + 1) * n]);
         }
@@ -406,6 +411,18 @@ pub fn loss_and_grads(
     let threads = threads_for_batch(b, super::available_threads());
     let per = b.div_ceil(threads);
     let scale = 2.0 / (b * w.d) as f32;
+    // The hidden layers' weights transposed once per step for the packed matmul, which runs
+    // on the chosen kernel path (the gemm crate picks its own).
+    let packed: Vec<Vec<f32>> = if w.h.is_multiple_of(TILE_N) {
+        (0..w.depth())
+            .map(|l| {
+                let kin = w.layers[l].0.len() / w.h;
+                transpose(w.layers[l].0, w.h, kin)
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
     let parts: Vec<(f64, Vec<Vec<f32>>)> = {
         use rayon::prelude::*;
         (0..threads)
@@ -420,6 +437,7 @@ pub fn loss_and_grads(
                     labels.map(|l| &l[r0..r1]),
                     &target[r0 * d..r1 * d],
                     scale,
+                    &packed,
                 )
             })
             .collect()
@@ -463,6 +481,7 @@ fn train_block(
     labels: Option<&[u32]>,
     target: &[f32],
     scale: f32,
+    packed: &[Vec<f32>],
 ) -> (f64, Vec<Vec<f32>>) {
     let (d, h, in0, f) = (w.d, w.h, w.in0(), w.f());
     let m = t.len();
@@ -501,7 +520,15 @@ fn train_block(
         let kin = if l == 0 { in0 } else { h };
         let mut z = take(m * h);
         let input: &[f32] = if l == 0 { &h0 } else { &acts[l - 1] };
-        linear(&mut z, input, wl, bl, m, h, kin);
+        match packed.get(l) {
+            Some(wt) if m > 1 => {
+                for r in 0..m {
+                    z[r * h..(r + 1) * h].copy_from_slice(bl);
+                }
+                matmul_packed(&mut z, input, wt, m, h, kin);
+            }
+            _ => linear(&mut z, input, wl, bl, m, h, kin),
+        }
         let mut s = take(m * h);
         silu_keep(&mut z, &mut s);
         acts.push(z);
@@ -533,7 +560,12 @@ fn train_block(
         }
         if l > 0 {
             let mut da = take(m * h);
-            matmul_nn(&mut da, &grad_out, wl, m, n_out, h, h, 0);
+            if h.is_multiple_of(TILE_N) {
+                // `w` `[n_out, h]` is already the packed layout of this product; `da` is zeroed.
+                matmul_packed(&mut da, &grad_out, wl, m, h, n_out);
+            } else {
+                matmul_nn(&mut da, &grad_out, wl, m, n_out, h, h, 0);
+            }
             silu_backward(&mut da, &acts[l - 1], &sigs[l - 1]);
             give([std::mem::replace(&mut grad_out, da)]);
             n_out = h;

@@ -32,23 +32,201 @@ pub fn available_threads() -> usize {
     rayon::current_num_threads().max(1)
 }
 
-/// Calls `$body` compiled for AVX2+FMA when the CPU has it, else the portable build; the
-/// crate itself is compiled for baseline x86-64, which has no wide vectors.
+/// The instruction set the kernels run with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KernelPath {
+    /// Plain Rust loops for baseline x86-64 (or any other architecture).
+    Portable,
+    /// 256-bit AVX2 with fused multiply-adds.
+    Avx2,
+    /// 512-bit AVX-512 (`avx512f`) with fused multiply-adds.
+    Avx512,
+}
+
+/// The environment variable that forces a kernel path: `portable`, `avx2` or `avx512`.
+pub const KERNEL_ENV: &str = "FLOW_MATCHING_KERNEL";
+
+impl KernelPath {
+    /// Every path, slowest first.
+    pub const ALL: [KernelPath; 3] = [KernelPath::Portable, KernelPath::Avx2, KernelPath::Avx512];
+
+    /// The name the path parses from.
+    pub fn name(self) -> &'static str {
+        match self {
+            KernelPath::Portable => "portable",
+            KernelPath::Avx2 => "avx2",
+            KernelPath::Avx512 => "avx512",
+        }
+    }
+
+    /// Whether this CPU can run the path.
+    pub fn is_supported(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            match self {
+                KernelPath::Portable => true,
+                KernelPath::Avx2 => has!("avx2") && has!("fma"),
+                KernelPath::Avx512 => has!("avx2") && has!("fma") && has!("avx512f"),
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            self == KernelPath::Portable
+        }
+    }
+
+    /// The paths this CPU can run, slowest first (tests loop over them).
+    ///
+    /// ```
+    /// use flow_matching::kernel::KernelPath;
+    /// assert_eq!(KernelPath::supported()[0], KernelPath::Portable);
+    /// ```
+    pub fn supported() -> Vec<KernelPath> {
+        Self::ALL.into_iter().filter(|p| p.is_supported()).collect()
+    }
+
+    /// The fastest path this CPU can run.
+    pub fn best() -> KernelPath {
+        Self::ALL
+            .into_iter()
+            .rev()
+            .find(|p| p.is_supported())
+            .unwrap_or(KernelPath::Portable)
+    }
+
+    fn code(self) -> u8 {
+        self as u8 + 1
+    }
+
+    fn from_code(c: u8) -> Option<KernelPath> {
+        Self::ALL.get((c as usize).checked_sub(1)?).copied()
+    }
+}
+
+impl std::str::FromStr for KernelPath {
+    type Err = crate::error::Error;
+
+    /// Parses `portable`, `avx2` or `avx512`, case-insensitively.
+    fn from_str(s: &str) -> crate::error::Result<Self> {
+        let lower = s.trim().to_ascii_lowercase();
+        Self::ALL
+            .into_iter()
+            .find(|p| p.name() == lower)
+            .ok_or_else(|| crate::error::Error::UnknownName {
+                kind: "kernel path",
+                name: s.to_string(),
+                known: "portable, avx2, avx512".into(),
+            })
+    }
+}
+
+/// The chosen path (a [`KernelPath::code`]); 0 until the first kernel call reads the environment.
+static PATH: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// What [`KERNEL_ENV`] asks for, if it is set: an unknown name is an error naming the
+/// variable's value and the known names.
+pub fn requested_path() -> crate::error::Result<Option<KernelPath>> {
+    match std::env::var(KERNEL_ENV) {
+        Ok(v) if !v.trim().is_empty() => v.parse().map(Some),
+        _ => Ok(None),
+    }
+}
+
+/// The path the kernels use: the one forced by [`set_kernel_path`], else the one
+/// [`KERNEL_ENV`] names (a path this CPU cannot run, or an unknown name, falls back to the
+/// fastest supported one at or below it, which [`requested_path`] lets a caller report),
+/// else the fastest this CPU has.
+///
+/// ```
+/// use flow_matching::kernel::{kernel_path, KernelPath};
+/// assert!(kernel_path().is_supported());
+/// ```
+pub fn kernel_path() -> KernelPath {
+    use std::sync::atomic::Ordering;
+    if let Some(p) = KernelPath::from_code(PATH.load(Ordering::Relaxed)) {
+        return p;
+    }
+    let want = requested_path()
+        .ok()
+        .flatten()
+        .unwrap_or(KernelPath::Avx512);
+    let p = KernelPath::ALL
+        .into_iter()
+        .rev()
+        .find(|p| *p as u8 <= want as u8 && p.is_supported())
+        .unwrap_or(KernelPath::Portable);
+    PATH.store(p.code(), Ordering::Relaxed);
+    p
+}
+
+/// Forces every kernel onto `path` from now on (tests use it to cover each path); a path this
+/// CPU cannot run is refused.
+pub fn set_kernel_path(path: KernelPath) -> crate::error::Result<()> {
+    if !path.is_supported() {
+        return Err(crate::error::Error::invalid(
+            "kernel path",
+            path.name(),
+            format!(
+                "one this CPU supports ({})",
+                KernelPath::supported()
+                    .iter()
+                    .map(|p| p.name())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        ));
+    }
+    PATH.store(path.code(), std::sync::atomic::Ordering::Relaxed);
+    Ok(())
+}
+
+/// The SIMD features of this CPU that matter to the kernels, as `/proc/cpuinfo` names them.
+pub fn cpu_features() -> Vec<&'static str> {
+    #[allow(unused_mut)]
+    let mut v = Vec::new();
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::is_x86_feature_detected as has;
+        let all = [
+            ("avx2", has!("avx2")),
+            ("fma", has!("fma")),
+            ("avx512f", has!("avx512f")),
+            ("avx512bw", has!("avx512bw")),
+            ("avx512vl", has!("avx512vl")),
+            ("avx512_vnni", has!("avx512vnni")),
+            ("avx512_bf16", has!("avx512bf16")),
+        ];
+        v.extend(all.iter().filter(|(_, on)| *on).map(|(n, _)| *n));
+    }
+    v
+}
+
+/// Calls `$body` compiled for the chosen [`KernelPath`]: for AVX-512, for AVX2+FMA, or the
+/// portable build; the crate itself is compiled for baseline x86-64, which has no wide vectors.
 macro_rules! simd_dispatch {
-    ($(#[$meta:meta])* fn $name:ident($($arg:ident : $ty:ty),*) $(-> $ret:ty)? $body:block) => {
+    ($(#[$meta:meta])* fn $name:ident / $on:ident ($($arg:ident : $ty:ty),*) $(-> $ret:ty)? $body:block) => {
         $(#[$meta])*
         pub fn $name($($arg: $ty),*) $(-> $ret)? {
+            $on(kernel_path(), $($arg),*)
+        }
+
+        /// The same on a given path (which the CPU must support).
+        pub(crate) fn $on(path: KernelPath, $($arg: $ty),*) $(-> $ret)? {
             #[inline(always)]
             fn body($($arg: $ty),*) $(-> $ret)? $body
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx2,fma")]
                 unsafe fn wide($($arg: $ty),*) $(-> $ret)? { body($($arg),*) }
-                if std::arch::is_x86_feature_detected!("avx2")
-                    && std::arch::is_x86_feature_detected!("fma")
-                {
-                    // SAFETY: the features `wide` was compiled for were just detected.
-                    return unsafe { wide($($arg),*) };
+                #[target_feature(enable = "avx512f,avx2,fma")]
+                unsafe fn wider($($arg: $ty),*) $(-> $ret)? { body($($arg),*) }
+                match path {
+                    // SAFETY: callers pass supported paths only.
+                    KernelPath::Avx512 => return unsafe { wider($($arg),*) },
+                    // SAFETY: as above.
+                    KernelPath::Avx2 => return unsafe { wide($($arg),*) },
+                    KernelPath::Portable => {}
                 }
             }
             body($($arg),*)
@@ -76,12 +254,19 @@ pub fn exp_approx(x: f32) -> f32 {
 
 /// `a = silu(z)` and `s = sigmoid(z)` in place of `z` and `s` (the backward pass needs `s`).
 pub fn silu_keep(z: &mut [f32], s: &mut [f32]) {
+    silu_keep_on(kernel_path(), z, s)
+}
+
+/// [`silu_keep`] on a given path (which the CPU must support).
+pub(crate) fn silu_keep_on(path: KernelPath, z: &mut [f32], s: &mut [f32]) {
     let n = z.len().min(s.len());
     #[cfg(target_arch = "x86_64")]
-    if has_avx2_fma() {
+    match path {
         // SAFETY: features detected; both slices hold n elements.
-        unsafe { x86::silu(z.as_mut_ptr(), s.as_mut_ptr(), n) };
-        return;
+        KernelPath::Avx512 => return unsafe { x512::silu(z.as_mut_ptr(), s.as_mut_ptr(), n) },
+        // SAFETY: as above.
+        KernelPath::Avx2 => return unsafe { x86::silu(z.as_mut_ptr(), s.as_mut_ptr(), n) },
+        KernelPath::Portable => {}
     }
     for (zi, si) in z[..n].iter_mut().zip(s.iter_mut()) {
         let sig = 1.0 / (1.0 + exp_approx(-*zi));
@@ -92,11 +277,21 @@ pub fn silu_keep(z: &mut [f32], s: &mut [f32]) {
 
 /// `z = silu(z)` in place.
 pub fn silu_inplace(z: &mut [f32]) {
+    silu_inplace_on(kernel_path(), z)
+}
+
+/// [`silu_inplace`] on a given path (which the CPU must support).
+pub(crate) fn silu_inplace_on(path: KernelPath, z: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if has_avx2_fma() {
-        // SAFETY: features detected; a null `s` is never written.
-        unsafe { x86::silu(z.as_mut_ptr(), std::ptr::null_mut(), z.len()) };
-        return;
+    {
+        let (p, n) = (z.as_mut_ptr(), z.len());
+        match path {
+            // SAFETY: features detected; a null `s` is never written.
+            KernelPath::Avx512 => return unsafe { x512::silu(p, std::ptr::null_mut(), n) },
+            // SAFETY: as above.
+            KernelPath::Avx2 => return unsafe { x86::silu(p, std::ptr::null_mut(), n) },
+            KernelPath::Portable => {}
+        }
     }
     for zi in z.iter_mut() {
         *zi /= 1.0 + exp_approx(-*zi);
@@ -105,7 +300,7 @@ pub fn silu_inplace(z: &mut [f32]) {
 
 simd_dispatch! {
     /// `g *= silu'(z)` with `silu'(z) = s + a (1 - s)`, from the kept `a = silu(z)` and `s`.
-    fn silu_backward(g: &mut [f32], a: &[f32], s: &[f32]) {
+    fn silu_backward / silu_backward_on(g: &mut [f32], a: &[f32], s: &[f32]) {
         for ((gi, ai), si) in g.iter_mut().zip(a).zip(s) {
             *gi *= *si + *ai * (1.0 - *si);
         }
@@ -115,27 +310,25 @@ simd_dispatch! {
 /// The dot product of two equal-length slices (AVX2+FMA with four accumulators when the CPU
 /// has them: autovectorized reductions come out as shuffles).
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    dot_on(kernel_path(), a, b)
+}
+
+/// [`dot`] on a given path (which the CPU must support).
+pub(crate) fn dot_on(path: KernelPath, a: &[f32], b: &[f32]) -> f32 {
     let n = a.len().min(b.len());
     #[cfg(target_arch = "x86_64")]
-    if has_avx2_fma() {
+    match path {
         // SAFETY: the features were detected; both slices hold at least n elements.
-        return unsafe { x86::dot(a.as_ptr(), b.as_ptr(), n) };
+        KernelPath::Avx512 => return unsafe { x512::dot(a.as_ptr(), b.as_ptr(), n) },
+        // SAFETY: as above.
+        KernelPath::Avx2 => return unsafe { x86::dot(a.as_ptr(), b.as_ptr(), n) },
+        KernelPath::Portable => {}
     }
     a[..n].iter().zip(&b[..n]).map(|(x, y)| x * y).sum()
 }
 
-/// Whether AVX2 and FMA are there (cached by std after the first call).
-#[inline(always)]
-fn has_avx2_fma() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
+#[cfg(target_arch = "x86_64")]
+mod x512;
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
@@ -364,7 +557,7 @@ mod x86 {
 
 simd_dispatch! {
     /// `y += a * x`.
-    fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
+    fn axpy / axpy_on(y: &mut [f32], a: f32, x: &[f32]) {
         for (yi, xi) in y.iter_mut().zip(x) {
             *yi += a * *xi;
         }
@@ -373,7 +566,7 @@ simd_dispatch! {
 
 simd_dispatch! {
     /// `y += x`.
-    fn add_assign(y: &mut [f32], x: &[f32]) {
+    fn add_assign / add_assign_on(y: &mut [f32], x: &[f32]) {
         for (yi, xi) in y.iter_mut().zip(x) {
             *yi += *xi;
         }
@@ -388,27 +581,34 @@ pub fn matvec_bias(w: &[f32], bias: &[f32], a: &[f32], out: &mut [f32]) {
 
 /// [`matvec_bias`] with `w`'s rows `ldw` apart (the first `a.len()` columns of a wider matrix).
 pub fn matvec_bias_strided(w: &[f32], ldw: usize, bias: &[f32], a: &[f32], out: &mut [f32]) {
+    matvec_bias_strided_on(kernel_path(), w, ldw, bias, a, out)
+}
+
+/// [`matvec_bias_strided`] on a given path (which the CPU must support).
+pub(crate) fn matvec_bias_strided_on(
+    path: KernelPath,
+    w: &[f32],
+    ldw: usize,
+    bias: &[f32],
+    a: &[f32],
+    out: &mut [f32],
+) {
     let k = a.len();
     let n = out.len();
     assert!(n == 0 || (ldw >= k && w.len() >= (n - 1) * ldw + k && bias.len() >= n));
     #[cfg(target_arch = "x86_64")]
-    if has_avx2_fma() {
-        // SAFETY: features detected; the assert bounds every row read.
-        unsafe {
-            x86::matvec_bias(
-                w.as_ptr(),
-                ldw,
-                bias.as_ptr(),
-                a.as_ptr(),
-                out.as_mut_ptr(),
-                n,
-                k,
-            )
-        };
-        return;
+    {
+        let (w, b, x, o) = (w.as_ptr(), bias.as_ptr(), a.as_ptr(), out.as_mut_ptr());
+        match path {
+            // SAFETY: features detected; the assert bounds every row read.
+            KernelPath::Avx512 => return unsafe { x512::matvec_bias(w, ldw, b, x, o, n, k) },
+            // SAFETY: as above.
+            KernelPath::Avx2 => return unsafe { x86::matvec_bias(w, ldw, b, x, o, n, k) },
+            KernelPath::Portable => {}
+        }
     }
     for (j, o) in out.iter_mut().enumerate() {
-        *o = bias[j] + dot(&w[j * ldw..j * ldw + k], a);
+        *o = bias[j] + dot_on(path, &w[j * ldw..j * ldw + k], a);
     }
 }
 
@@ -540,22 +740,39 @@ mod tests {
     }
 
     #[test]
-    fn silu_kernels_match_closed_forms() {
-        let z: Vec<f32> = (-50..50).map(|i| i as f32 * 0.37).collect();
-        let mut a = z.clone();
+    fn silu_kernels_match_closed_forms_on_every_path() {
+        // 101 elements: every vector width's tail is exercised.
+        let z: Vec<f32> = (-50..51).map(|i| i as f32 * 0.37).collect();
+        for path in KernelPath::supported() {
+            silu_on_path(path, &z);
+        }
+    }
+
+    fn silu_on_path(path: KernelPath, z: &[f32]) {
+        let mut a = z.to_vec();
         let mut s = vec![0.0; z.len()];
-        silu_keep(&mut a, &mut s);
-        let mut b = z.clone();
-        silu_inplace(&mut b);
+        silu_keep_on(path, &mut a, &mut s);
+        let mut b = z.to_vec();
+        silu_inplace_on(path, &mut b);
         let mut g = vec![1.0; z.len()];
-        silu_backward(&mut g, &a, &s);
+        silu_backward_on(path, &mut g, &a, &s);
         for i in 0..z.len() {
             let sig = 1.0 / (1.0 + (-z[i] as f64).exp());
             let want = z[i] as f64 * sig;
-            assert!((a[i] as f64 - want).abs() < 1e-6 * (1.0 + want.abs()));
-            assert!((b[i] as f64 - want).abs() < 1e-6 * (1.0 + want.abs()));
+            assert!(
+                (a[i] as f64 - want).abs() < 1e-6 * (1.0 + want.abs()),
+                "{path:?}"
+            );
+            assert!(
+                (b[i] as f64 - want).abs() < 1e-6 * (1.0 + want.abs()),
+                "{path:?}"
+            );
             let dwant = sig * (1.0 + z[i] as f64 * (1.0 - sig));
-            assert!((g[i] as f64 - dwant).abs() < 1e-6, "{} vs {dwant}", g[i]);
+            assert!(
+                (g[i] as f64 - dwant).abs() < 1e-6,
+                "{path:?}: {} vs {dwant}",
+                g[i]
+            );
         }
     }
 
@@ -620,12 +837,30 @@ pub fn transpose(w: &[f32], n: usize, k: usize) -> Vec<f32> {
 /// (unlike the `gemm` crate, which allocates packing buffers on every call): 6 x 16 register
 /// tiles of fused multiply-adds, the transposed weight read in 16-column panels.
 pub fn matmul_packed(y: &mut [f32], x: &[f32], wt: &[f32], m: usize, n: usize, k: usize) {
+    matmul_packed_on(kernel_path(), y, x, wt, m, n, k)
+}
+
+/// [`matmul_packed`] on a given path (which the CPU must support).
+pub(crate) fn matmul_packed_on(
+    path: KernelPath,
+    y: &mut [f32],
+    x: &[f32],
+    wt: &[f32],
+    m: usize,
+    n: usize,
+    k: usize,
+) {
     assert!(n.is_multiple_of(TILE_N) && y.len() >= m * n && x.len() >= m * k && wt.len() >= k * n);
     #[cfg(target_arch = "x86_64")]
-    if has_avx2_fma() {
-        // SAFETY: features detected; the assert bounds every pointer the kernel reads.
-        unsafe { x86::matmul_packed(y.as_mut_ptr(), x.as_ptr(), wt.as_ptr(), m, n, k) };
-        return;
+    {
+        let (yp, xp, wp) = (y.as_mut_ptr(), x.as_ptr(), wt.as_ptr());
+        match path {
+            // SAFETY: features detected; the assert bounds every pointer the kernel reads.
+            KernelPath::Avx512 => return unsafe { x512::matmul_packed(yp, xp, wp, m, n, k) },
+            // SAFETY: as above.
+            KernelPath::Avx2 => return unsafe { x86::matmul_packed(yp, xp, wp, m, n, k) },
+            KernelPath::Portable => {}
+        }
     }
     let mut r0 = 0;
     while r0 < m {
@@ -676,19 +911,62 @@ mod packed_tests {
     use super::*;
 
     #[test]
-    fn packed_matmul_matches_naive_for_every_row_remainder() {
-        for m in 1..14 {
-            let (n, k) = (32, 19);
-            let x: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.31).sin()).collect();
-            let w: Vec<f32> = (0..n * k).map(|i| (i as f32 * 0.17).cos()).collect();
-            let mut y = vec![0.5f32; m * n];
-            matmul_packed(&mut y, &x, &transpose(&w, n, k), m, n, k);
-            for r in 0..m {
-                for j in 0..n {
-                    let want: f32 = 0.5 + (0..k).map(|i| x[r * k + i] * w[j * k + i]).sum::<f32>();
-                    assert!((y[r * n + j] - want).abs() < 1e-4, "m {m} r {r} j {j}");
+    fn packed_matmul_matches_naive_for_every_row_remainder_on_every_path() {
+        for path in KernelPath::supported() {
+            // n = 48: one 32-wide and one 16-wide panel on AVX-512; m past a 48-row block.
+            for (m, n) in (1..20).map(|m| (m, 32)).chain([(50, 48), (9, 16)]) {
+                let k = 19;
+                let x: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.31).sin()).collect();
+                let w: Vec<f32> = (0..n * k).map(|i| (i as f32 * 0.17).cos()).collect();
+                let mut y = vec![0.5f32; m * n];
+                matmul_packed_on(path, &mut y, &x, &transpose(&w, n, k), m, n, k);
+                for r in 0..m {
+                    for j in 0..n {
+                        let want: f32 =
+                            0.5 + (0..k).map(|i| x[r * k + i] * w[j * k + i]).sum::<f32>();
+                        assert!(
+                            (y[r * n + j] - want).abs() < 1e-4,
+                            "{path:?} m {m} r {r} j {j}"
+                        );
+                    }
                 }
             }
         }
+    }
+
+    #[test]
+    fn dot_matvec_axpy_match_naive_loops_on_every_path() {
+        for path in KernelPath::supported() {
+            for (n, k) in [(1, 1), (3, 7), (8, 16), (13, 37), (20, 100), (9, 256)] {
+                let ldw = k + 3;
+                let w: Vec<f32> = (0..n * ldw).map(|i| (i as f32 * 0.23).sin()).collect();
+                let x: Vec<f32> = (0..k).map(|i| (i as f32 * 0.41).cos()).collect();
+                let bias: Vec<f32> = (0..n).map(|i| i as f32 * 0.1).collect();
+                let mut out = vec![0.0; n];
+                matvec_bias_strided_on(path, &w, ldw, &bias, &x, &mut out);
+                for j in 0..n {
+                    let want: f32 = bias[j] + (0..k).map(|i| w[j * ldw + i] * x[i]).sum::<f32>();
+                    assert!((out[j] - want).abs() < 1e-4, "{path:?} n {n} k {k} j {j}");
+                }
+                let d = dot_on(path, &x, &w[..k]);
+                let want: f32 = (0..k).map(|i| x[i] * w[i]).sum();
+                assert!((d - want).abs() < 1e-4, "{path:?} dot k {k}");
+                let mut y = w[..k].to_vec();
+                axpy_on(path, &mut y, 0.5, &x);
+                add_assign_on(path, &mut y, &x);
+                for i in 0..k {
+                    assert!((y[i] - (w[i] + 1.5 * x[i])).abs() < 1e-6, "{path:?} axpy");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn kernel_paths_parse_and_the_best_is_supported() {
+        assert_eq!("AVX512".parse::<KernelPath>().unwrap(), KernelPath::Avx512);
+        let err = "sse".parse::<KernelPath>().unwrap_err().to_string();
+        assert!(err.contains("portable, avx2, avx512"), "{err}");
+        assert!(KernelPath::best().is_supported());
+        assert!(KernelPath::supported().contains(&KernelPath::Portable));
     }
 }

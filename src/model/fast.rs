@@ -69,6 +69,8 @@ pub struct FastMlp<'a> {
     // Field order matters: `weights` borrows from `locked` and must drop first.
     weights: MlpWeights<'a>,
     sampler: Sampler,
+    /// The row count the labels fix (conditional models given labels).
+    rows: Option<usize>,
     _locked: Box<Locked<'a>>,
 }
 
@@ -82,10 +84,12 @@ impl<'a> FastMlp<'a> {
         // contents, and `weights` is dropped before `_locked`.
         let weights: MlpWeights<'a> =
             unsafe { std::mem::transmute::<MlpWeights<'_>, MlpWeights<'a>>(locked.weights(model)) };
+        let rows = labels.as_ref().map(Vec::len);
         let sampler = Sampler::new(&weights, labels);
         Some(FastMlp {
             weights,
             sampler,
+            rows,
             _locked: locked,
         })
     }
@@ -93,11 +97,18 @@ impl<'a> FastMlp<'a> {
 
 impl FastVelocity for FastMlp<'_> {
     fn velocity(&mut self, x: &[f32], t: f32, out: &mut [f32]) -> Result<()> {
-        if x.len() != out.len() || !x.len().is_multiple_of(self.weights.d) {
+        let d = self.weights.d;
+        if x.len() != out.len()
+            || !x.len().is_multiple_of(d)
+            || self.rows.is_some_and(|r| r * d != x.len())
+        {
             return Err(Error::invalid(
                 "fast velocity buffers",
                 format!("x {} and out {} elements", x.len(), out.len()),
-                format!("equal lengths, a multiple of D = {}", self.weights.d),
+                match self.rows {
+                    Some(r) => format!("{r} rows of D = {d} (one per label)"),
+                    None => format!("equal lengths, a multiple of D = {d}"),
+                },
             ));
         }
         self.sampler.velocity(&self.weights, x, t, out);
@@ -105,13 +116,72 @@ impl FastVelocity for FastMlp<'_> {
     }
 
     fn euler_in_place(&mut self, x: &mut [f32], grid: &[f64]) -> Option<Result<()>> {
-        if !x.len().is_multiple_of(self.weights.d) {
+        let d = self.weights.d;
+        if !x.len().is_multiple_of(d) || self.rows.is_some_and(|r| r * d != x.len()) {
             return None;
         }
         Some(match self.sampler.euler(&self.weights, x, grid) {
             None => Ok(()),
             Some((step, t)) => Err(Error::NonFinite { step, t }),
         })
+    }
+}
+
+/// Classifier-free guidance on the fast path: the `B` rows and their `B` null-label copies go
+/// through the network as one `2B`-row evaluation (the time features and their first-layer
+/// product computed once for both halves, the class terms precomputed per class), then
+/// `v = v_u + w (v_c - v_u)` rounded as [`crate::guidance::combine`] rounds it.
+pub struct GuidedFastMlp<'a> {
+    inner: FastMlp<'a>,
+    rows: usize,
+    weight: f32,
+    x2: Vec<f32>,
+    v2: Vec<f32>,
+}
+
+impl<'a> GuidedFastMlp<'a> {
+    /// Guides `model` towards `labels` (one per row) with `weight`; `None` when the model is
+    /// not contiguous f32 on the CPU.
+    pub fn new(model: &'a VelocityMlp, labels: &[u32], weight: f64) -> Option<Self> {
+        let null = model.config().num_classes as u32;
+        let rows = labels.len();
+        let mut doubled = labels.to_vec();
+        doubled.resize(2 * rows, null);
+        Some(GuidedFastMlp {
+            inner: FastMlp::new(model, Some(doubled))?,
+            rows,
+            weight: weight as f32,
+            x2: Vec::new(),
+            v2: Vec::new(),
+        })
+    }
+}
+
+impl FastVelocity for GuidedFastMlp<'_> {
+    fn velocity(&mut self, x: &[f32], t: f32, out: &mut [f32]) -> Result<()> {
+        let d = self.inner.weights.d;
+        let n = x.len();
+        if n != self.rows * d || out.len() != n {
+            return Err(Error::invalid(
+                "guided fast velocity buffers",
+                format!("x {} and out {} elements", n, out.len()),
+                format!("{} rows of D = {d} (one per label)", self.rows),
+            ));
+        }
+        if self.x2.len() != 2 * n {
+            self.x2.resize(2 * n, 0.0);
+            self.v2.resize(2 * n, 0.0);
+        }
+        self.x2[..n].copy_from_slice(x);
+        self.x2[n..].copy_from_slice(x);
+        self.inner.velocity(&self.x2, t, &mut self.v2)?;
+        let (vc, vu) = self.v2.split_at(n);
+        let w = self.weight;
+        for ((o, c), u) in out.iter_mut().zip(vc).zip(vu) {
+            // `v_u + ((v_c - v_u) * w + 0)`: candle's affine then add.
+            *o = *u + ((*c - *u) * w + 0.0);
+        }
+        Ok(())
     }
 }
 

@@ -67,7 +67,67 @@ impl VelocityMlpConfig {
                 "at least 1 for a conditional model",
             ));
         }
+        // Sizes come from files and flags: every product below must exist as a number.
+        if self.num_params().is_none() {
+            return Err(Error::invalid(
+                "model size",
+                format!(
+                    "hidden {}, depth {}, {} frequencies, {} classes x {}, x_dims {}",
+                    self.hidden,
+                    self.depth,
+                    self.num_freqs,
+                    self.num_classes,
+                    self.cond_dim,
+                    self.x_dims
+                ),
+                "a model whose parameter count fits in memory (the count overflows)",
+            ));
+        }
         Ok(())
+    }
+
+    /// The number of float32 values in the model's tensors; `None` when it overflows.
+    ///
+    /// ```
+    /// use flow_matching::{VelocityMlpConfig, XDims};
+    /// let c = VelocityMlpConfig::new(XDims::new(2).unwrap());
+    /// // freqs 16 + [256, 2+32] + 256 + 2 x ([256, 256] + 256) + [2, 256] + 2
+    /// assert_eq!(c.num_params(), Some(16 + 256 * 34 + 256 + 2 * (256 * 256 + 256) + 512 + 2));
+    /// ```
+    pub fn num_params(&self) -> Option<usize> {
+        let (h, d) = (self.hidden, self.x_dims.numel());
+        let input = self.checked_input_dim()?;
+        let cond = if self.num_classes > 0 {
+            self.num_classes
+                .checked_add(1)?
+                .checked_mul(self.cond_dim)?
+        } else {
+            0
+        };
+        let first = h.checked_mul(input)?.checked_add(h)?;
+        let middle = h
+            .checked_mul(h)?
+            .checked_add(h)?
+            .checked_mul(self.depth.checked_sub(1)?)?;
+        let last = d.checked_mul(h)?.checked_add(d)?;
+        self.num_freqs
+            .checked_add(cond)?
+            .checked_add(first)?
+            .checked_add(middle)?
+            .checked_add(last)
+    }
+
+    /// `D + 2F (+ K)` with checked arithmetic.
+    fn checked_input_dim(&self) -> Option<usize> {
+        let k = if self.num_classes > 0 {
+            self.cond_dim
+        } else {
+            0
+        };
+        self.x_dims
+            .numel()
+            .checked_add(self.num_freqs.checked_mul(2)?)?
+            .checked_add(k)
     }
 
     /// The input width of the first layer, `D + 2F (+ K)`.
@@ -134,6 +194,13 @@ impl VelocityMlp {
         seed: u64,
     ) -> Result<Self> {
         config.validate()?;
+        crate::limits::check_memory(
+            &format!(
+                "the weights of a model with hidden {} and depth {}",
+                config.hidden, config.depth
+            ),
+            config.num_params().and_then(|n| (n as u64).checked_mul(4)),
+        )?;
         let mut rng = StdRng::seed_from_u64(seed);
         let mut tensors = HashMap::new();
         let f = config.num_freqs;
@@ -333,6 +400,13 @@ impl VelocityMlp {
             }
             meta.insert(k.clone(), v.clone());
         }
+        if let Some(key) = first_non_finite(&all)? {
+            return Err(Error::NonFiniteWeights {
+                what: format!("model for {}", path.display()),
+                key,
+                action: "not written; any existing file is left as it was".into(),
+            });
+        }
         let bytes = safetensors::serialize(all.iter().map(|(k, t)| (k.as_str(), t)), Some(meta))
             .map_err(|e| Error::ModelFile {
                 path: path.to_path_buf(),
@@ -502,6 +576,26 @@ impl StepFn for Conditioned<'_> {
     }
 }
 
+/// The key of the first tensor holding NaN or infinity, if any.
+pub fn first_non_finite(tensors: &[(String, Tensor)]) -> Result<Option<String>> {
+    for (k, t) in tensors {
+        if !t.dtype().is_float() {
+            continue;
+        }
+        // A finite sum proves every element finite; only otherwise look at the elements,
+        // since a sum of large finite values can overflow.
+        let sum = t.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
+        if sum.is_finite() {
+            continue;
+        }
+        let v = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        if v.iter().any(|x| !x.is_finite()) {
+            return Ok(Some(k.clone()));
+        }
+    }
+    Ok(None)
+}
+
 fn meta_usize(meta: &HashMap<String, String>, key: &str, path: &Path) -> Result<usize> {
     let v = meta.get(key).ok_or_else(|| Error::ModelFile {
         path: path.to_path_buf(),
@@ -509,42 +603,68 @@ fn meta_usize(meta: &HashMap<String, String>, key: &str, path: &Path) -> Result<
     })?;
     v.trim().parse().map_err(|_| Error::ModelFile {
         path: path.to_path_buf(),
-        reason: format!("metadata {key:?} is {v:?}, expected a non-negative integer"),
+        reason: format!(
+            "metadata {key:?} is {:?}, expected a non-negative integer that fits in 64 bits",
+            crate::limits::excerpt(v)
+        ),
     })
 }
 
 /// Reads a velocity-mlp file: its config from the metadata and every tensor in it (extra keys
-/// included), each checked to be float32.
+/// included), each checked to be float32. See [`read_bytes`] for what is checked.
 pub fn read_file(
     path: &Path,
     device: &Device,
 ) -> Result<(VelocityMlpConfig, HashMap<String, Tensor>)> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let bytes = crate::limits::read_input(path)?;
+    read_bytes(&bytes, path, device)
+}
+
+/// Reads a velocity-mlp file from its bytes (`path` only names it in errors).
+///
+/// Everything is checked against the header before any tensor is allocated: the metadata
+/// sizes parse as integers, `depth` is no larger than the tensors present allow, the shapes
+/// implied (checked arithmetic) equal the shapes stored, and safetensors has checked that
+/// each stored shape matches its bytes. So the memory used is the file's size once more.
+///
+/// ```
+/// let e = flow_matching::model::read_bytes(b"garbage", "m.safetensors".as_ref(), &candle_core::Device::Cpu)
+///     .unwrap_err();
+/// assert!(e.to_string().contains("not a valid safetensors file"), "{e}");
+/// ```
+pub fn read_bytes(
+    bytes: &[u8],
+    path: &Path,
+    device: &Device,
+) -> Result<(VelocityMlpConfig, HashMap<String, Tensor>)> {
     let bad = |reason: String| Error::ModelFile {
         path: PathBuf::from(path),
         reason,
     };
-    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
+    let st = safetensors::SafeTensors::deserialize(bytes)
         .map_err(|e| bad(format!("not a valid safetensors file ({e})")))?;
-    let st = safetensors::SafeTensors::deserialize(&bytes)
+    let (_, header) = safetensors::SafeTensors::read_metadata(bytes)
         .map_err(|e| bad(format!("not a valid safetensors file ({e})")))?;
     let meta = header
         .metadata()
         .clone()
         .ok_or_else(|| bad("no __metadata__ header; expected format = velocity-mlp".into()))?;
+    let quote = |v: Option<&String>| v.map(|v| crate::limits::excerpt(v));
     match meta.get("format").map(String::as_str) {
         Some("velocity-mlp") => {}
-        other => {
+        _ => {
             return Err(bad(format!(
-                "metadata format is {other:?}, expected \"velocity-mlp\""
+                "metadata format is {:?}, expected \"velocity-mlp\"",
+                quote(meta.get("format"))
             )))
         }
     }
     match meta.get("version").map(String::as_str) {
         Some("1") => {}
-        other => {
+        _ => {
             return Err(bad(format!(
-                "metadata version is {other:?}, expected \"1\""
+                "metadata version is {:?}, expected \"1\"",
+                quote(meta.get("version"))
             )))
         }
     }
@@ -553,30 +673,31 @@ pub fn read_file(
     let hidden = meta_usize(&meta, "hidden", path)?;
     let depth = meta_usize(&meta, "depth", path)?;
     let num_classes = meta_usize(&meta, "num_classes", path)?;
-    let mut tensors = HashMap::new();
-    for (name, view) in st.tensors() {
-        if view.dtype() != safetensors::Dtype::F32 {
-            return Err(bad(format!(
-                "tensor {name:?} has dtype {:?}, expected F32",
-                view.dtype()
-            )));
-        }
-        let t = Tensor::from_raw_buffer(view.data(), DType::F32, view.shape(), device)?;
-        tensors.insert(name, t);
+    // The shapes as stored, from the header alone: nothing allocated yet.
+    let shapes: HashMap<String, Vec<usize>> = st
+        .tensors()
+        .into_iter()
+        .map(|(name, view)| (name, view.shape().to_vec()))
+        .collect();
+    // depth + 1 layers need 2 (depth + 1) tensors: a larger depth cannot match this file.
+    let layers_possible = shapes.len() / 2;
+    if depth >= layers_possible.max(1) {
+        return Err(bad(format!(
+            "metadata depth = {depth}, but the file holds {} tensors: a depth-{depth} model needs {} linear layers",
+            shapes.len(),
+            depth.saturating_add(1)
+        )));
     }
     let dim_of = |key: &str, axis: usize| -> Result<usize> {
-        let t = tensors
+        let s = shapes
             .get(key)
             .ok_or_else(|| bad(format!("missing tensor {key:?}")))?;
-        t.dims()
-            .get(axis)
-            .copied()
-            .ok_or_else(|| Error::ModelTensorShape {
-                path: path.to_path_buf(),
-                key: key.to_string(),
-                expected: vec![0; axis + 1],
-                got: t.dims().to_vec(),
-            })
+        s.get(axis).copied().ok_or_else(|| Error::ModelTensorShape {
+            path: path.to_path_buf(),
+            key: key.to_string(),
+            expected: vec![0; axis + 1],
+            got: s.clone(),
+        })
     };
     let num_freqs = dim_of("time_embed.freqs", 0)?;
     let cond_dim = if num_classes > 0 {
@@ -595,5 +716,35 @@ pub fn read_file(
     config
         .validate()
         .map_err(|e| bad(format!("metadata: {e}")))?;
+    for (key, shape) in config.expected_shapes() {
+        match shapes.get(&key) {
+            None => {
+                return Err(bad(format!(
+                    "missing tensor {key:?} (expected shape {shape:?})"
+                )))
+            }
+            Some(got) if *got != shape => {
+                return Err(Error::ModelTensorShape {
+                    path: path.to_path_buf(),
+                    key,
+                    expected: shape,
+                    got: got.clone(),
+                })
+            }
+            Some(_) => {}
+        }
+    }
+    let mut tensors = HashMap::new();
+    for (name, view) in st.tensors() {
+        if view.dtype() != safetensors::Dtype::F32 {
+            return Err(bad(format!(
+                "tensor {:?} has dtype {:?}, expected F32",
+                crate::limits::excerpt(&name),
+                view.dtype()
+            )));
+        }
+        let t = Tensor::from_raw_buffer(view.data(), DType::F32, view.shape(), device)?;
+        tensors.insert(name, t);
+    }
     Ok((config, tensors))
 }

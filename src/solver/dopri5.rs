@@ -1,8 +1,9 @@
 //! Adaptive Dormand-Prince 5(4) with error control, FSAL and a step cap.
 
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 
-use super::{check_finite, eval, Integration, Solver};
+use super::fields::TensorField;
+use super::{rk, Integration, Solver};
 use crate::error::{Error, Result};
 use crate::step::StepFn;
 
@@ -73,115 +74,6 @@ impl AdaptiveOptions {
 #[derive(Debug, Clone, Default)]
 pub struct Dopri5(pub AdaptiveOptions);
 
-const C: [f64; 6] = [0.2, 0.3, 0.8, 8.0 / 9.0, 1.0, 1.0];
-const A: [&[f64]; 6] = [
-    &[0.2],
-    &[3.0 / 40.0, 9.0 / 40.0],
-    &[44.0 / 45.0, -56.0 / 15.0, 32.0 / 9.0],
-    &[
-        19372.0 / 6561.0,
-        -25360.0 / 2187.0,
-        64448.0 / 6561.0,
-        -212.0 / 729.0,
-    ],
-    &[
-        9017.0 / 3168.0,
-        -355.0 / 33.0,
-        46732.0 / 5247.0,
-        49.0 / 176.0,
-        -5103.0 / 18656.0,
-    ],
-    &[
-        35.0 / 384.0,
-        0.0,
-        500.0 / 1113.0,
-        125.0 / 192.0,
-        -2187.0 / 6784.0,
-        11.0 / 84.0,
-    ],
-];
-/// The fifth-order weights minus the embedded fourth-order ones.
-const E: [f64; 7] = [
-    71.0 / 57600.0,
-    0.0,
-    -71.0 / 16695.0,
-    71.0 / 1920.0,
-    -17253.0 / 339200.0,
-    22.0 / 525.0,
-    -1.0 / 40.0,
-];
-
-/// `x + h * sum(coef_i * k_i)`, skipping zero coefficients.
-fn combine(x: &Tensor, h: f64, coefs: &[f64], ks: &[Tensor]) -> Result<Tensor> {
-    let mut acc: Option<Tensor> = None;
-    for (c, k) in coefs.iter().zip(ks) {
-        if *c == 0.0 {
-            continue;
-        }
-        let term = k.affine(c * h, 0.0)?;
-        acc = Some(match acc {
-            None => term,
-            Some(a) => (a + term)?,
-        });
-    }
-    match acc {
-        None => Ok(x.clone()),
-        Some(a) => Ok((x + a)?),
-    }
-}
-
-/// RMS of `err / (atol + rtol * max(|x0|, |x1|))`, computed in f64.
-fn error_norm(err: &Tensor, x0: &Tensor, x1: &Tensor, o: &AdaptiveOptions) -> Result<f64> {
-    let err = err.to_dtype(DType::F64)?;
-    let scale = x0
-        .to_dtype(DType::F64)?
-        .abs()?
-        .maximum(&x1.to_dtype(DType::F64)?.abs()?)?
-        .affine(o.rtol, o.atol)?;
-    let r = (err / scale)?.sqr()?.mean_all()?.to_scalar::<f64>()?;
-    Ok(r.sqrt())
-}
-
-impl Dopri5 {
-    /// Hairer's starting-step heuristic from the field's size at the start.
-    fn initial_step(
-        &self,
-        f: &mut dyn StepFn,
-        x: &Tensor,
-        k1: &Tensor,
-        t0: f64,
-        dir: f64,
-        span: f64,
-    ) -> Result<f64> {
-        let o = &self.0;
-        let scale = x.to_dtype(DType::F64)?.abs()?.affine(o.rtol, o.atol)?;
-        let rms = |v: &Tensor| -> Result<f64> {
-            let r = (v.to_dtype(DType::F64)? / &scale)?
-                .sqr()?
-                .mean_all()?
-                .to_scalar::<f64>()?;
-            Ok(r.sqrt())
-        };
-        let d0 = rms(x)?;
-        let d1 = rms(k1)?;
-        let h0 = if d0 < 1e-5 || d1 < 1e-5 {
-            1e-6
-        } else {
-            0.01 * d0 / d1
-        };
-        let h0 = h0.min(span);
-        let x1 = combine(x, dir * h0, &[1.0], std::slice::from_ref(k1))?;
-        let k2 = eval(f, &x1, t0 + dir * h0)?;
-        let d2 = rms(&(k2 - k1)?)? / h0;
-        let h1 = if d1.max(d2) <= 1e-15 {
-            (h0 * 1e-3).max(1e-6)
-        } else {
-            (0.01 / d1.max(d2)).powf(0.2)
-        };
-        Ok((100.0 * h0).min(h1).min(span))
-    }
-}
-
 impl Solver for Dopri5 {
     fn name(&self) -> &'static str {
         "dopri5"
@@ -190,112 +82,12 @@ impl Solver for Dopri5 {
     fn integrate(
         &self,
         f: &mut dyn StepFn,
-        mut x: Tensor,
+        x: Tensor,
         grid: &[f64],
         record: bool,
     ) -> Result<Integration> {
-        let o = &self.0;
-        o.validate()?;
-        let (t_start, t_end) = match (grid.first(), grid.last()) {
-            (Some(a), Some(b)) if grid.len() >= 2 && a != b => (*a, *b),
-            _ => return Err(Error::ZeroSteps),
-        };
-        let dir = if t_end > t_start { 1.0 } else { -1.0 };
-        let span = (t_end - t_start).abs();
-        let mut t = t_start;
-        let mut states = Vec::new();
-        if record {
-            states.push(x.clone());
-        }
-        let mut times = vec![t_start];
-        let mut k1 = eval(f, &x, t)?;
-        let mut nfe = 1;
-        let mut h = match o.first_step {
-            Some(h) => h,
-            None => {
-                nfe += 1;
-                self.initial_step(f, &x, &k1, t, dir, span)?
-            }
-        }
-        .clamp(o.min_step, o.max_step);
-        let (mut accepted, mut rejected) = (0usize, 0usize);
-        let mut reached_end = true;
-        // Right after a rejection the step may not grow (Hairer's rule): the estimate that
-        // just failed says the field is harder here than the last step size suggested.
-        let mut just_rejected = false;
-        while dir * (t_end - t) > 1e-12 * span.max(1.0) {
-            if accepted + rejected >= o.max_steps {
-                if o.return_on_max_steps {
-                    reached_end = false;
-                    break;
-                }
-                return Err(Error::MaxStepsReached {
-                    steps: accepted + rejected,
-                    t,
-                    t_end,
-                });
-            }
-            let remaining = dir * (t_end - t);
-            let last = h >= remaining;
-            let h_try = if last { remaining } else { h };
-            let hs = dir * h_try;
-            let mut ks = vec![k1.clone()];
-            for s in 0..6 {
-                let xs = combine(&x, hs, A[s], &ks)?;
-                let ts = if s >= 4 { t + hs } else { t + C[s] * hs };
-                ks.push(eval(f, &xs, ts)?);
-                if s == 5 {
-                    // The seventh stage's input is the fifth-order solution (FSAL).
-                    nfe += 6;
-                    let err = combine(&x.zeros_like()?, hs, &E, &ks)?;
-                    let en = error_norm(&err, &x, &xs, o)?;
-                    let en = if en.is_nan() { f64::INFINITY } else { en };
-                    let factor = if en == 0.0 {
-                        10.0
-                    } else {
-                        (0.9 * en.powf(-0.2)).clamp(0.2, 10.0)
-                    };
-                    if en <= 1.0 {
-                        t = if last { t_end } else { t + hs };
-                        x = xs;
-                        k1 = ks[6].clone();
-                        accepted += 1;
-                        check_finite(&x, accepted, t)?;
-                        if record {
-                            states.push(x.clone());
-                        }
-                        times.push(t);
-                        let factor = if just_rejected {
-                            factor.min(1.0)
-                        } else {
-                            factor
-                        };
-                        just_rejected = false;
-                        h = (h_try * factor).clamp(o.min_step, o.max_step);
-                    } else {
-                        rejected += 1;
-                        just_rejected = true;
-                        if h_try <= o.min_step {
-                            return Err(Error::invalid(
-                                "min_step",
-                                o.min_step,
-                                format!("a smaller step is needed at t = {t:.6} to meet rtol = {}, atol = {}", o.rtol, o.atol),
-                            ));
-                        }
-                        h = (h_try * factor.min(1.0)).max(o.min_step);
-                    }
-                    break;
-                }
-            }
-        }
-        Ok(Integration {
-            x,
-            states,
-            times,
-            nfe,
-            accepted,
-            rejected,
-            reached_end,
-        })
+        let mut field = TensorField::new(f, x.dtype());
+        let run = rk::dopri5(&mut field, &self.0, x, grid, record)?;
+        Ok(Integration::from_run(run, field.states))
     }
 }

@@ -1,28 +1,12 @@
 //! Forward Euler: `x' = x + dt v(x, t)`.
 
-use candle_core::Tensor;
-
-use super::{axpy, eval, FixedStep};
-use crate::error::Result;
-use crate::step::StepFn;
+use super::rk::{Tableau, EULER};
+use super::FixedStep;
 
 /// Forward Euler, first order; the seed's only method.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Euler;
 
 impl FixedStep for Euler {
-    const NAME: &'static str = "euler";
-    const EVALS: usize = 1;
-
-    fn advance(
-        &self,
-        f: &mut dyn StepFn,
-        x: &Tensor,
-        t0: f64,
-        _t1: f64,
-        dt: f64,
-    ) -> Result<Tensor> {
-        let v = eval(f, x, t0)?;
-        axpy(x, dt, &v)
-    }
+    const TABLEAU: &'static Tableau = &EULER;
 }

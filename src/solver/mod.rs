@@ -2,8 +2,10 @@
 
 mod dopri5;
 mod euler;
+pub mod fields;
 mod heun;
 mod midpoint;
+pub mod rk;
 mod rk4;
 
 pub use dopri5::{AdaptiveOptions, Dopri5};
@@ -15,7 +17,9 @@ pub use rk4::Rk4;
 use candle_core::{DType, Tensor};
 
 use crate::error::{Error, Result};
-use crate::step::{checked_step, StepFn};
+use crate::step::{checked_step, FastVelocity, StepFn};
+use fields::{SliceField, TensorField};
+use rk::Tableau;
 
 /// The states and statistics of one integration.
 #[derive(Debug, Clone)]
@@ -52,54 +56,71 @@ pub trait Solver {
     ) -> Result<Integration>;
 }
 
-/// A one-step method: advances `x` from `t0` to `t1` with a fixed number of evaluations.
+/// A one-step method described by its Butcher tableau; the driver ([`rk::fixed`]) is shared
+/// by every method and by both the tensor and the slice path.
 pub trait FixedStep {
-    /// The name the method parses from.
-    const NAME: &'static str;
-    /// Velocity evaluations per step.
-    const EVALS: usize;
-    /// The state at `t1`, with `dt = t1 - t0` computed in the state's precision.
-    fn advance(&self, f: &mut dyn StepFn, x: &Tensor, t0: f64, t1: f64, dt: f64) -> Result<Tensor>;
+    /// The method's tableau.
+    const TABLEAU: &'static Tableau;
+
+    /// The state at `t1` after one step from `(x, t0)` (stage times `t0 + c dt`, `t1` for
+    /// `c = 1`), with `dt = t1 - t0` computed in the state's precision.
+    fn advance(&self, f: &mut dyn StepFn, x: &Tensor, t0: f64, t1: f64) -> Result<Tensor> {
+        let mut field = TensorField::new(f, x.dtype());
+        Ok(rk::fixed(&mut field, Self::TABLEAU, x.clone(), &[t0, t1], false)?.x)
+    }
 }
 
 impl<S: FixedStep> Solver for S {
     fn name(&self) -> &'static str {
-        S::NAME
+        S::TABLEAU.name
     }
 
     fn integrate(
         &self,
         f: &mut dyn StepFn,
-        mut x: Tensor,
+        x: Tensor,
         grid: &[f64],
         record: bool,
     ) -> Result<Integration> {
-        if grid.len() < 2 {
-            return Err(Error::ZeroSteps);
-        }
-        let mut states = Vec::new();
-        if record {
-            states.push(x.clone());
-        }
-        for (i, w) in grid.windows(2).enumerate() {
-            let dt = delta(x.dtype(), w[0], w[1]);
-            x = self.advance(f, &x, w[0], w[1], dt)?;
-            check_finite(&x, i + 1, w[1])?;
-            if record {
-                states.push(x.clone());
-            }
-        }
-        let steps = grid.len() - 1;
-        Ok(Integration {
-            x,
-            states,
-            times: grid.to_vec(),
-            nfe: steps * S::EVALS,
-            accepted: steps,
-            rejected: 0,
-            reached_end: true,
-        })
+        let mut field = TensorField::new(f, x.dtype());
+        let run = rk::fixed(&mut field, S::TABLEAU, x, grid, record)?;
+        Ok(Integration::from_run(run, field.states))
     }
+}
+
+impl Integration {
+    /// Wraps a driver's run and the states its field recorded.
+    fn from_run(run: rk::Run<Tensor>, states: Vec<Tensor>) -> Self {
+        Integration {
+            x: run.x,
+            states,
+            times: run.times,
+            nfe: run.nfe,
+            accepted: run.accepted,
+            rejected: run.rejected,
+            reached_end: run.reached_end,
+        }
+    }
+}
+
+/// The result of [`Method::integrate_slices`]: the final state and, when recording, every
+/// accepted state step-major `[T + 1, B, D]`.
+#[derive(Debug, Clone)]
+pub struct SliceIntegration {
+    /// The state at the last time reached.
+    pub x: Vec<f32>,
+    /// Every accepted state, the initial one first (only when recording).
+    pub states: Option<Vec<f32>>,
+    /// The times of the accepted states.
+    pub times: Vec<f64>,
+    /// Velocity evaluations used.
+    pub nfe: usize,
+    /// Accepted steps.
+    pub accepted: usize,
+    /// Rejected steps (adaptive solvers only).
+    pub rejected: usize,
+    /// False when an adaptive solver stopped at its step cap before the end time.
+    pub reached_end: bool,
 }
 
 /// `t1 - t0` rounded as the state's dtype would compute it, so a float32 sampler matches a
@@ -109,11 +130,6 @@ pub fn delta(dtype: DType, t0: f64, t1: f64) -> f64 {
         DType::F64 => t1 - t0,
         _ => (t1 as f32 - t0 as f32) as f64,
     }
-}
-
-/// `x + a * v`, rounding `a * v` first as the reference does (no fused multiply-add).
-pub fn axpy(x: &Tensor, a: f64, v: &Tensor) -> Result<Tensor> {
-    Ok(x.add(&v.affine(a, 0.0)?)?)
 }
 
 /// Errors when `x` holds NaN or infinity after step `step` (reaching time `t`).
@@ -187,6 +203,71 @@ impl Method {
             Method::Rk4 => Box::new(Rk4),
             Method::Dopri5(o) => Box::new(Dopri5(o.clone())),
         }
+    }
+
+    /// The method's tableau (`None` for the adaptive Dormand-Prince, whose embedded pair has
+    /// its own driver).
+    pub fn tableau(&self) -> Option<&'static Tableau> {
+        match self {
+            Method::Euler => Some(Euler::TABLEAU),
+            Method::Midpoint => Some(Midpoint::TABLEAU),
+            Method::Heun => Some(Heun::TABLEAU),
+            Method::Rk4 => Some(Rk4::TABLEAU),
+            Method::Dopri5(_) => None,
+        }
+    }
+
+    /// Integrates f32 `x` (`[B, D]` flattened) along `grid` through a slice-level velocity:
+    /// the same driver and arithmetic as [`Solver::integrate`] on tensors, over buffers made
+    /// before the loop. Euler without recording goes to [`FastVelocity::euler_in_place`]
+    /// when the velocity offers it (a model forks its threads once per run).
+    pub fn integrate_slices(
+        &self,
+        f: &mut dyn FastVelocity,
+        mut x: Vec<f32>,
+        grid: &[f64],
+        record: bool,
+    ) -> Result<SliceIntegration> {
+        if grid.len() < 2 {
+            return Err(Error::ZeroSteps);
+        }
+        if matches!(self, Method::Euler) && !record {
+            if let Some(r) = f.euler_in_place(&mut x, grid) {
+                r?;
+                let steps = grid.len() - 1;
+                return Ok(SliceIntegration {
+                    x,
+                    states: None,
+                    times: grid.to_vec(),
+                    nfe: steps,
+                    accepted: steps,
+                    rejected: 0,
+                    reached_end: true,
+                });
+            }
+        }
+        let reserve = match (record, self) {
+            (false, _) => 0,
+            (true, Method::Dopri5(_)) => 64 * x.len(),
+            (true, _) => grid.len() * x.len(),
+        };
+        let mut field = SliceField::new(f, reserve);
+        let run = match self {
+            Method::Dopri5(o) => rk::dopri5(&mut field, o, x, grid, record)?,
+            Method::Euler => rk::fixed(&mut field, Euler::TABLEAU, x, grid, record)?,
+            Method::Midpoint => rk::fixed(&mut field, Midpoint::TABLEAU, x, grid, record)?,
+            Method::Heun => rk::fixed(&mut field, Heun::TABLEAU, x, grid, record)?,
+            Method::Rk4 => rk::fixed(&mut field, Rk4::TABLEAU, x, grid, record)?,
+        };
+        Ok(SliceIntegration {
+            x: run.x,
+            states: record.then_some(field.states),
+            times: run.times,
+            nfe: run.nfe,
+            accepted: run.accepted,
+            rejected: run.rejected,
+            reached_end: run.reached_end,
+        })
     }
 
     /// Whether the method picks its own steps (and so uses only the grid's ends).

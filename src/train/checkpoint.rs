@@ -10,7 +10,7 @@ use candle_nn::VarMap;
 
 use super::{sorted_vars, AdamW, Ema, TrainConfig, Trainer};
 use crate::error::{Error, Result};
-use crate::model::{read_file, VelocityMlp};
+use crate::model::{first_non_finite, read_file, VelocityMlp};
 
 /// Metadata key of the number of steps taken.
 const STEP_KEY: &str = "train.step";
@@ -34,8 +34,15 @@ impl Trainer {
                 Tensor::from_vec(self.losses.clone(), n, &Device::Cpu)?,
             ));
         }
+        if let Some(reason) = diverged(&self.losses) {
+            return Err(Error::Training(format!(
+                "{reason}; checkpoint {} not written (an existing file is left as it was); lower the learning rate?",
+                path.as_ref().display()
+            )));
+        }
         let mut meta = self.config.to_metadata();
         meta.insert(STEP_KEY.to_string(), self.step.to_string());
+        // save_with_metadata refuses NaN or infinite weights, EMA and moments alike.
         self.ema_model()?.save_with_metadata(path, &extra, &meta)
     }
 
@@ -49,7 +56,7 @@ impl Trainer {
     /// ```
     pub fn resume(path: impl AsRef<Path>, device: &Device) -> Result<Self> {
         let path = path.as_ref();
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let bytes = crate::limits::read_input(path)?;
         let bad = |reason: String| Error::ModelFile {
             path: path.to_path_buf(),
             reason,
@@ -59,6 +66,19 @@ impl Trainer {
         let meta = header.metadata().clone().unwrap_or_default();
         drop(bytes);
         let (model_config, mut tensors) = read_file(path, device)?;
+        let mut all: Vec<(String, Tensor)> = tensors
+            .iter()
+            .map(|(k, t)| (k.clone(), t.clone()))
+            .collect();
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        if let Some(key) = first_non_finite(&all)? {
+            return Err(Error::NonFiniteWeights {
+                what: format!("checkpoint {}", path.display()),
+                key,
+                action: "cannot resume from it (the run it came from had diverged)".into(),
+            });
+        }
+        drop(all);
         let step: usize = meta
             .get(STEP_KEY)
             .ok_or_else(|| {
@@ -141,5 +161,44 @@ impl Trainer {
             shadow,
         };
         Self::assemble(config, varmap, vars, model, optim, ema, step, losses)
+    }
+}
+
+/// Why a run's losses say it diverged, if they do: a non-finite loss, or the mean of the
+/// last 50 losses over 100 times the mean of the first 50 (a flow-matching loss starts near
+/// the data's variance plus the noise's and falls; a learning rate far too high sends it to
+/// 1e6 and beyond within a few steps).
+pub(crate) fn diverged(losses: &[f32]) -> Option<String> {
+    if let Some(i) = losses.iter().position(|l| !l.is_finite()) {
+        return Some(format!("loss is {} at step {}", losses[i], i + 1));
+    }
+    let window = 50.min(losses.len() / 2);
+    if window == 0 {
+        return None;
+    }
+    let mean = |s: &[f32]| s.iter().map(|&l| l as f64).sum::<f64>() / s.len() as f64;
+    let (first, last) = (
+        mean(&losses[..window]),
+        mean(&losses[losses.len() - window..]),
+    );
+    (last > 100.0 * first).then(|| {
+        format!(
+            "training diverged: the mean loss of the last {window} steps is {last:.3e}, over 100 times the first {window} steps' {first:.3e}"
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::diverged;
+
+    #[test]
+    fn divergence_rule() {
+        assert!(diverged(&[]).is_none());
+        assert!(diverged(&[2.0, 1.5, 1.2, 1.1]).is_none());
+        assert!(diverged(&[2.0, f32::NAN]).unwrap().contains("step 2"));
+        let mut l = vec![2.0; 60];
+        l.extend(vec![1e6; 60]);
+        assert!(diverged(&l).unwrap().contains("diverged"));
     }
 }

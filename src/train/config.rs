@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 
+use crate::coupling::Coupling;
 use crate::error::{Error, Result};
 use crate::flow_matching::TimestepSampler;
 use crate::train::optim::{lr_at, AdamWParams, LrSchedule};
@@ -35,12 +36,15 @@ pub struct TrainConfig {
     pub seed: u64,
     /// Write a checkpoint every this many steps (0: only at the end), when a path is set.
     pub checkpoint_every: usize,
+    /// How each batch pairs noise with data (independent, or minibatch optimal transport).
+    pub coupling: Coupling,
 }
 
 impl Default for TrainConfig {
     /// 1000 steps of batch 256 at lr 1e-3, AdamW (0.9, 0.999, 1e-8, no weight decay),
     /// clipping at 1.0, no warm-up, constant lr, EMA 0.999 with warm-up, the Beta timestep
-    /// sampler, a 0.1 label drop rate, seed 0, a checkpoint every 1000 steps.
+    /// sampler, a 0.1 label drop rate, seed 0, a checkpoint every 1000 steps, independent
+    /// coupling.
     fn default() -> Self {
         TrainConfig {
             steps: 1000,
@@ -56,6 +60,7 @@ impl Default for TrainConfig {
             cond_drop_rate: 0.1,
             seed: 0,
             checkpoint_every: 1000,
+            coupling: Coupling::Independent,
         }
     }
 }
@@ -161,6 +166,7 @@ impl TrainConfig {
             ("cond_drop_rate", self.cond_drop_rate.to_string()),
             ("seed", self.seed.to_string()),
             ("checkpoint_every", self.checkpoint_every.to_string()),
+            ("coupling", self.coupling.to_string()),
         ];
         entries
             .into_iter()
@@ -169,7 +175,7 @@ impl TrainConfig {
     }
 
     /// Reads the config back from checkpoint metadata; a missing or malformed entry is an
-    /// error naming it.
+    /// error naming it (except `train.coupling`, absent from older checkpoints: independent).
     pub fn from_metadata(meta: &HashMap<String, String>) -> Result<Self> {
         fn get<'a>(meta: &'a HashMap<String, String>, key: &str) -> Result<&'a str> {
             meta.get(&format!("train.{key}"))
@@ -184,7 +190,8 @@ impl TrainConfig {
             let v = get(meta, key)?;
             v.parse().map_err(|_| {
                 Error::Training(format!(
-                    "checkpoint metadata \"train.{key}\" is {v:?}, not a valid number"
+                    "checkpoint metadata \"train.{key}\" is {:?}, not a valid number",
+                    crate::limits::excerpt(v)
                 ))
             })
         }
@@ -197,7 +204,8 @@ impl TrainConfig {
             "false" => false,
             other => {
                 return Err(Error::Training(format!(
-                    "checkpoint metadata \"train.ema_warmup\" is {other:?}, expected true or false"
+                    "checkpoint metadata \"train.ema_warmup\" is {:?}, expected true or false",
+                    crate::limits::excerpt(other)
                 )))
             }
         };
@@ -220,6 +228,10 @@ impl TrainConfig {
             cond_drop_rate: num(meta, "cond_drop_rate")?,
             seed: num(meta, "seed")?,
             checkpoint_every: num(meta, "checkpoint_every")?,
+            coupling: match meta.get("train.coupling") {
+                Some(c) => c.parse()?,
+                None => Coupling::Independent,
+            },
         };
         config.validate()?;
         Ok(config)

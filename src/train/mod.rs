@@ -8,6 +8,8 @@
 mod checkpoint;
 mod config;
 mod optim;
+mod sizing;
+mod validation;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -18,12 +20,14 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 
 use crate::error::{Error, Result};
-use crate::flow_matching::FlowMatching;
+use crate::flow_matching::{FlowMatching, TrainingBatch};
 use crate::model::{VelocityMlp, VelocityMlpConfig};
 use crate::progress::{Progress, ProgressFn, Reporter};
 
 pub use config::TrainConfig;
 pub use optim::{clip_grad_norm, grad_norm, lr_at, AdamW, AdamWParams, Ema, LrSchedule};
+pub use sizing::{Sizing, MAX_EPOCHS, MIN_STEPS};
+pub use validation::{EarlyStopReport, EarlyStopping, Validation};
 
 /// The loss and the gradient of every trainable weight (by its spec key) for one batch:
 /// `(model, noisy_x, t, labels, target) -> (loss, grads)`. [`loss_and_grads`] is the autograd
@@ -135,6 +139,10 @@ pub fn drop_labels(labels: &[u32], drop_mask: &Tensor, num_classes: usize) -> Re
         .collect())
 }
 
+/// A batch of given training pairs: data `[B, *x_dims]`, the noise paired with each row
+/// (same shape) and the rows' labels (conditional models).
+pub type PairBatch = (Tensor, Tensor, Option<Vec<u32>>);
+
 /// What a finished run returns.
 #[derive(Debug, Clone)]
 pub struct TrainOutput {
@@ -199,6 +207,56 @@ impl Trainer {
         config.validate()?;
         let varmap = VarMap::new();
         let model = VelocityMlp::init(model_config, &varmap, device, config.seed)?;
+        let vars = sorted_vars(&varmap)?;
+        let weights: Vec<Tensor> = vars.iter().map(|(_, v)| v.as_tensor().clone()).collect();
+        let plain: Vec<Var> = vars.iter().map(|(_, v)| v.clone()).collect();
+        let optim = AdamW::new(config.adamw, &plain)?;
+        let ema = Ema::new(config.ema_decay, config.ema_warmup, &weights)?;
+        Self::assemble(config, varmap, vars, model, optim, ema, 0, Vec::new())
+    }
+
+    /// A run that starts from the weights of `model` (fine-tuning, reflow): fresh optimiser
+    /// moments, the EMA started at those weights, `model` itself left untouched.
+    ///
+    /// ```
+    /// use candle_core::{DType, Device, Tensor};
+    /// use flow_matching::train::{TrainConfig, Trainer};
+    /// use flow_matching::{VelocityMlpConfig, XDims};
+    ///
+    /// let mut mc = VelocityMlpConfig::new(XDims::new(2).unwrap());
+    /// (mc.hidden, mc.depth) = (16, 1);
+    /// let config = TrainConfig { steps: 3, batch_size: 8, ..TrainConfig::default() };
+    /// let first = Trainer::new(mc, config.clone(), &Device::Cpu).unwrap().ema_model().unwrap();
+    /// let mut tuned = Trainer::from_model(&first, config, &Device::Cpu).unwrap();
+    /// let ones = |_: &mut _, b| Ok((Tensor::ones((b, 2), DType::F32, &Device::Cpu)?, None));
+    /// assert_eq!(tuned.train(ones).unwrap().history.len(), 3);
+    /// ```
+    pub fn from_model(model: &VelocityMlp, config: TrainConfig, device: &Device) -> Result<Self> {
+        config.validate()?;
+        let varmap = VarMap::new();
+        let mut tensors = HashMap::new();
+        {
+            let mut data = varmap
+                .data()
+                .lock()
+                .map_err(|_| Error::Training("the variable map's lock is poisoned".into()))?;
+            for (k, t) in model.tensors() {
+                // detach + Var::from_tensor copies the storage, so `model` is never updated.
+                let t = t.to_device(device)?.detach();
+                if k == "time_embed.freqs" {
+                    tensors.insert(k, t);
+                    continue;
+                }
+                let var = Var::from_tensor(&t)?;
+                tensors.insert(k.clone(), var.as_tensor().clone());
+                data.insert(k, var);
+            }
+        }
+        let model = VelocityMlp::from_tensors(
+            model.config().clone(),
+            &tensors,
+            std::path::Path::new("<initial model>"),
+        )?;
         let vars = sorted_vars(&varmap)?;
         let weights: Vec<Tensor> = vars.iter().map(|(_, v)| v.as_tensor().clone()).collect();
         let plain: Vec<Var> = vars.iter().map(|(_, v)| v.clone()).collect();
@@ -334,10 +392,32 @@ impl Trainer {
     where
         D: FnMut(&mut StdRng, usize) -> Result<(Tensor, Option<Vec<u32>>)>,
     {
+        let mut rng = step_rng(self.config.seed, self.step as u64);
+        let (x, labels) = data(&mut rng, self.config.batch_size)?;
+        self.step_on(x, None, labels, rng)
+    }
+
+    /// Takes one optimiser step on given pairs `(x, noise, labels)` drawn by
+    /// `pairs(rng, batch_size)` (reflow, distillation): the noise is used as drawn, not
+    /// coupled; times and label drops are drawn as in [`Self::step`].
+    pub fn step_pairs<P>(&mut self, pairs: &mut P) -> Result<f32>
+    where
+        P: FnMut(&mut StdRng, usize) -> Result<PairBatch>,
+    {
+        let mut rng = step_rng(self.config.seed, self.step as u64);
+        let (x, noise, labels) = pairs(&mut rng, self.config.batch_size)?;
+        self.step_on(x, Some(noise), labels, rng)
+    }
+
+    fn step_on(
+        &mut self,
+        x: Tensor,
+        noise: Option<Tensor>,
+        labels: Option<Vec<u32>>,
+        mut rng: StdRng,
+    ) -> Result<f32> {
         let s = self.step;
-        let mut rng = step_rng(self.config.seed, s as u64);
         let b = self.config.batch_size;
-        let (x, labels) = data(&mut rng, b)?;
         if x.rank() == 0 || x.dim(0)? != b {
             return Err(Error::Shape {
                 what: "batch from the data function".into(),
@@ -347,6 +427,15 @@ impl Trainer {
         }
         let x = x.to_device(self.model.device())?.to_dtype(DType::F32)?;
         let batch = self.fm.construct_training_data(&x, &mut rng)?;
+        let batch = match noise {
+            // Coupling re-pairs the drawn noise (within classes); it draws nothing, so the
+            // random stream, and hence resuming, is the same under every coupling.
+            None => crate::coupling::couple_batch(self.config.coupling, batch, labels.as_deref())?,
+            Some(noise) => {
+                let noise = noise.to_device(x.device())?.to_dtype(DType::F32)?;
+                TrainingBatch::from_parts(&x, &batch.t.reshape(b)?, &noise, batch.drop_mask)?
+            }
+        };
         let num_classes = self.model.config().num_classes;
         let labels = match (labels, num_classes) {
             (None, 0) => None,
@@ -432,12 +521,33 @@ impl Trainer {
     where
         D: FnMut(&mut StdRng, usize) -> Result<(Tensor, Option<Vec<u32>>)>,
     {
+        self.run_steps(|t| t.step(&mut data))
+    }
+
+    /// [`Self::train`] on given `(x, noise, labels)` pairs (see [`Self::step_pairs`]).
+    pub fn train_pairs<P>(&mut self, mut pairs: P) -> Result<TrainOutput>
+    where
+        P: FnMut(&mut StdRng, usize) -> Result<PairBatch>,
+    {
+        self.run_steps(|t| t.step_pairs(&mut pairs))
+    }
+
+    fn run_steps<S>(&mut self, mut one_step: S) -> Result<TrainOutput>
+    where
+        S: FnMut(&mut Self) -> Result<f32>,
+    {
+        // Held for the whole run: a second run writing the same checkpoint fails at once.
+        let _lock = self
+            .checkpoint
+            .as_deref()
+            .map(crate::output::OutputLock::acquire)
+            .transpose()?;
         let total = self.config.steps;
         let reporter = Reporter::new("train", self.step.min(total), total);
         let every = self.config.checkpoint_every;
         while self.step < total {
             let lr = self.config.lr_at(self.step);
-            let loss = self.step(&mut data)?;
+            let loss = one_step(self)?;
             if let Some(on_progress) = self.progress.as_mut() {
                 reporter.report(self.step, Some(loss), Some(lr), on_progress);
             }

@@ -1,0 +1,109 @@
+//! Bounds on the numeric flags: every count is at least 1 and the buffers it asks for,
+//! computed with checked arithmetic, fit in the memory available
+//! ([`flow_matching::limits::available_memory`]), so a flag can neither wrap a size nor abort
+//! the process half way through a run.
+//!
+//! Reusable by every subcommand: [`at_least_one`], [`memory`], [`floats`] and
+//! [`non_negative`]; outputs go through [`flow_matching::output::prepare_outputs`].
+
+use flow_matching::limits::{check_memory, checked_bytes, checked_sum};
+use flow_matching::{Error, Result, VelocityMlpConfig};
+
+/// Refuses a count of zero for `flag`.
+pub fn at_least_one(flag: &'static str, value: usize) -> Result<()> {
+    if value == 0 {
+        return Err(Error::invalid(flag, 0, "at least 1"));
+    }
+    Ok(())
+}
+
+/// Refuses a negative or non-finite value for `flag` (`what_zero_means` goes in the message).
+pub fn non_negative(flag: &'static str, value: f64, what_zero_means: &str) -> Result<()> {
+    if !(value >= 0.0 && value.is_finite()) {
+        return Err(Error::invalid(
+            flag,
+            value,
+            format!("a finite number >= 0 ({what_zero_means})"),
+        ));
+    }
+    Ok(())
+}
+
+/// The bytes of `count` float32 values whose count is the product of `dims` (checked).
+pub fn floats(dims: &[usize]) -> Option<u64> {
+    checked_bytes(dims, 4)
+}
+
+/// Refuses buffers of `bytes` (the sum of the parts, checked) above the available memory;
+/// `what` names the flags behind them with their values.
+pub fn memory(what: String, parts: &[Option<u64>]) -> Result<()> {
+    check_memory(&what, checked_sum(parts))
+}
+
+/// The memory a training run needs beyond its data: six copies of the weights (weights,
+/// gradients, two AdamW moments, the EMA and the checkpoint being written), the batch's
+/// activations, and the loss history.
+pub fn training(config: &VelocityMlpConfig, batch: usize, steps: usize) -> Result<()> {
+    let params = config.num_params();
+    let d = config.x_dims.numel();
+    // Per row: the input, two buffers per hidden layer (pre- and post-activation) for the
+    // backward pass and four of the sample's size (x0, x1, noisy x, target).
+    let per_row = params.and_then(|_| {
+        config
+            .hidden
+            .checked_mul(config.depth.checked_mul(2)?)?
+            .checked_add(d.checked_mul(4)?)?
+            .checked_add(config.num_freqs.checked_mul(2)?)?
+            .checked_add(d)
+    });
+    memory(
+        format!(
+            "training with --batch {batch}, --hidden {}, --depth {}, --freqs {}, --steps {steps}",
+            config.hidden, config.depth, config.num_freqs
+        ),
+        &[
+            params.and_then(|p| floats(&[p, 6])),
+            per_row.and_then(|r| floats(&[r, batch, 2])),
+            checked_bytes(&[steps], 24),
+        ],
+    )
+}
+
+/// The memory sampling needs: the state and the solver's stages (up to 7 for dopri5) for
+/// `batch` samples of `d` values, the trajectory `[batch, steps + 1, d]` twice (the tensor
+/// and the file being written) when asked for, and the time grid.
+pub fn sampling(batch: usize, d: usize, steps: usize, trajectory: bool) -> Result<()> {
+    let states = steps.checked_add(1);
+    memory(
+        format!(
+            "sampling --batch {batch} samples of {d} values with --steps {steps}{}",
+            if trajectory { " and --trajectory" } else { "" }
+        ),
+        &[
+            floats(&[batch, d, 10]),
+            if trajectory {
+                states.and_then(|s| floats(&[batch, s, d, 2]))
+            } else {
+                Some(0)
+            },
+            states.and_then(|s| checked_bytes(&[s, 2], 8)),
+        ],
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bounds_refuse_wrapping_and_huge_requests() {
+        assert!(sampling(16, 2, 10, true).is_ok());
+        let e = sampling(1 << 63, 2, 10, false).unwrap_err().to_string();
+        assert!(e.contains("--batch 9223372036854775808"), "{e}");
+        assert!(e.contains("more than 2^64 bytes"), "{e}");
+        assert!(sampling(4, 2, usize::MAX, true).is_err());
+        assert!(non_negative("--clip", -1.0, "0: no clipping").is_err());
+        assert!(non_negative("--clip", f64::NAN, "0: no clipping").is_err());
+        assert!(at_least_one("--n", 0).is_err());
+    }
+}

@@ -1,0 +1,230 @@
+//! Bounds on what a file or a flag may make the program allocate, and short quotes of values.
+//!
+//! Every size read from a file or a flag goes through checked arithmetic ([`checked_bytes`])
+//! and, before anything large is allocated, through [`check_memory`], which refuses a request
+//! above the memory the machine has free, naming both figures.
+
+use std::path::Path;
+
+use crate::error::{Error, Result};
+
+/// Environment variable that overrides the available-memory figure (bytes), for tests and
+/// for users who want a lower ceiling than the machine's.
+pub const MEMORY_LIMIT_ENV: &str = "FLOW_MATCHING_MEMORY_LIMIT";
+
+/// The figure used when the platform does not say how much memory is free (4 GiB).
+pub const FALLBACK_MEMORY: u64 = 4 << 30;
+
+/// The longest excerpt of a value an error message quotes, in characters.
+pub const EXCERPT_CHARS: usize = 80;
+
+/// The memory a single run may ask for, in bytes: [`MEMORY_LIMIT_ENV`] when set, else the
+/// smaller of Linux's `MemAvailable` and the cgroup limit, else [`FALLBACK_MEMORY`].
+///
+/// ```
+/// assert!(flow_matching::limits::available_memory() > 0);
+/// ```
+pub fn available_memory() -> u64 {
+    if let Some(v) = std::env::var(MEMORY_LIMIT_ENV)
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+    {
+        return v.max(1);
+    }
+    let meminfo = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| parse_meminfo(&s));
+    let cgroup = std::fs::read_to_string("/sys/fs/cgroup/memory.max")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok());
+    match (meminfo, cgroup) {
+        (Some(a), Some(b)) => a.min(b),
+        (Some(a), None) => a,
+        (None, Some(b)) => b,
+        (None, None) => FALLBACK_MEMORY,
+    }
+}
+
+/// `MemAvailable` (bytes) from the text of `/proc/meminfo`.
+fn parse_meminfo(text: &str) -> Option<u64> {
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
+}
+
+/// The bytes of `elem_bytes`-byte elements in a buffer of shape `dims`; `None` on overflow.
+///
+/// ```
+/// use flow_matching::limits::checked_bytes;
+/// assert_eq!(checked_bytes(&[3, 4], 4), Some(48));
+/// assert_eq!(checked_bytes(&[usize::MAX, 2], 4), None);
+/// ```
+pub fn checked_bytes(dims: &[usize], elem_bytes: usize) -> Option<u64> {
+    dims.iter()
+        .try_fold(elem_bytes as u64, |acc, &d| acc.checked_mul(d as u64))
+}
+
+/// The sum of several byte counts; `None` when any is `None` or the sum overflows.
+pub fn checked_sum(parts: &[Option<u64>]) -> Option<u64> {
+    parts
+        .iter()
+        .try_fold(0u64, |acc, p| p.and_then(|p| acc.checked_add(p)))
+}
+
+/// Refuses a request of `bytes` (`None`: it overflowed 64 bits) that exceeds
+/// [`available_memory`]; `what` names the buffers and the flag or file behind them.
+///
+/// ```
+/// use flow_matching::limits::check_memory;
+/// assert!(check_memory("a small buffer", Some(1024)).is_ok());
+/// let e = check_memory("--batch 10^18 samples", None).unwrap_err().to_string();
+/// assert!(e.contains("--batch"), "{e}");
+/// ```
+pub fn check_memory(what: &str, bytes: Option<u64>) -> Result<()> {
+    let available = available_memory();
+    match bytes {
+        Some(b) if b <= available => Ok(()),
+        needed => Err(Error::TooLarge {
+            what: what.to_string(),
+            needed,
+            available,
+        }),
+    }
+}
+
+/// Renders a byte count for messages: `1.5 GiB (1610612736 bytes)`.
+pub fn human_bytes(bytes: Option<u64>) -> String {
+    let Some(b) = bytes else {
+        return "more than 2^64 bytes".to_string();
+    };
+    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
+    if b < 1024 {
+        return format!("{b} bytes");
+    }
+    let mut v = b as f64;
+    let mut unit = "bytes";
+    for u in UNITS {
+        if v < 1024.0 {
+            break;
+        }
+        v /= 1024.0;
+        unit = u;
+    }
+    format!("{v:.1} {unit} ({b} bytes)")
+}
+
+/// At most [`EXCERPT_CHARS`] characters of `value`, with the full length when it was cut, so a
+/// message about a 300 MB flag or metadata entry stays one short line.
+///
+/// ```
+/// use flow_matching::limits::excerpt;
+/// assert_eq!(excerpt("0,0.5,1"), "0,0.5,1");
+/// let long = "0,".repeat(1000);
+/// assert!(excerpt(&long).len() < 120 && excerpt(&long).contains("2000 characters"));
+/// ```
+pub fn excerpt(value: &str) -> String {
+    let mut chars = value.char_indices();
+    match chars.nth(EXCERPT_CHARS) {
+        None => value.to_string(),
+        Some((cut, _)) => format!(
+            "{}… ({} characters in all)",
+            &value[..cut],
+            value.chars().count()
+        ),
+    }
+}
+
+/// A debug-style excerpt of a list of numbers (a time grid, a shape), as [`excerpt`].
+pub fn excerpt_list<T: std::fmt::Debug>(values: &[T]) -> String {
+    const SHOWN: usize = 8;
+    if values.len() <= SHOWN {
+        return format!("{values:?}");
+    }
+    let head: Vec<String> = values[..SHOWN / 2]
+        .iter()
+        .map(|v| format!("{v:?}"))
+        .collect();
+    let tail: Vec<String> = values[values.len() - SHOWN / 2..]
+        .iter()
+        .map(|v| format!("{v:?}"))
+        .collect();
+    format!(
+        "[{}, … {} more …, {}] ({} values)",
+        head.join(", "),
+        values.len() - SHOWN,
+        tail.join(", "),
+        values.len()
+    )
+}
+
+/// The length of a regular file, refusing devices, pipes and directories: reading
+/// `/dev/zero` as a model or data file would never end.
+pub fn input_len(path: &Path) -> Result<u64> {
+    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    if !meta.is_file() {
+        return Err(Error::io(
+            path,
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!(
+                    "{}: expected a regular file",
+                    crate::output::file_kind(&meta)
+                ),
+            ),
+        ));
+    }
+    Ok(meta.len())
+}
+
+/// Reads a whole regular input file, never more bytes than its length when opened (a file
+/// that grows while read is cut there).
+pub fn read_input(path: &Path) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let len = input_len(path)?;
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let cap = usize::try_from(len).map_err(|_| {
+        Error::io(
+            path,
+            std::io::Error::other("file larger than this platform's address space"),
+        )
+    })?;
+    check_memory(&format!("reading {}", path.display()), Some(len))?;
+    let mut bytes = Vec::with_capacity(cap);
+    file.take(len)
+        .read_to_end(&mut bytes)
+        .map_err(|e| Error::io(path, e))?;
+    Ok(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn meminfo_parsing() {
+        let text = "MemTotal:       16000000 kB\nMemAvailable:    1000 kB\n";
+        assert_eq!(parse_meminfo(text), Some(1_024_000));
+        assert_eq!(parse_meminfo("MemTotal: 5 kB\n"), None);
+    }
+
+    #[test]
+    fn human_bytes_names_units() {
+        assert_eq!(human_bytes(Some(10)), "10 bytes");
+        assert_eq!(human_bytes(Some(3 << 30)), "3.0 GiB (3221225472 bytes)");
+        assert_eq!(human_bytes(None), "more than 2^64 bytes");
+    }
+
+    #[test]
+    fn excerpt_cuts_on_char_boundaries() {
+        let s = "é".repeat(200);
+        let e = excerpt(&s);
+        assert!(e.starts_with(&"é".repeat(EXCERPT_CHARS)));
+        assert!(e.contains("200 characters"));
+        assert_eq!(excerpt_list(&[1, 2, 3]), "[1, 2, 3]");
+        let long: Vec<usize> = (0..100).collect();
+        assert_eq!(
+            excerpt_list(&long),
+            "[0, 1, 2, 3, … 92 more …, 96, 97, 98, 99] (100 values)"
+        );
+    }
+}
