@@ -10,8 +10,9 @@ use candle_core::Tensor;
 use crate::error::{Error, Result};
 use crate::flow_matching::FlowMatching;
 use crate::model::fast::{FastMlp, GuidedFastMlp};
-use crate::model::VelocityMlp;
+use crate::model::{Condition, VelocityMlp};
 use crate::step::{FastVelocity, StepFn};
+use crate::train::TrainableModel;
 
 /// `v_uncond + w (v_cond - v_uncond)`.
 ///
@@ -250,5 +251,99 @@ impl FlowMatching {
     /// A step function that guides `model` towards `labels` with this sampler's weight.
     pub fn guided<'a>(&self, model: &'a VelocityMlp, labels: &[u32]) -> Result<Guided<'a>> {
         Guided::new(model, labels, self.guidance_weight)
+    }
+}
+
+/// A guided step function over any [`TrainableModel`] with a continuous condition: one
+/// condition row per sample, guided with `v_null + w (v_cond - v_null)` from one batched call
+/// of `2B` rows (the second half on the learned null condition).
+#[derive(Debug, Clone)]
+pub struct GuidedCondition<'a, M: TrainableModel> {
+    model: &'a M,
+    cond: Condition,
+    doubled: Condition,
+    weight: f64,
+}
+
+impl<'a, M: TrainableModel> GuidedCondition<'a, M> {
+    /// Guides `model` towards the rows of `cond` `[B, *c_dims]` with weight `weight`.
+    ///
+    /// ```
+    /// use candle_core::Device;
+    /// use flow_matching::guidance::GuidedCondition;
+    /// use flow_matching::io::read_npy;
+    /// use flow_matching::model::WaypointTransformer;
+    /// use flow_matching::{Diffusion, FlowMatching, SampleOptions};
+    ///
+    /// let dir = "tests/data/golden/transformer-cond";
+    /// let model = WaypointTransformer::load(format!("{dir}/model.safetensors"), &Device::Cpu)?;
+    /// let cond = read_npy(format!("{dir}/cond.npy"), &Device::Cpu)?;
+    /// let mut g = GuidedCondition::new(&model, &cond, 2.0)?;
+    /// let s = FlowMatching::new([16, 2])?.sample(6, &mut g, &Device::Cpu, &SampleOptions::seeded(0))?;
+    /// assert_eq!(s.x.dims(), &[6, 16, 2]);
+    /// # Ok::<(), flow_matching::Error>(())
+    /// ```
+    pub fn new(model: &'a M, cond: &Tensor, weight: f64) -> Result<Self> {
+        let weight = check_weight(weight)?;
+        let dims = model.cond_dims().ok_or_else(|| Error::Shape {
+            what: "condition".into(),
+            expected: "no condition: the model was trained without a continuous one".into(),
+            got: cond.dims().to_vec(),
+        })?;
+        if cond.rank() < 1 || cond.dims()[1..] != *dims.dims() {
+            return Err(Error::Shape {
+                what: "condition".into(),
+                expected: format!("[B, {dims}] (the model's cond_dims)"),
+                got: cond.dims().to_vec(),
+            });
+        }
+        let cond = Condition::features(cond.to_device(model.device())?);
+        let doubled = cond.with_null_half(0)?;
+        Ok(GuidedCondition {
+            model,
+            cond,
+            doubled,
+            weight,
+        })
+    }
+
+    /// The guidance weight.
+    pub fn weight(&self) -> f64 {
+        self.weight
+    }
+}
+
+impl<M: TrainableModel> StepFn for GuidedCondition<'_, M> {
+    fn step(&mut self, x: &Tensor, t: &Tensor) -> Result<Tensor> {
+        let b = x.dim(0)?;
+        if self.cond.batch()? != b {
+            return Err(Error::Shape {
+                what: "x for the guided field".into(),
+                expected: format!("{} rows, one per condition row", self.cond.batch()?),
+                got: x.dims().to_vec(),
+            });
+        }
+        if self.weight == 1.0 {
+            return self.model.forward_cond(x, t, Some(&self.cond));
+        }
+        if self.weight == 0.0 {
+            return self.model.forward_cond(x, t, None);
+        }
+        let x2 = Tensor::cat(&[x, x], 0)?;
+        let t2 = Tensor::cat(&[&t.flatten_all()?, &t.flatten_all()?], 0)?;
+        let v = self.model.forward_cond(&x2, &t2, Some(&self.doubled))?;
+        combine(&v.narrow(0, b, b)?, &v.narrow(0, 0, b)?, self.weight)
+    }
+}
+
+impl FlowMatching {
+    /// A step function that guides `model` towards the rows of the continuous condition
+    /// `cond` `[B, *c_dims]` with this sampler's weight.
+    pub fn guided_cond<'a, M: TrainableModel>(
+        &self,
+        model: &'a M,
+        cond: &Tensor,
+    ) -> Result<GuidedCondition<'a, M>> {
+        GuidedCondition::new(model, cond, self.guidance_weight)
     }
 }

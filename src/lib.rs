@@ -36,7 +36,9 @@ pub mod train;
 pub use diffusion::{Diffusion, Sample, SampleOptions, XDims};
 pub use error::{Error, Result};
 pub use flow_matching::{FlowMatching, TimestepSampler, TrainingBatch};
-pub use model::{VelocityMlp, VelocityMlpConfig};
+pub use model::{
+    Condition, TransformerConfig, VelocityMlp, VelocityMlpConfig, WaypointTransformer,
+};
 pub use schedule::Schedule;
 pub use solver::{AdaptiveOptions, Method};
 pub use step::{FastVelocity, StepFn};

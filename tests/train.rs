@@ -417,8 +417,10 @@ fn ema_update_formula() {
 /// A loss function that records the labels it is given, then runs the autograd one.
 fn recording(seen: Rc<RefCell<Vec<u32>>>) -> flow_matching::train::LossFn {
     Box::new(move |m, x, t, l, target| {
-        seen.borrow_mut()
-            .extend(l.unwrap().to_vec1::<u32>().unwrap());
+        seen.borrow_mut().extend(match l.unwrap() {
+            flow_matching::Condition::Labels(t) => t.to_vec1::<u32>().unwrap(),
+            other => panic!("expected labels, got {other:?}"),
+        });
         loss_and_grads(m, x, t, l, target)
     })
 }

@@ -234,7 +234,7 @@ fn sizing_follows_the_documented_rule() {
     let s = Sizing::for_data(None, 2);
     assert_eq!(
         (s.hidden, s.depth, s.batch_size, s.steps),
-        (128, 3, 256, 10_000)
+        (128, 3, 256, 20_000)
     );
     let s = Sizing::for_data(Some(100), 2);
     assert_eq!((s.batch_size, s.steps), (100, 2_000));

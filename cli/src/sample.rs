@@ -5,10 +5,14 @@ use std::path::PathBuf;
 use candle_core::Device;
 
 use crate::bounds;
+use flow_matching::condition::repeat_per_cond;
 use flow_matching::error::{Error, Result};
 use flow_matching::flow_matching::FlowMatching;
+use flow_matching::guidance::GuidedCondition;
 use flow_matching::io::{read_npy, stage_npy};
-use flow_matching::model::VelocityMlp;
+use flow_matching::model::{
+    file_format, TransformerConditioned, VelocityMlp, WaypointTransformer, TRANSFORMER_FORMAT,
+};
 use flow_matching::output::{commit, prepare_outputs};
 use flow_matching::schedule::Schedule;
 use flow_matching::solver::Method;
@@ -19,10 +23,11 @@ use crate::cond::{CondArg, CondFlags};
 /// Arguments of `sample`.
 #[derive(Debug, clap::Args)]
 pub struct SampleArgs {
-    /// A velocity-mlp safetensors file, or an ONNX velocity network (.onnx).
+    /// A velocity-mlp or waypoint-transformer safetensors file, or an ONNX velocity network (.onnx).
     #[arg(long)]
     model: PathBuf,
-    /// Number of samples (ignored with --x-init, whose first dimension is the batch).
+    /// Number of samples (ignored with --x-init, whose first dimension is the batch, and with
+    /// conditions of several rows, whose rows (times --per-cond) set it).
     #[arg(long, default_value_t = 16)]
     batch: usize,
     /// Seed for the initial noise.
@@ -43,7 +48,8 @@ pub struct SampleArgs {
     /// Absolute tolerance of --method dopri5 (default 1e-5).
     #[arg(long)]
     atol: Option<f64>,
-    /// Classifier-free guidance weight (needs --labels): 0 = unconditional, 1 = conditional.
+    /// Classifier-free guidance weight (needs --labels or --cond): 0 = unconditional,
+    /// 1 = conditional.
     #[arg(long)]
     guidance: Option<f64>,
     /// Time grid: uniform, cosine, shift:S, or a comma-separated grid from 0 to 1.
@@ -175,6 +181,46 @@ fn run_onnx(a: &SampleArgs) -> Result<()> {
     ))
 }
 
+/// The continuous condition of a built-in model from `--cond FILE.npy` `[N, *c_dims]` and
+/// `--per-cond K`: `[N * K, *c_dims]`, condition-major; `None` without `--cond`.
+fn builtin_condition(
+    flags: &CondFlags,
+    check: impl Fn(&candle_core::Tensor, &str) -> Result<()>,
+    device: &Device,
+) -> Result<Option<candle_core::Tensor>> {
+    let arg = match flags.cond.as_slice() {
+        [] => {
+            if let Some(k) = flags.per_cond {
+                return Err(Error::invalid(
+                    "--per-cond",
+                    k,
+                    "--cond FILE.npy as well: K samples are drawn for each condition row",
+                ));
+            }
+            return Ok(None);
+        }
+        [one] => one,
+        more => {
+            return Err(Error::invalid(
+                "--cond",
+                format!("{} files", more.len()),
+                "one condition file for a built-in model",
+            ))
+        }
+    };
+    let k = flags.per_cond.unwrap_or(1);
+    if k == 0 {
+        // Refused before the file is read, naming the flag.
+        repeat_per_cond(
+            &candle_core::Tensor::zeros(1, candle_core::DType::F32, device)?,
+            0,
+        )?;
+    }
+    let c = read_npy(&arg.path, device)?;
+    check(&c, &format!("--cond {}", arg.path.display()))?;
+    Ok(Some(repeat_per_cond(&c, k)?))
+}
+
 /// Runs `sample`.
 pub fn run(a: SampleArgs) -> Result<()> {
     let device = Device::Cpu;
@@ -190,17 +236,18 @@ pub fn run(a: SampleArgs) -> Result<()> {
     if let Some(p) = &a.x_init {
         inputs.push(("--x-init", p.as_path()));
     }
+    for c in &a.cond.cond {
+        inputs.push(("--cond", c.path.as_path()));
+    }
     let _locks = prepare_outputs(&outputs, &inputs)?;
     bounds::at_least_one("--steps", a.steps)?;
-    if a.x_init.is_none() {
+    if a.x_init.is_none() && a.cond.cond.is_empty() {
         bounds::at_least_one("--batch", a.batch)?;
     }
     if super::is_onnx(&a.model) {
         return run_onnx(&a);
     }
     if let Some(flag) = [
-        (!a.cond.cond.is_empty(), "--cond"),
-        (a.cond.per_cond.is_some(), "--per-cond"),
         (!a.null_cond.is_empty(), "--null-cond"),
         (a.x_dims.is_some(), "--x-dims"),
     ]
@@ -210,13 +257,57 @@ pub fn run(a: SampleArgs) -> Result<()> {
         return Err(Error::invalid(
             flag,
             a.model.display(),
-            "an ONNX model (.onnx); a velocity-mlp file takes --labels",
+            "an ONNX model (.onnx); a built-in model takes --labels or --cond FILE.npy",
         ));
     }
-    let model = VelocityMlp::load(&a.model, &device)?;
     let method = parse_method(&a)?;
     let schedule: Schedule = a.schedule.parse()?;
-    let mut fm = FlowMatching::new(model.config().x_dims.dims())?;
+    let transformer = file_format(&a.model)?.as_deref() == Some(TRANSFORMER_FORMAT);
+    let (vmodel, tmodel) = if transformer {
+        (None, Some(WaypointTransformer::load(&a.model, &device)?))
+    } else {
+        (Some(VelocityMlp::load(&a.model, &device)?), None)
+    };
+    let x_dims = match (&vmodel, &tmodel) {
+        (Some(m), _) => m.config().x_dims.clone(),
+        (_, Some(m)) => m.config().x_dims.clone(),
+        _ => unreachable!("one model is loaded"),
+    };
+    let cond = builtin_condition(
+        &a.cond,
+        |c, what| match (&vmodel, &tmodel) {
+            (Some(m), _) => m.check_condition(c, what),
+            (_, Some(m)) => m.check_condition(c, what),
+            _ => Ok(()),
+        },
+        &device,
+    )?;
+    let labels = a.labels.as_deref().map(super::parse_labels).transpose()?;
+    if labels.is_some() {
+        let continuous = match (&vmodel, &tmodel) {
+            (Some(m), _) => m.config().cond_dims.clone(),
+            (_, Some(m)) => m.config().cond_dims.clone(),
+            _ => None,
+        };
+        if let Some(d) = continuous {
+            return Err(Error::invalid(
+                "--labels",
+                a.labels.as_deref().unwrap_or_default(),
+                format!(
+                    "no labels: {} has a continuous condition; give --cond FILE.npy with rows [N, {d}]",
+                    a.model.display()
+                ),
+            ));
+        }
+        if tmodel.is_some() {
+            return Err(Error::invalid(
+                "--labels",
+                a.labels.as_deref().unwrap_or_default(),
+                format!("no labels: {} is a waypoint transformer", a.model.display()),
+            ));
+        }
+    }
+    let mut fm = FlowMatching::new(x_dims.dims())?;
     fm.method = method;
     fm.schedule = schedule;
     let x_init = a
@@ -224,17 +315,28 @@ pub fn run(a: SampleArgs) -> Result<()> {
         .as_ref()
         .map(|p| read_npy(p, &device))
         .transpose()?;
-    let batch = match &x_init {
-        Some(x) => x.dims().first().copied().unwrap_or(0),
-        None => a.batch,
+    let batch = match (&x_init, &cond) {
+        (Some(x), Some(c)) => {
+            if x.dim(0)? != c.dim(0)? {
+                return Err(Error::Shape {
+                    what: format!(
+                        "--x-init {}",
+                        a.x_init
+                            .as_ref()
+                            .map_or(String::new(), |p| p.display().to_string())
+                    ),
+                    expected: format!("{} rows (the --cond rows times --per-cond)", c.dim(0)?),
+                    got: x.dims().to_vec(),
+                });
+            }
+            c.dim(0)?
+        }
+        (Some(x), None) => x.dims().first().copied().unwrap_or(0),
+        (None, Some(c)) => c.dim(0)?,
+        (None, None) => a.batch,
     };
     bounds::at_least_one("--x-init rows", batch)?;
-    bounds::sampling(
-        batch,
-        model.config().x_dims.numel(),
-        a.steps,
-        a.trajectory.is_some(),
-    )?;
+    bounds::sampling(batch, x_dims.numel(), a.steps, a.trajectory.is_some())?;
     let options = SampleOptions {
         return_all_steps: a.trajectory.is_some() || a.times.is_some(),
         steps: Some(a.steps),
@@ -242,12 +344,25 @@ pub fn run(a: SampleArgs) -> Result<()> {
         seed: Some(a.seed),
         ..Default::default()
     };
+    if let Some(w) = a.guidance {
+        fm = fm.with_guidance(w)?;
+    }
     let mut conditioned;
     let mut guided;
     let mut plain;
-    let labels = a.labels.as_deref().map(super::parse_labels).transpose()?;
-    let step_fn: &mut dyn StepFn = match (&labels, a.guidance) {
-        (Some(labels), guidance) => {
+    let mut vcond;
+    let mut vguided;
+    let mut tstep;
+    let mut tguided;
+    let step_fn: &mut dyn StepFn = match (&vmodel, &tmodel, &labels, &cond, a.guidance) {
+        (_, _, None, None, Some(w)) => {
+            return Err(Error::invalid(
+                "--guidance",
+                w,
+                "--labels or --cond as well: guidance steers towards the given condition",
+            ))
+        }
+        (Some(model), _, Some(labels), _, guidance) => {
             if labels.len() != batch {
                 return Err(Error::invalid(
                     "--labels",
@@ -256,9 +371,8 @@ pub fn run(a: SampleArgs) -> Result<()> {
                 ));
             }
             match guidance {
-                Some(w) => {
-                    fm = fm.with_guidance(w)?;
-                    guided = fm.guided(&model, labels)?;
+                Some(_) => {
+                    guided = fm.guided(model, labels)?;
                     &mut guided
                 }
                 None => {
@@ -267,17 +381,30 @@ pub fn run(a: SampleArgs) -> Result<()> {
                 }
             }
         }
-        (None, Some(w)) => {
-            return Err(Error::invalid(
-                "--guidance",
-                w,
-                "--labels as well: guidance steers towards the given classes",
-            ))
+        (Some(model), _, None, Some(c), Some(_)) => {
+            vguided = GuidedCondition::new(model, c, fm.guidance_weight)?;
+            &mut vguided
         }
-        (None, None) => {
+        (Some(model), _, None, Some(c), None) => {
+            vcond = model.with_condition(c)?;
+            &mut vcond
+        }
+        (Some(model), _, None, None, None) => {
             plain = model.clone();
             &mut plain
         }
+        (_, Some(model), _, Some(c), Some(_)) => {
+            tguided = GuidedCondition::new(model, c, fm.guidance_weight)?;
+            &mut tguided
+        }
+        (_, Some(model), _, c, _) => {
+            tstep = match c {
+                Some(c) => model.with_condition(c)?,
+                None => TransformerConditioned { model, cond: None },
+            };
+            &mut tstep
+        }
+        _ => unreachable!("one model is loaded"),
     };
     let out = fm.sample(batch, step_fn, &device, &options)?;
     write_outputs(&a, &out, batch, &fm)

@@ -137,6 +137,8 @@ impl TrainSettings {
             num_classes,
             num_freqs: self.freqs,
             cond_dim: self.cond_dim,
+            cond_dims: None,
+            cond_norm: None,
         };
         config.validate()?;
         crate::bounds::training(&config, sizing.batch_size, sizing.steps)?;
@@ -166,9 +168,9 @@ pub struct EarlyStopArgs {
 ///
 /// Sizes chosen from the data when --steps, --batch, --hidden or --depth are not given
 /// (printed at the start): data of dimension D ≤ 16 get hidden 128, depth 3, batch 256,
-/// 10,000 steps; 16 < D ≤ 256: hidden 256, depth 3, batch 256, 8,000 steps; larger: hidden
-/// 512, depth 4, batch 128, 8,000 steps. A data file of N rows is seen at most 200 times
-/// (steps ≤ 200 N / batch), never fewer than 2,000 steps.
+/// 20,000 steps; 16 < D ≤ 256: hidden 256, depth 3, batch 256, 8,000 steps; larger: hidden
+/// 512, depth 4, batch 128, 8,000 steps. A data file of N rows is seen at most 300 times
+/// (steps ≤ 300 N / batch), never fewer than 2,000 steps.
 #[derive(Debug, clap::Args)]
 #[command(verbatim_doc_comment)]
 pub struct TrainArgs {

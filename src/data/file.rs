@@ -63,11 +63,28 @@ fn npy_table(bytes: &[u8], path: &Path, label_column: Option<usize>) -> Result<D
         .map_err(|reason| data_err(path, format!("not a readable .npy array: {reason}")))?;
     let (rows, cols) = match *shape.as_slice() {
         [r, c] => (r, c),
+        // Samples with a shape of their own ([N, 64, 2] futures): no label column there.
+        [r, ref rest @ ..] if rest.len() >= 2 && label_column.is_none() && r > 0 && !rest.contains(&0) => {
+            if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+                let d: usize = rest.iter().product();
+                return Err(data_err(
+                    path,
+                    format!(
+                        "row {}, element {}: expected a finite number, found {}",
+                        i / d + 1,
+                        i % d + 1,
+                        values[i]
+                    ),
+                ));
+            }
+            let x = Tensor::from_vec(values, shape.as_slice(), &Device::Cpu)?;
+            return Dataset::new(x, None, 0);
+        }
         ref other => {
             return Err(data_err(
                 path,
                 format!(
-                    "expected a 2-D array [rows, columns], found shape {}",
+                    "expected a 2-D array [rows, columns] (or [rows, *x_dims] without a label column), found shape {}",
                     crate::limits::excerpt_list(other)
                 ),
             ))

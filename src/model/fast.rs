@@ -1,11 +1,11 @@
 //! The velocity-mlp's fast CPU path: sampling through [`FastVelocity`] and a hand-written
 //! training step ([`loss_and_grads`]), both over the model's own f32 storage (no copies).
 
-use candle_core::{DType, Layout, Storage, StorageRef, Tensor};
+use candle_core::{DType, Device, Layout, Storage, StorageRef, Tensor};
 
 use crate::error::{Error, Result};
 use crate::kernel::mlp::{self, MlpWeights, Sampler};
-use crate::model::VelocityMlp;
+use crate::model::{Condition, VelocityMlp};
 use crate::step::FastVelocity;
 
 /// The model's tensors in [`VelocityMlp::tensors`] order, read-locked for the borrow.
@@ -66,12 +66,13 @@ impl<'a> Locked<'a> {
 /// A [`VelocityMlp`] prepared for sampling on the CPU: its weights read-locked in place, the
 /// per-class first-layer terms precomputed and the buffers kept across steps.
 pub struct FastMlp<'a> {
-    // Field order matters: `weights` borrows from `locked` and must drop first.
+    // Field order matters: `weights` borrows from `locked` and `rows` and must drop first.
     weights: MlpWeights<'a>,
     sampler: Sampler,
     /// The row count the labels fix (conditional models given labels).
     rows: Option<usize>,
     _locked: Box<Locked<'a>>,
+    _rows: Vec<f32>,
 }
 
 impl<'a> FastMlp<'a> {
@@ -91,6 +92,32 @@ impl<'a> FastMlp<'a> {
             sampler,
             rows,
             _locked: locked,
+            _rows: Vec::new(),
+        })
+    }
+
+    /// Prepares a model with a continuous condition for the rows of `cond`: each row's
+    /// projected condition becomes a class of its own, so the kernels need no other path.
+    /// `None` when the model is not contiguous f32 on the CPU or the condition does not fit.
+    pub fn with_condition(model: &'a VelocityMlp, cond: &Condition) -> Option<Self> {
+        let batch = cond.batch().ok()?;
+        let (rows, index, _) = model.row_embedding(Some(cond), batch).ok()??;
+        let locked = Box::new(Locked::new(model)?);
+        let mut w = locked.weights(model);
+        // SAFETY: as in `new`; `rows` is a heap buffer that is never written again and moves
+        // with this struct without reallocating, and `weights` is dropped before it.
+        let rows_ref: &'a [f32] = unsafe { std::mem::transmute::<&[f32], &'a [f32]>(&rows[..]) };
+        w.cond = Some(rows_ref);
+        let weights: MlpWeights<'a> =
+            unsafe { std::mem::transmute::<MlpWeights<'_>, MlpWeights<'a>>(w) };
+        let n = index.len();
+        let sampler = Sampler::new(&weights, Some(index));
+        Some(FastMlp {
+            weights,
+            sampler,
+            rows: Some(n),
+            _locked: locked,
+            _rows: rows,
         })
     }
 }
@@ -210,6 +237,20 @@ pub fn loss_and_grads(
     labels: Option<&Tensor>,
     target: &Tensor,
 ) -> Result<(f32, Vec<(String, Tensor)>)> {
+    let cond = labels.map(|l| Condition::Labels(l.clone()));
+    loss_and_grads_cond(model, noisy_x, t, cond.as_ref(), target)
+}
+
+/// [`loss_and_grads`] under any [`Condition`]. A continuous condition goes through the
+/// class kernel with one class per row; the rows' embedding gradients are then chained
+/// through the projection (`cond_proj.*`) and the null rows into `cond_null`.
+pub fn loss_and_grads_cond(
+    model: &VelocityMlp,
+    noisy_x: &Tensor,
+    t: &Tensor,
+    cond: Option<&Condition>,
+    target: &Tensor,
+) -> Result<(f32, Vec<(String, Tensor)>)> {
     let cfg = model.config();
     let b = noisy_x.dim(0)?;
     let want = cfg.x_dims.batched(b);
@@ -229,11 +270,18 @@ pub fn loss_and_grads(
             got: t.dims().to_vec(),
         });
     }
-    let labels = match labels {
-        None => None,
-        Some(l) => {
+    let row_emb = model.row_embedding(cond, b)?;
+    let labels = match (cond, &row_emb) {
+        (_, Some((_, index, _))) => Some(index.clone()),
+        (None, None) => None,
+        (Some(Condition::Labels(l)), None) => {
             let v = l.flatten_all()?.to_dtype(DType::U32)?.to_vec1::<u32>()?;
             Some(model.labels_tensor(&v, b).map(|_| v)?)
+        }
+        (Some(c), None) => {
+            // Features for a model without a continuous condition: the model's own error.
+            model.cond_features(Some(c), b)?;
+            None
         }
     };
     let flat = |x: &Tensor| -> Result<Vec<f32>> {
@@ -249,17 +297,50 @@ pub fn loss_and_grads(
             "contiguous float32 tensors",
         )
     })?;
-    let w = locked.weights(&cpu);
-    let (loss, grads) = mlp::loss_and_grads(&w, &x, &tv, labels.as_deref(), &tg);
+    let mut w = locked.weights(&cpu);
+    if let Some((rows, _, _)) = &row_emb {
+        w.cond = Some(rows);
+    }
+    let (loss, mut grads) = mlp::loss_and_grads(&w, &x, &tv, labels.as_deref(), &tg);
+    let mut out = Vec::with_capacity(grads.len() + 3);
+    if let Some((_, _, normed)) = row_emb {
+        // grads[0] is d(loss)/d(row embedding) [B + 1, K]: rows 0..B are the kept rows' own
+        // (a dropped row's is zero, its gradient went to row B, the null condition).
+        let demb = grads.remove(0);
+        let k = cfg.cond_dim;
+        let g_rows = Tensor::from_vec(demb[..b * k].to_vec(), (b, k), &Device::Cpu)?;
+        let null = Tensor::from_vec(demb[b * k..].to_vec(), k, &Device::Cpu)?;
+        let (dw, db) = match normed {
+            Some(n) => (
+                g_rows.t()?.matmul(&n.to_device(&Device::Cpu)?)?,
+                g_rows.sum(0)?,
+            ),
+            None => (
+                Tensor::zeros((k, cfg.cond_features()), DType::F32, &Device::Cpu)?,
+                Tensor::zeros(k, DType::F32, &Device::Cpu)?,
+            ),
+        };
+        out.push(("cond_proj.weight".to_string(), dw.to_device(&device)?));
+        out.push(("cond_proj.bias".to_string(), db.to_device(&device)?));
+        out.push(("cond_null".to_string(), null.to_device(&device)?));
+    }
     let names: Vec<(String, Vec<usize>)> = cfg
         .expected_shapes()
         .into_iter()
-        .filter(|(k, _)| k != "time_embed.freqs")
+        .filter(|(k, _)| !crate::VelocityMlpConfig::is_fixed(k) && !k.starts_with("cond_"))
         .collect();
-    let out = names
-        .into_iter()
-        .zip(grads)
-        .map(|((k, shape), g)| Ok((k, Tensor::from_vec(g, shape, &device)?)))
-        .collect::<Result<Vec<_>>>()?;
+    let labelled = cfg.num_classes > 0;
+    let mut grads = grads.into_iter();
+    if labelled {
+        if let Some(g) = grads.next() {
+            out.push((
+                "cond_embed.weight".to_string(),
+                Tensor::from_vec(g, (cfg.num_classes + 1, cfg.cond_dim), &device)?,
+            ));
+        }
+    }
+    for ((k, shape), g) in names.into_iter().zip(grads) {
+        out.push((k, Tensor::from_vec(g, shape, &device)?));
+    }
     Ok((loss, out))
 }

@@ -1,10 +1,19 @@
 //! Velocity networks.
 
+mod cond;
 pub mod fast;
+mod transformer;
+pub mod transformer_fast;
 mod velocity_mlp;
 
-pub use fast::{loss_and_grads, FastMlp};
+pub use cond::{CondNorm, Condition, IntoCondition};
+pub use fast::{loss_and_grads, loss_and_grads_cond, FastMlp};
 
+pub use transformer::{
+    file_format, read_transformer_file, TransformerConditioned, TransformerConfig,
+    WaypointTransformer, TRANSFORMER_FORMAT,
+};
 pub use velocity_mlp::{
-    first_non_finite, read_bytes, read_file, Conditioned, VelocityMlp, VelocityMlpConfig,
+    first_non_finite, read_bytes, read_file, CondConditioned, Conditioned, VelocityMlp,
+    VelocityMlpConfig,
 };

@@ -1,5 +1,6 @@
 //! The `velocity-mlp` model of `shared/spec/velocity-mlp.md`: time features, an optional class
-//! embedding, and an MLP with SiLU, stored as safetensors that PyTorch reads too.
+//! embedding or continuous-condition projection, and an MLP with SiLU, stored as safetensors
+//! that PyTorch reads too (docs/velocity-mlp.md).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -13,6 +14,7 @@ use rand_distr::{Distribution, StandardNormal};
 use crate::diffusion::XDims;
 use crate::error::{Error, Result};
 use crate::io::atomic_write;
+use crate::model::cond::{flat_features, CondNorm, Condition};
 use crate::model::fast::FastMlp;
 use crate::step::{FastVelocity, StepFn};
 
@@ -32,8 +34,14 @@ pub struct VelocityMlpConfig {
     pub num_classes: usize,
     /// Number of time frequencies F.
     pub num_freqs: usize,
-    /// Width K of the class embedding (unused when unconditional).
+    /// Width K of the class embedding or of the continuous condition's projection (unused
+    /// when unconditional).
     pub cond_dim: usize,
+    /// The shape of one row's continuous condition (`None`: no continuous condition). A
+    /// model has class labels or a continuous condition, not both.
+    pub cond_dims: Option<XDims>,
+    /// The fixed standardisation of the continuous condition (`None`: mean 0, std 1).
+    pub cond_norm: Option<CondNorm>,
 }
 
 impl VelocityMlpConfig {
@@ -46,7 +54,19 @@ impl VelocityMlpConfig {
             num_classes: 0,
             num_freqs: 16,
             cond_dim: 16,
+            cond_dims: None,
+            cond_norm: None,
         }
+    }
+
+    /// Whether the model takes a condition (labels or continuous features).
+    pub fn is_conditional(&self) -> bool {
+        self.num_classes > 0 || self.cond_dims.is_some()
+    }
+
+    /// `C = prod(cond_dims)`, the flattened width of a continuous condition (0 without one).
+    pub fn cond_features(&self) -> usize {
+        self.cond_dims.as_ref().map_or(0, XDims::numel)
     }
 
     /// Checks that every size is usable.
@@ -60,12 +80,35 @@ impl VelocityMlpConfig {
         if self.num_freqs == 0 {
             return Err(Error::invalid("number of frequencies", 0, "at least 1"));
         }
-        if self.num_classes > 0 && self.cond_dim == 0 {
+        if self.is_conditional() && self.cond_dim == 0 {
             return Err(Error::invalid(
-                "class embedding width",
+                "condition embedding width",
                 0,
                 "at least 1 for a conditional model",
             ));
+        }
+        if self.num_classes > 0 && self.cond_dims.is_some() {
+            return Err(Error::invalid(
+                "condition",
+                format!(
+                    "{} classes and cond_dims {}",
+                    self.num_classes,
+                    self.cond_dims
+                        .as_ref()
+                        .map_or(String::new(), |d| d.to_string())
+                ),
+                "class labels or a continuous condition, not both",
+            ));
+        }
+        if let Some(n) = &self.cond_norm {
+            let c = self.cond_features();
+            if n.mean.len() != c || n.std.len() != c {
+                return Err(Error::invalid(
+                    "condition normalisation",
+                    format!("{} means and {} stds", n.mean.len(), n.std.len()),
+                    format!("one per flattened condition feature ({c})"),
+                ));
+            }
         }
         // Sizes come from files and flags: every product below must exist as a number.
         if self.num_params().is_none() {
@@ -101,6 +144,12 @@ impl VelocityMlpConfig {
             self.num_classes
                 .checked_add(1)?
                 .checked_mul(self.cond_dim)?
+        } else if self.cond_dims.is_some() {
+            // cond_norm.mean/std [C], cond_proj.weight [K, C], cond_proj.bias and cond_null [K].
+            let c = self.cond_features();
+            c.checked_mul(2)?
+                .checked_add(self.cond_dim.checked_mul(c)?)?
+                .checked_add(self.cond_dim.checked_mul(2)?)?
         } else {
             0
         };
@@ -119,7 +168,7 @@ impl VelocityMlpConfig {
 
     /// `D + 2F (+ K)` with checked arithmetic.
     fn checked_input_dim(&self) -> Option<usize> {
-        let k = if self.num_classes > 0 {
+        let k = if self.is_conditional() {
             self.cond_dim
         } else {
             0
@@ -134,7 +183,7 @@ impl VelocityMlpConfig {
     pub fn input_dim(&self) -> usize {
         self.x_dims.numel()
             + 2 * self.num_freqs
-            + if self.num_classes > 0 {
+            + if self.is_conditional() {
                 self.cond_dim
             } else {
                 0
@@ -151,6 +200,14 @@ impl VelocityMlpConfig {
                 vec![self.num_classes + 1, self.cond_dim],
             ));
         }
+        if self.cond_dims.is_some() {
+            let (c, k) = (self.cond_features(), self.cond_dim);
+            v.push(("cond_norm.mean".to_string(), vec![c]));
+            v.push(("cond_norm.std".to_string(), vec![c]));
+            v.push(("cond_proj.weight".to_string(), vec![k, c]));
+            v.push(("cond_proj.bias".to_string(), vec![k]));
+            v.push(("cond_null".to_string(), vec![k]));
+        }
         for l in 0..=self.depth {
             let in_dim = if l == 0 { self.input_dim() } else { h };
             let out_dim = if l == self.depth { d } else { h };
@@ -160,16 +217,63 @@ impl VelocityMlpConfig {
         v
     }
 
-    /// The safetensors `__metadata__` of this config.
+    /// Whether a key holds a fixed tensor (time frequencies, condition normalisation) rather
+    /// than a trainable weight.
+    pub fn is_fixed(key: &str) -> bool {
+        matches!(key, "time_embed.freqs" | "cond_norm.mean" | "cond_norm.std")
+    }
+
+    /// The safetensors `__metadata__` of this config (`cond_dims` only for a continuous
+    /// condition, so other files keep the version-1 header unchanged).
     pub fn metadata(&self) -> HashMap<String, String> {
-        HashMap::from([
+        let mut m = HashMap::from([
             ("format".to_string(), "velocity-mlp".to_string()),
             ("version".to_string(), "1".to_string()),
             ("x_dims".to_string(), self.x_dims.to_string()),
             ("hidden".to_string(), self.hidden.to_string()),
             ("depth".to_string(), self.depth.to_string()),
             ("num_classes".to_string(), self.num_classes.to_string()),
-        ])
+        ]);
+        if let Some(c) = &self.cond_dims {
+            m.insert("cond_dims".to_string(), c.to_string());
+        }
+        m
+    }
+}
+
+/// Per-row condition features `[B + 1, K]` (row `B` the null condition), each row's index
+/// into them, and the standardised condition `[B, C]` (for the projection's gradient).
+pub(crate) type RowEmbedding = (Vec<f32>, Vec<u32>, Option<Tensor>);
+
+/// The continuous condition's tensors: `k = ((c - mean) / std) W^T + b`, or `null`.
+#[derive(Debug, Clone)]
+struct CondProj {
+    mean: Tensor,
+    std: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    null: Tensor,
+}
+
+impl CondProj {
+    fn detach(&self) -> Self {
+        CondProj {
+            mean: self.mean.detach(),
+            std: self.std.detach(),
+            weight: self.weight.detach(),
+            bias: self.bias.detach(),
+            null: self.null.detach(),
+        }
+    }
+
+    fn map(&self, f: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Self> {
+        Ok(CondProj {
+            mean: f(&self.mean)?,
+            std: f(&self.std)?,
+            weight: f(&self.weight)?,
+            bias: f(&self.bias)?,
+            null: f(&self.null)?,
+        })
     }
 }
 
@@ -179,6 +283,7 @@ pub struct VelocityMlp {
     config: VelocityMlpConfig,
     freqs: Tensor,
     cond: Option<Tensor>,
+    cproj: Option<CondProj>,
     /// `(weight [out, in], bias [out])` for each of the `depth + 1` linear layers.
     layers: Vec<(Tensor, Tensor)>,
 }
@@ -188,7 +293,7 @@ impl VelocityMlp {
     /// keys (PyTorch's default initialisation, drawn from a seeded generator). The frequencies
     /// `logspace(0, 2, F)` are fixed, not variables.
     pub fn init(
-        config: VelocityMlpConfig,
+        mut config: VelocityMlpConfig,
         varmap: &VarMap,
         device: &Device,
         seed: u64,
@@ -217,17 +322,38 @@ impl VelocityMlp {
             "time_embed.freqs".to_string(),
             Tensor::from_vec(freqs, f, device)?,
         );
+        if config.cond_dims.is_some() {
+            let c = config.cond_features();
+            let norm = config
+                .cond_norm
+                .clone()
+                .unwrap_or_else(|| CondNorm::identity(c));
+            // The config then says what the file will: the normalisation is always stored.
+            config.cond_norm = Some(norm.clone());
+            tensors.insert(
+                "cond_norm.mean".to_string(),
+                Tensor::from_vec(norm.mean, c, device)?,
+            );
+            tensors.insert(
+                "cond_norm.std".to_string(),
+                Tensor::from_vec(norm.std, c, device)?,
+            );
+        }
         let data = varmap.data();
         let mut vars = data
             .lock()
             .map_err(|_| Error::Training("the variable map's lock is poisoned".into()))?;
         for (key, shape) in config.expected_shapes() {
-            if key == "time_embed.freqs" {
+            if VelocityMlpConfig::is_fixed(&key) {
                 continue;
             }
             let n: usize = shape.iter().product();
             let values: Vec<f32> = if key == "cond_embed.weight" {
                 (0..n).map(|_| StandardNormal.sample(&mut rng)).collect()
+            } else if key == "cond_null" {
+                // Zero is the projection's mean output over standardised conditions (bias
+                // aside), a neutral start for the learned "no condition".
+                vec![0.0; n]
             } else {
                 let fan_in = if key.ends_with(".weight") {
                     shape[1]
@@ -274,9 +400,17 @@ impl VelocityMlp {
                 )
             })
             .collect();
+        let cproj = config.cond_dims.is_some().then(|| CondProj {
+            mean: get("cond_norm.mean"),
+            std: get("cond_norm.std"),
+            weight: get("cond_proj.weight"),
+            bias: get("cond_proj.bias"),
+            null: get("cond_null"),
+        });
         Ok(VelocityMlp {
             freqs: get("time_embed.freqs"),
             cond: (config.num_classes > 0).then(|| get("cond_embed.weight")),
+            cproj,
             layers,
             config,
         })
@@ -309,6 +443,13 @@ impl VelocityMlp {
         if let Some(c) = &self.cond {
             v.push(("cond_embed.weight".to_string(), c.clone()));
         }
+        if let Some(p) = &self.cproj {
+            v.push(("cond_norm.mean".to_string(), p.mean.clone()));
+            v.push(("cond_norm.std".to_string(), p.std.clone()));
+            v.push(("cond_proj.weight".to_string(), p.weight.clone()));
+            v.push(("cond_proj.bias".to_string(), p.bias.clone()));
+            v.push(("cond_null".to_string(), p.null.clone()));
+        }
         for (l, (w, b)) in self.layers.iter().enumerate() {
             v.push((format!("net.{}.weight", 2 * l), w.clone()));
             v.push((format!("net.{}.bias", 2 * l), b.clone()));
@@ -337,6 +478,7 @@ impl VelocityMlp {
             config: self.config.clone(),
             freqs: self.freqs.detach(),
             cond: self.cond.as_ref().map(|c| c.detach()),
+            cproj: self.cproj.as_ref().map(CondProj::detach),
             layers: self
                 .layers
                 .iter()
@@ -354,6 +496,11 @@ impl VelocityMlp {
                 .cond
                 .as_ref()
                 .map(|c| c.to_device(device))
+                .transpose()?,
+            cproj: self
+                .cproj
+                .as_ref()
+                .map(|p| p.map(|t| Ok(t.to_device(device)?)))
                 .transpose()?,
             layers: self
                 .layers
@@ -463,16 +610,28 @@ impl VelocityMlp {
         Ok(Tensor::cat(&[a.sin()?, a.cos()?], 1)?)
     }
 
-    /// The velocity for `x` `[B, *x_dims]`, times `t` (B elements) and labels `[B]` (u32;
-    /// `None` means the null class for a conditional model).
-    pub fn forward(&self, x: &Tensor, t: &Tensor, labels: Option<&Tensor>) -> Result<Tensor> {
+    /// The velocity for `x` `[B, *x_dims]` and times `t` (B elements), given the labels `[B]`
+    /// (u32) of a class-conditional model or the features `[B, *c_dims]` of a model with a
+    /// continuous condition; `None` means the null condition for a conditional model.
+    pub fn forward(&self, x: &Tensor, t: &Tensor, c: Option<&Tensor>) -> Result<Tensor> {
+        let cond = match c {
+            None => None,
+            Some(c) if self.cproj.is_some() => Some(Condition::features(c.clone())),
+            Some(l) => Some(Condition::Labels(l.clone())),
+        };
+        self.forward_cond(x, t, cond.as_ref())
+    }
+
+    /// The velocity under a [`Condition`] (labels, or features with per-row null rows);
+    /// `None` means the null condition for a conditional model.
+    pub fn forward_cond(&self, x: &Tensor, t: &Tensor, cond: Option<&Condition>) -> Result<Tensor> {
         let b = self.check_x(x)?;
         let dtype = x.dtype();
         let mut parts = vec![x
             .reshape((b, self.config.x_dims.numel()))?
             .to_dtype(DType::F32)?];
         parts.push(self.time_features(t, b)?);
-        if let Some(k) = self.class_features(labels, b)? {
+        if let Some(k) = self.cond_features(cond, b)? {
             parts.push(k);
         }
         let mut h = Tensor::cat(&parts, 1)?;
@@ -484,6 +643,109 @@ impl VelocityMlp {
             }
         }
         Ok(h.reshape(x.dims())?.to_dtype(dtype)?)
+    }
+
+    /// The condition's features `[B, K]` for the first layer (`None` for an unconditional
+    /// model): class embedding rows, or the projected continuous condition with the null rows.
+    pub fn cond_features(&self, cond: Option<&Condition>, batch: usize) -> Result<Option<Tensor>> {
+        match (cond, &self.cproj) {
+            (Some(Condition::Features { .. }), None) => Err(Error::invalid(
+                "condition",
+                "continuous features",
+                if self.config.num_classes > 0 {
+                    format!(
+                        "class labels: this model was trained with {} classes",
+                        self.config.num_classes
+                    )
+                } else {
+                    "no condition: this model was trained without one".to_string()
+                },
+            )),
+            (Some(Condition::Labels(_)), Some(_)) => {
+                Err(Error::invalid(
+                    "condition",
+                    "class labels",
+                    format!(
+                    "continuous features of shape [B, {}]: this model has a continuous condition",
+                    self.config.cond_dims.as_ref().map_or(String::new(), |d| d.to_string())
+                ),
+                ))
+            }
+            (Some(Condition::Labels(l)), None) => self.class_features(Some(l), batch),
+            (None, None) => self.class_features(None, batch),
+            (None, Some(p)) => Ok(Some(
+                p.null
+                    .unsqueeze(0)?
+                    .broadcast_as((batch, self.config.cond_dim))?
+                    .contiguous()?,
+            )),
+            (Some(Condition::Features { values, keep }), Some(p)) => {
+                let dims = self.config.cond_dims.as_ref().ok_or_else(|| {
+                    Error::Training("continuous condition without cond_dims".into())
+                })?;
+                let (flat, keep) = flat_features(values, keep.as_ref(), dims, batch)?;
+                let k = self.project(&flat, p)?;
+                Ok(Some(match keep {
+                    None => k,
+                    Some(keep) => {
+                        let drop = keep.affine(-1.0, 1.0)?;
+                        (k.broadcast_mul(&keep)? + drop.matmul(&p.null.unsqueeze(0)?)?)?
+                    }
+                }))
+            }
+        }
+    }
+
+    /// `((c - mean) / std) W^T + b` for flattened conditions `[B, C]`.
+    fn project(&self, flat: &Tensor, p: &CondProj) -> Result<Tensor> {
+        let n = flat.broadcast_sub(&p.mean)?.broadcast_div(&p.std)?;
+        Ok(n.matmul(&p.weight.t()?)?.broadcast_add(&p.bias)?)
+    }
+
+    /// The per-row condition features `[B + 1, K]` of a continuous model (row `B` is the null
+    /// condition) with each row's index into them (`B` for a dropped row), for the fused
+    /// kernels, which treat every row as its own class. `None` for other models.
+    pub(crate) fn row_embedding(
+        &self,
+        cond: Option<&Condition>,
+        batch: usize,
+    ) -> Result<Option<RowEmbedding>> {
+        let Some(p) = &self.cproj else {
+            return Ok(None);
+        };
+        let null = p.null.detach().to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        let (mut rows, index, normed) = match cond {
+            None => (Vec::new(), vec![batch as u32; batch], None),
+            Some(Condition::Labels(_)) => {
+                return self.cond_features(cond, batch).map(|_| None);
+            }
+            Some(Condition::Features { values, keep }) => {
+                let dims = self.config.cond_dims.as_ref().ok_or_else(|| {
+                    Error::Training("continuous condition without cond_dims".into())
+                })?;
+                let (flat, keep) = flat_features(values, keep.as_ref(), dims, batch)?;
+                let normed = flat.broadcast_sub(&p.mean)?.broadcast_div(&p.std)?.detach();
+                let k = normed
+                    .matmul(&p.weight.detach().t()?)?
+                    .broadcast_add(&p.bias.detach())?;
+                let index = match keep {
+                    None => (0..batch as u32).collect(),
+                    Some(keep) => keep
+                        .flatten_all()?
+                        .to_vec1::<f32>()?
+                        .iter()
+                        .enumerate()
+                        .map(|(r, &kp)| if kp > 0.5 { r as u32 } else { batch as u32 })
+                        .collect(),
+                };
+                (k.flatten_all()?.to_vec1::<f32>()?, index, Some(normed))
+            }
+        };
+        if rows.is_empty() {
+            rows = vec![0.0; batch * self.config.cond_dim];
+        }
+        rows.extend_from_slice(&null);
+        Ok(Some((rows, index, normed)))
     }
 
     fn check_x(&self, x: &Tensor) -> Result<usize> {
@@ -531,6 +793,61 @@ impl VelocityMlp {
             labels: self.labels_tensor(labels, batch)?,
         })
     }
+
+    /// A step function that conditions row `i` of the batch on row `i` of `cond`
+    /// `[B, *c_dims]` (a model with a continuous condition).
+    ///
+    /// ```
+    /// use candle_core::{DType, Device, Tensor};
+    /// use flow_matching::{Diffusion, FlowMatching, SampleOptions, VelocityMlp, VelocityMlpConfig, XDims};
+    ///
+    /// let cfg = VelocityMlpConfig {
+    ///     hidden: 16, depth: 1, cond_dims: Some(XDims::new(5)?),
+    ///     ..VelocityMlpConfig::new(XDims::new([4, 2])?)
+    /// };
+    /// let model = VelocityMlp::init(cfg, &candle_nn::VarMap::new(), &Device::Cpu, 0)?.detach();
+    /// let cond = Tensor::zeros((3, 5), DType::F32, &Device::Cpu)?;
+    /// let mut f = model.with_condition(&cond)?;
+    /// let s = FlowMatching::new([4, 2])?.sample(3, &mut f, &Device::Cpu, &SampleOptions::seeded(0))?;
+    /// assert_eq!(s.x.dims(), &[3, 4, 2]);
+    /// # Ok::<(), flow_matching::Error>(())
+    /// ```
+    pub fn with_condition(&self, cond: &Tensor) -> Result<CondConditioned<'_>> {
+        self.check_condition(cond, "condition")?;
+        Ok(CondConditioned {
+            model: self,
+            cond: Condition::features(cond.to_device(self.device())?),
+        })
+    }
+
+    /// Checks that `cond` `[N, *c_dims]` fits this model's continuous condition; `what` (a
+    /// flag or file) names it in the error.
+    pub fn check_condition(&self, cond: &Tensor, what: &str) -> Result<()> {
+        match &self.config.cond_dims {
+            None => Err(Error::Shape {
+                what: what.to_string(),
+                expected: if self.config.num_classes > 0 {
+                    format!(
+                        "no continuous condition: the model takes class labels (0..{})",
+                        self.config.num_classes
+                    )
+                } else {
+                    "no condition: the model was trained without one".to_string()
+                },
+                got: cond.dims().to_vec(),
+            }),
+            Some(dims) => {
+                if cond.rank() < 1 || cond.dims()[1..] != *dims.dims() {
+                    return Err(Error::Shape {
+                        what: what.to_string(),
+                        expected: format!("[N, {dims}] (the model's cond_dims)"),
+                        got: cond.dims().to_vec(),
+                    });
+                }
+                Ok(())
+            }
+        }
+    }
 }
 
 fn config_fan_in(config: &VelocityMlpConfig, bias_key: &str) -> usize {
@@ -550,6 +867,26 @@ impl StepFn for VelocityMlp {
     // CPU f32 sampling goes through the fused kernels of `crate::model::fast`.
     fn fast_velocity(&mut self) -> Option<Box<dyn FastVelocity + '_>> {
         let f = FastMlp::new(self, None)?;
+        Some(Box::new(f))
+    }
+}
+
+/// A model with a continuous condition bound to one condition row per sample.
+#[derive(Debug, Clone)]
+pub struct CondConditioned<'a> {
+    /// The model.
+    pub model: &'a VelocityMlp,
+    /// The condition of every row.
+    pub cond: Condition,
+}
+
+impl StepFn for CondConditioned<'_> {
+    fn step(&mut self, x: &Tensor, t: &Tensor) -> Result<Tensor> {
+        self.model.forward_cond(x, t, Some(&self.cond))
+    }
+
+    fn fast_velocity(&mut self) -> Option<Box<dyn FastVelocity + '_>> {
+        let f = FastMlp::with_condition(self.model, &self.cond)?;
         Some(Box::new(f))
     }
 }
@@ -673,6 +1010,10 @@ pub fn read_bytes(
     let hidden = meta_usize(&meta, "hidden", path)?;
     let depth = meta_usize(&meta, "depth", path)?;
     let num_classes = meta_usize(&meta, "num_classes", path)?;
+    let cond_dims = match meta.get("cond_dims").map(|s| s.trim()) {
+        None | Some("") => None,
+        Some(v) => Some(XDims::parse(v).map_err(|e| bad(format!("metadata cond_dims: {e}")))?),
+    };
     // The shapes as stored, from the header alone: nothing allocated yet.
     let shapes: HashMap<String, Vec<usize>> = st
         .tensors()
@@ -702,16 +1043,21 @@ pub fn read_bytes(
     let num_freqs = dim_of("time_embed.freqs", 0)?;
     let cond_dim = if num_classes > 0 {
         dim_of("cond_embed.weight", 1)?
+    } else if cond_dims.is_some() {
+        dim_of("cond_proj.weight", 0)?
     } else {
         0
     };
-    let config = VelocityMlpConfig {
+    let mut config = VelocityMlpConfig {
         x_dims,
         hidden,
         depth,
         num_classes,
         num_freqs,
         cond_dim,
+        cond_dims,
+        // Read from the tensors once their shapes are checked, below.
+        cond_norm: None,
     };
     config
         .validate()
@@ -745,6 +1091,19 @@ pub fn read_bytes(
         }
         let t = Tensor::from_raw_buffer(view.data(), DType::F32, view.shape(), device)?;
         tensors.insert(name, t);
+    }
+    if config.cond_dims.is_some() {
+        let vec_of = |key: &str| -> Result<Vec<f32>> {
+            Ok(tensors
+                .get(key)
+                .ok_or_else(|| bad(format!("missing tensor {key:?}")))?
+                .flatten_all()?
+                .to_vec1::<f32>()?)
+        };
+        config.cond_norm = Some(CondNorm {
+            mean: vec_of("cond_norm.mean")?,
+            std: vec_of("cond_norm.std")?,
+        });
     }
     Ok((config, tensors))
 }

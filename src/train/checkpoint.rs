@@ -8,16 +8,16 @@ use std::path::Path;
 use candle_core::{Device, Tensor, Var};
 use candle_nn::VarMap;
 
-use super::{sorted_vars, AdamW, Ema, TrainConfig, Trainer};
+use super::{sorted_vars, AdamW, Ema, TrainConfig, TrainableModel, Trainer};
 use crate::error::{Error, Result};
-use crate::model::{first_non_finite, read_file, VelocityMlp};
+use crate::model::{first_non_finite, VelocityMlp};
 
 /// Metadata key of the number of steps taken.
 const STEP_KEY: &str = "train.step";
 /// Tensor key of the loss history `[steps taken]`.
 const LOSSES_KEY: &str = "train.losses";
 
-impl Trainer {
+impl<M: TrainableModel> Trainer<M> {
     /// Writes a checkpoint atomically: the EMA model under the spec's keys, the rest under
     /// `raw.`, `optim.m.`, `optim.v.` and `train.` keys.
     pub fn save_checkpoint(&self, path: impl AsRef<Path>) -> Result<()> {
@@ -43,18 +43,20 @@ impl Trainer {
         let mut meta = self.config.to_metadata();
         meta.insert(STEP_KEY.to_string(), self.step.to_string());
         // save_with_metadata refuses NaN or infinite weights, EMA and moments alike.
-        self.ema_model()?.save_with_metadata(path, &extra, &meta)
+        self.ema_model()?
+            .save_with_metadata(path.as_ref(), &extra, &meta)
     }
 
-    /// Continues a run from a checkpoint written by [`Trainer::save_checkpoint`]; training it
-    /// to the end gives bit for bit the weights and losses of the uninterrupted run.
+    /// Continues a run of any model kind from a checkpoint written by
+    /// [`Trainer::save_checkpoint`] (see [`Trainer::resume`] for the velocity-mlp).
     ///
     /// ```no_run
     /// use flow_matching::train::Trainer;
-    /// let mut trainer = Trainer::resume("run.safetensors", &candle_core::Device::Cpu)?;
+    /// use flow_matching::VelocityMlp;
+    /// let t = Trainer::<VelocityMlp>::resume_model("run.safetensors", &candle_core::Device::Cpu)?;
     /// # Ok::<(), flow_matching::Error>(())
     /// ```
-    pub fn resume(path: impl AsRef<Path>, device: &Device) -> Result<Self> {
+    pub fn resume_model(path: impl AsRef<Path>, device: &Device) -> Result<Self> {
         let path = path.as_ref();
         let bytes = crate::limits::read_input(path)?;
         let bad = |reason: String| Error::ModelFile {
@@ -65,7 +67,7 @@ impl Trainer {
             .map_err(|e| bad(format!("not a valid safetensors file ({e})")))?;
         let meta = header.metadata().clone().unwrap_or_default();
         drop(bytes);
-        let (model_config, mut tensors) = read_file(path, device)?;
+        let (model_config, mut tensors) = M::read_file(path, device)?;
         let mut all: Vec<(String, Tensor)> = tensors
             .iter()
             .map(|(k, t)| (k.clone(), t.clone()))
@@ -91,7 +93,7 @@ impl Trainer {
         let config = TrainConfig::from_metadata(&meta).map_err(|e| bad(e.to_string()))?;
 
         // The EMA model checks the spec keys' shapes; the others must match them.
-        let ema_model = VelocityMlp::from_tensors(model_config.clone(), &tensors, path)?;
+        let ema_model = M::from_tensors(model_config.clone(), &tensors, path)?;
         let mut take = |key: String, like: &Tensor| -> Result<Tensor> {
             let t = tensors.remove(&key).ok_or_else(|| {
                 bad(format!(
@@ -118,7 +120,7 @@ impl Trainer {
                 crate::Error::Training("the variable map's lock is poisoned".into())
             })?;
             for (k, ema) in &spec {
-                if k == "time_embed.freqs" {
+                if M::is_fixed(k) {
                     model_tensors.insert(k.clone(), ema.clone());
                     continue;
                 }
@@ -148,7 +150,7 @@ impl Trainer {
                 losses.len()
             )));
         }
-        let model = VelocityMlp::from_tensors(model_config, &model_tensors, path)?;
+        let model = M::from_tensors(model_config, &model_tensors, path)?;
         let optim = AdamW {
             params: config.adamw,
             m,
@@ -161,6 +163,20 @@ impl Trainer {
             shadow,
         };
         Self::assemble(config, varmap, vars, model, optim, ema, step, losses)
+    }
+}
+
+impl Trainer<VelocityMlp> {
+    /// Continues a velocity-mlp run from a checkpoint written by [`Trainer::save_checkpoint`];
+    /// training it to the end gives bit for bit the weights and losses of the uninterrupted run.
+    ///
+    /// ```no_run
+    /// use flow_matching::train::Trainer;
+    /// let mut trainer = Trainer::resume("run.safetensors", &candle_core::Device::Cpu)?;
+    /// # Ok::<(), flow_matching::Error>(())
+    /// ```
+    pub fn resume(path: impl AsRef<Path>, device: &Device) -> Result<Self> {
+        Self::resume_model(path, device)
     }
 }
 

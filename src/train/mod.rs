@@ -7,6 +7,7 @@
 
 mod checkpoint;
 mod config;
+mod model;
 mod optim;
 mod sizing;
 mod validation;
@@ -21,23 +22,24 @@ use rand::SeedableRng;
 
 use crate::error::{Error, Result};
 use crate::flow_matching::{FlowMatching, TrainingBatch};
-use crate::model::{VelocityMlp, VelocityMlpConfig};
+use crate::model::{Condition, IntoCondition, VelocityMlp};
 use crate::progress::{Progress, ProgressFn, Reporter};
 
 pub use config::TrainConfig;
+pub use model::{ModelConfig, TrainableModel};
 pub use optim::{clip_grad_norm, grad_norm, lr_at, AdamW, AdamWParams, Ema, LrSchedule};
 pub use sizing::{Sizing, MAX_EPOCHS, MIN_STEPS};
 pub use validation::{EarlyStopReport, EarlyStopping, Validation};
 
-/// The loss and the gradient of every trainable weight (by its spec key) for one batch:
-/// `(model, noisy_x, t, labels, target) -> (loss, grads)`. [`loss_and_grads`] is the autograd
-/// version; a fused kernel with the same signature can replace it.
-pub type LossFn = Box<
+/// The loss and the gradient of every trainable weight (by its file key) for one batch:
+/// `(model, noisy_x, t, condition, target) -> (loss, grads)`. [`loss_and_grads`] is the
+/// velocity-mlp's autograd version; the default is [`TrainableModel::loss_and_grads`].
+pub type LossFn<M = VelocityMlp> = Box<
     dyn FnMut(
-        &VelocityMlp,
+        &M,
         &Tensor,
         &Tensor,
-        Option<&Tensor>,
+        Option<&Condition>,
         &Tensor,
     ) -> Result<(f32, Vec<(String, Tensor)>)>,
 >;
@@ -87,20 +89,16 @@ where
     Ok((loss.to_dtype(DType::F32)?.to_scalar::<f32>()?, grads))
 }
 
-/// The default [`LossFn`]: the fused CPU kernel (`model::loss_and_grads`) for a model on the
-/// CPU, candle's autograd ([`loss_and_grads`]) on other devices, where tensors stay put.
-pub fn default_loss_and_grads(
-    model: &VelocityMlp,
+/// The default [`LossFn`]: [`TrainableModel::loss_and_grads`] (for the velocity-mlp, the
+/// fused CPU kernel on the CPU, candle's autograd on other devices, where tensors stay put).
+pub fn default_loss_and_grads<M: TrainableModel>(
+    model: &M,
     noisy_x: &Tensor,
     t: &Tensor,
-    labels: Option<&Tensor>,
+    cond: Option<&Condition>,
     target: &Tensor,
 ) -> Result<(f32, Vec<(String, Tensor)>)> {
-    if model.device().is_cpu() {
-        crate::model::loss_and_grads(model, noisy_x, t, labels, target)
-    } else {
-        loss_and_grads(model, noisy_x, t, labels, target)
-    }
+    model.loss_and_grads(noisy_x, t, cond, target)
 }
 
 /// The velocity-mlp's loss and gradients by candle's autograd, on any device.
@@ -108,16 +106,20 @@ pub fn loss_and_grads(
     model: &VelocityMlp,
     noisy_x: &Tensor,
     t: &Tensor,
-    labels: Option<&Tensor>,
+    cond: Option<&Condition>,
     target: &Tensor,
 ) -> Result<(f32, Vec<(String, Tensor)>)> {
-    let params = model.tensors();
+    let params: Vec<(String, Tensor)> = model
+        .tensors()
+        .into_iter()
+        .filter(|(k, _)| !crate::VelocityMlpConfig::is_fixed(k))
+        .collect();
     loss_and_grads_with(
-        |x, t, l| model.forward(x, t, l),
+        |x, t, _| model.forward_cond(x, t, cond),
         &params,
         noisy_x,
         t,
-        labels,
+        None,
         target,
     )
 }
@@ -145,33 +147,34 @@ pub type PairBatch = (Tensor, Tensor, Option<Vec<u32>>);
 
 /// What a finished run returns.
 #[derive(Debug, Clone)]
-pub struct TrainOutput {
+pub struct TrainOutput<M = VelocityMlp> {
     /// The EMA model, detached: use it for sampling.
-    pub model: VelocityMlp,
+    pub model: M,
     /// The raw (last-step) weights, detached.
-    pub raw: VelocityMlp,
+    pub raw: M,
     /// `(step, loss)` for every step taken since step 0 (steps counted from 1).
     pub history: Vec<(usize, f32)>,
 }
 
-/// A flow-matching training run of a [`VelocityMlp`] whose weights live in a `VarMap`.
-pub struct Trainer {
+/// A flow-matching training run of a velocity model (by default a [`VelocityMlp`]; any
+/// [`TrainableModel`]) whose weights live in a `VarMap`.
+pub struct Trainer<M: TrainableModel = VelocityMlp> {
     config: TrainConfig,
     fm: FlowMatching,
     varmap: VarMap,
     /// The trainable weights by spec key, sorted, sharing storage with `model`'s tensors.
     vars: Vec<(String, Var)>,
-    model: VelocityMlp,
+    model: M,
     optim: AdamW,
     ema: Ema,
     step: usize,
     losses: Vec<f32>,
-    loss_fn: LossFn,
+    loss_fn: LossFn<M>,
     checkpoint: Option<PathBuf>,
     progress: Option<ProgressFn>,
 }
 
-impl std::fmt::Debug for Trainer {
+impl<M: TrainableModel> std::fmt::Debug for Trainer<M> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Trainer")
             .field("config", &self.config)
@@ -182,8 +185,9 @@ impl std::fmt::Debug for Trainer {
     }
 }
 
-impl Trainer {
-    /// A run from freshly initialised weights (`VelocityMlp::init` with the config's seed).
+impl<M: TrainableModel> Trainer<M> {
+    /// A run from freshly initialised weights (the model's `init` with the config's seed); the
+    /// model config decides the model (a `VelocityMlpConfig` trains a `VelocityMlp`).
     ///
     /// ```
     /// use candle_core::{Device, Tensor};
@@ -199,64 +203,14 @@ impl Trainer {
     ///     .unwrap();
     /// assert_eq!(out.history.len(), 5);
     /// ```
-    pub fn new(
-        model_config: VelocityMlpConfig,
-        config: TrainConfig,
-        device: &Device,
-    ) -> Result<Self> {
+    pub fn new<C>(model_config: C, config: TrainConfig, device: &Device) -> Result<Self>
+    where
+        C: ModelConfig<Model = M>,
+        M: TrainableModel<Config = C>,
+    {
         config.validate()?;
         let varmap = VarMap::new();
-        let model = VelocityMlp::init(model_config, &varmap, device, config.seed)?;
-        let vars = sorted_vars(&varmap)?;
-        let weights: Vec<Tensor> = vars.iter().map(|(_, v)| v.as_tensor().clone()).collect();
-        let plain: Vec<Var> = vars.iter().map(|(_, v)| v.clone()).collect();
-        let optim = AdamW::new(config.adamw, &plain)?;
-        let ema = Ema::new(config.ema_decay, config.ema_warmup, &weights)?;
-        Self::assemble(config, varmap, vars, model, optim, ema, 0, Vec::new())
-    }
-
-    /// A run that starts from the weights of `model` (fine-tuning, reflow): fresh optimiser
-    /// moments, the EMA started at those weights, `model` itself left untouched.
-    ///
-    /// ```
-    /// use candle_core::{DType, Device, Tensor};
-    /// use flow_matching::train::{TrainConfig, Trainer};
-    /// use flow_matching::{VelocityMlpConfig, XDims};
-    ///
-    /// let mut mc = VelocityMlpConfig::new(XDims::new(2).unwrap());
-    /// (mc.hidden, mc.depth) = (16, 1);
-    /// let config = TrainConfig { steps: 3, batch_size: 8, ..TrainConfig::default() };
-    /// let first = Trainer::new(mc, config.clone(), &Device::Cpu).unwrap().ema_model().unwrap();
-    /// let mut tuned = Trainer::from_model(&first, config, &Device::Cpu).unwrap();
-    /// let ones = |_: &mut _, b| Ok((Tensor::ones((b, 2), DType::F32, &Device::Cpu)?, None));
-    /// assert_eq!(tuned.train(ones).unwrap().history.len(), 3);
-    /// ```
-    pub fn from_model(model: &VelocityMlp, config: TrainConfig, device: &Device) -> Result<Self> {
-        config.validate()?;
-        let varmap = VarMap::new();
-        let mut tensors = HashMap::new();
-        {
-            let mut data = varmap
-                .data()
-                .lock()
-                .map_err(|_| Error::Training("the variable map's lock is poisoned".into()))?;
-            for (k, t) in model.tensors() {
-                // detach + Var::from_tensor copies the storage, so `model` is never updated.
-                let t = t.to_device(device)?.detach();
-                if k == "time_embed.freqs" {
-                    tensors.insert(k, t);
-                    continue;
-                }
-                let var = Var::from_tensor(&t)?;
-                tensors.insert(k.clone(), var.as_tensor().clone());
-                data.insert(k, var);
-            }
-        }
-        let model = VelocityMlp::from_tensors(
-            model.config().clone(),
-            &tensors,
-            std::path::Path::new("<initial model>"),
-        )?;
+        let model = M::init(model_config, &varmap, device, config.seed)?;
         let vars = sorted_vars(&varmap)?;
         let weights: Vec<Tensor> = vars.iter().map(|(_, v)| v.as_tensor().clone()).collect();
         let plain: Vec<Var> = vars.iter().map(|(_, v)| v.clone()).collect();
@@ -270,13 +224,13 @@ impl Trainer {
         config: TrainConfig,
         varmap: VarMap,
         vars: Vec<(String, Var)>,
-        model: VelocityMlp,
+        model: M,
         optim: AdamW,
         ema: Ema,
         step: usize,
         losses: Vec<f32>,
     ) -> Result<Self> {
-        let mut fm = FlowMatching::new(model.config().x_dims.dims().to_vec())?;
+        let mut fm = FlowMatching::new(model.x_dims().dims().to_vec())?;
         fm.timestep_sampler = config.timestep_sampler;
         fm.cond_drop_rate = config.cond_drop_rate;
         Ok(Trainer {
@@ -289,14 +243,14 @@ impl Trainer {
             ema,
             step,
             losses,
-            loss_fn: Box::new(default_loss_and_grads),
+            loss_fn: Box::new(default_loss_and_grads::<M>),
             checkpoint: None,
             progress: None,
         })
     }
 
     /// Replaces the loss-and-gradient function (e.g. by a fused kernel).
-    pub fn with_loss_fn(mut self, loss_fn: LossFn) -> Self {
+    pub fn with_loss_fn(mut self, loss_fn: LossFn<M>) -> Self {
         self.loss_fn = loss_fn;
         self
     }
@@ -351,7 +305,7 @@ impl Trainer {
     }
 
     /// The model on the trainable weights (not detached: sample with [`Self::raw_model`]).
-    pub fn model(&self) -> &VelocityMlp {
+    pub fn model(&self) -> &M {
         &self.model
     }
 
@@ -365,12 +319,12 @@ impl Trainer {
     }
 
     /// A detached copy of the current raw weights.
-    pub fn raw_model(&self) -> VelocityMlp {
+    pub fn raw_model(&self) -> M {
         self.model.detach()
     }
 
     /// The EMA weights as a detached model, ready for sampling.
-    pub fn ema_model(&self) -> Result<VelocityMlp> {
+    pub fn ema_model(&self) -> Result<M> {
         let mut map: HashMap<String, Tensor> = self
             .vars
             .iter()
@@ -380,21 +334,25 @@ impl Trainer {
         for (k, t) in self.model.tensors() {
             map.entry(k).or_insert_with(|| t.detach());
         }
-        VelocityMlp::from_tensors(
+        M::from_tensors(
             self.model.config().clone(),
             &map,
             std::path::Path::new("<EMA model>"),
         )
     }
 
-    /// Takes one optimiser step on a batch drawn by `data(rng, batch_size)` and returns its loss.
-    pub fn step<D>(&mut self, data: &mut D) -> Result<f32>
+    /// Takes one optimiser step on a batch drawn by `data(rng, batch_size)` and returns its
+    /// loss. The data function yields `x` `[B, *x_dims]` and the rows' condition: `None`,
+    /// labels (`Option<Vec<u32>>`) or a [`Condition`] (continuous features `[B, *c_dims]`).
+    pub fn step<D, C>(&mut self, data: &mut D) -> Result<f32>
     where
-        D: FnMut(&mut StdRng, usize) -> Result<(Tensor, Option<Vec<u32>>)>,
+        D: FnMut(&mut StdRng, usize) -> Result<(Tensor, C)>,
+        C: IntoCondition,
     {
         let mut rng = step_rng(self.config.seed, self.step as u64);
-        let (x, labels) = data(&mut rng, self.config.batch_size)?;
-        self.step_on(x, None, labels, rng)
+        let (x, cond) = data(&mut rng, self.config.batch_size)?;
+        let cond = cond.into_condition(self.model.device())?;
+        self.step_on(x, None, cond, rng)
     }
 
     /// Takes one optimiser step on given pairs `(x, noise, labels)` drawn by
@@ -406,14 +364,15 @@ impl Trainer {
     {
         let mut rng = step_rng(self.config.seed, self.step as u64);
         let (x, noise, labels) = pairs(&mut rng, self.config.batch_size)?;
-        self.step_on(x, Some(noise), labels, rng)
+        let cond = labels.into_condition(self.model.device())?;
+        self.step_on(x, Some(noise), cond, rng)
     }
 
     fn step_on(
         &mut self,
         x: Tensor,
         noise: Option<Tensor>,
-        labels: Option<Vec<u32>>,
+        cond: Option<Condition>,
         mut rng: StdRng,
     ) -> Result<f32> {
         let s = self.step;
@@ -421,12 +380,19 @@ impl Trainer {
         if x.rank() == 0 || x.dim(0)? != b {
             return Err(Error::Shape {
                 what: "batch from the data function".into(),
-                expected: format!("[{b}, {}]", self.model.config().x_dims),
+                expected: format!("[{b}, {}]", self.model.x_dims()),
                 got: x.dims().to_vec(),
             });
         }
-        let x = x.to_device(self.model.device())?.to_dtype(DType::F32)?;
+        let device = self.model.device().clone();
+        let x = x.to_device(&device)?.to_dtype(DType::F32)?;
         let batch = self.fm.construct_training_data(&x, &mut rng)?;
+        let cond = self.checked_condition(cond, b)?;
+        // Coupling pairs noise within classes; a continuous condition stays with its row.
+        let labels: Option<Vec<u32>> = match &cond {
+            Some(Condition::Labels(l)) => Some(l.to_dtype(DType::U32)?.to_vec1::<u32>()?),
+            _ => None,
+        };
         let batch = match noise {
             // Coupling re-pairs the drawn noise (within classes); it draws nothing, so the
             // random stream, and hence resuming, is the same under every coupling.
@@ -436,34 +402,19 @@ impl Trainer {
                 TrainingBatch::from_parts(&x, &batch.t.reshape(b)?, &noise, batch.drop_mask)?
             }
         };
-        let num_classes = self.model.config().num_classes;
-        let labels = match (labels, num_classes) {
-            (None, 0) => None,
-            (Some(l), 0) => {
-                return Err(Error::invalid(
-                    "labels",
-                    format!("{} labels", l.len()),
-                    "none: the model is unconditional (num_classes = 0)",
-                ))
-            }
-            (None, n) => {
-                return Err(Error::invalid(
-                    "labels",
-                    "none",
-                    format!("one label per sample: the model has num_classes = {n}"),
-                ))
-            }
-            (Some(l), n) => {
-                let kept = drop_labels(&l, &batch.drop_mask, n)?;
-                Some(self.model.labels_tensor(&kept, b)?)
-            }
+        let cond = match cond {
+            Some(c) => Some(
+                c.to_device(&device)?
+                    .dropped(&batch.drop_mask, self.model.num_classes() as u32)?,
+            ),
+            None => None,
         };
         let target = batch.target()?;
         let (loss, grads) = (self.loss_fn)(
             &self.model,
             &batch.noisy_x,
             &batch.t,
-            labels.as_ref(),
+            cond.as_ref(),
             &target,
         )?;
         if !loss.is_finite() {
@@ -484,6 +435,86 @@ impl Trainer {
         self.step += 1;
         self.losses.push(loss);
         Ok(loss)
+    }
+
+    /// Checks a batch's condition against the model: labels for a class model, features of
+    /// the model's `c_dims` for a continuous one, nothing for an unconditional one.
+    fn checked_condition(&self, cond: Option<Condition>, b: usize) -> Result<Option<Condition>> {
+        let num_classes = self.model.num_classes();
+        let cond_dims = self.model.cond_dims();
+        match (cond, num_classes, cond_dims) {
+            (None, 0, None) => Ok(None),
+            (None, n, None) => Err(Error::invalid(
+                "labels",
+                "none",
+                format!("one label per sample: the model has num_classes = {n}"),
+            )),
+            (None, _, Some(d)) => Err(Error::invalid(
+                "condition",
+                "none",
+                format!("one condition row [{d}] per sample: the model has a continuous condition"),
+            )),
+            (Some(Condition::Labels(l)), 0, None) => Err(Error::invalid(
+                "labels",
+                format!("{} labels", l.elem_count()),
+                "none: the model is unconditional (num_classes = 0)",
+            )),
+            (Some(Condition::Features { values, .. }), 0, None) => Err(Error::Shape {
+                what: "condition".into(),
+                expected: "none: the model is unconditional".into(),
+                got: values.dims().to_vec(),
+            }),
+            (Some(c @ Condition::Labels(_)), _, Some(_))
+            | (Some(c @ Condition::Features { .. }), _, None) => {
+                // The model's own error names what it takes instead.
+                self.model.forward_cond(
+                    &Tensor::zeros(
+                        self.model.x_dims().batched(b),
+                        DType::F32,
+                        self.model.device(),
+                    )?,
+                    &Tensor::zeros(b, DType::F32, self.model.device())?,
+                    Some(&c),
+                )?;
+                Err(Error::invalid(
+                    "condition",
+                    "given",
+                    "the model's kind of condition",
+                ))
+            }
+            (Some(Condition::Labels(l)), n, None) => {
+                let v = l.flatten_all()?.to_dtype(DType::U32)?.to_vec1::<u32>()?;
+                if v.len() != b {
+                    return Err(Error::invalid(
+                        "labels",
+                        format!("{} labels", v.len()),
+                        format!("one label per sample ({b})"),
+                    ));
+                }
+                if let Some(bad) = v.iter().find(|&&x| x as usize > n) {
+                    return Err(Error::invalid(
+                        "label",
+                        bad,
+                        format!("a class in 0..{n} or {n} for no condition"),
+                    ));
+                }
+                Ok(Some(Condition::Labels(l)))
+            }
+            (Some(c @ Condition::Features { .. }), _, Some(d)) => {
+                if let Condition::Features { values, .. } = &c {
+                    if values.rank() < 1 || values.dim(0)? != b || values.dims()[1..] != *d.dims() {
+                        return Err(Error::Shape {
+                            what: "condition from the data function".into(),
+                            expected: format!(
+                                "[{b}, {d}] (one row per sample, the model's cond_dims)"
+                            ),
+                            got: values.dims().to_vec(),
+                        });
+                    }
+                }
+                Ok(Some(c))
+            }
+        }
     }
 
     /// Puts the gradients in the variables' order; a missing or unknown key is an error.
@@ -517,22 +548,23 @@ impl Trainer {
 
     /// Trains up to `config.steps` (from wherever the run stands), writing checkpoints when a
     /// path is set, and returns the EMA model, the raw model and the loss history.
-    pub fn train<D>(&mut self, mut data: D) -> Result<TrainOutput>
+    pub fn train<D, C>(&mut self, mut data: D) -> Result<TrainOutput<M>>
     where
-        D: FnMut(&mut StdRng, usize) -> Result<(Tensor, Option<Vec<u32>>)>,
+        D: FnMut(&mut StdRng, usize) -> Result<(Tensor, C)>,
+        C: IntoCondition,
     {
         self.run_steps(|t| t.step(&mut data))
     }
 
     /// [`Self::train`] on given `(x, noise, labels)` pairs (see [`Self::step_pairs`]).
-    pub fn train_pairs<P>(&mut self, mut pairs: P) -> Result<TrainOutput>
+    pub fn train_pairs<P>(&mut self, mut pairs: P) -> Result<TrainOutput<M>>
     where
         P: FnMut(&mut StdRng, usize) -> Result<PairBatch>,
     {
         self.run_steps(|t| t.step_pairs(&mut pairs))
     }
 
-    fn run_steps<S>(&mut self, mut one_step: S) -> Result<TrainOutput>
+    fn run_steps<S>(&mut self, mut one_step: S) -> Result<TrainOutput<M>>
     where
         S: FnMut(&mut Self) -> Result<f32>,
     {
@@ -565,6 +597,58 @@ impl Trainer {
             raw: self.raw_model(),
             history: self.history(),
         })
+    }
+}
+
+impl Trainer<VelocityMlp> {
+    /// A run that starts from the weights of `model` (fine-tuning, reflow): fresh optimiser
+    /// moments, the EMA started at those weights, `model` itself left untouched.
+    ///
+    /// ```
+    /// use candle_core::{DType, Device, Tensor};
+    /// use flow_matching::train::{TrainConfig, Trainer};
+    /// use flow_matching::{VelocityMlpConfig, XDims};
+    ///
+    /// let mut mc = VelocityMlpConfig::new(XDims::new(2).unwrap());
+    /// (mc.hidden, mc.depth) = (16, 1);
+    /// let config = TrainConfig { steps: 3, batch_size: 8, ..TrainConfig::default() };
+    /// let first = Trainer::new(mc, config.clone(), &Device::Cpu).unwrap().ema_model().unwrap();
+    /// let mut tuned = Trainer::from_model(&first, config, &Device::Cpu).unwrap();
+    /// let ones = |_: &mut _, b| Ok((Tensor::ones((b, 2), DType::F32, &Device::Cpu)?, None));
+    /// assert_eq!(tuned.train(ones).unwrap().history.len(), 3);
+    /// ```
+    pub fn from_model(model: &VelocityMlp, config: TrainConfig, device: &Device) -> Result<Self> {
+        config.validate()?;
+        let varmap = VarMap::new();
+        let mut tensors = HashMap::new();
+        {
+            let mut data = varmap
+                .data()
+                .lock()
+                .map_err(|_| Error::Training("the variable map's lock is poisoned".into()))?;
+            for (k, t) in model.tensors() {
+                // detach + Var::from_tensor copies the storage, so `model` is never updated.
+                let t = t.to_device(device)?.detach();
+                if k == "time_embed.freqs" {
+                    tensors.insert(k, t);
+                    continue;
+                }
+                let var = Var::from_tensor(&t)?;
+                tensors.insert(k.clone(), var.as_tensor().clone());
+                data.insert(k, var);
+            }
+        }
+        let model = VelocityMlp::from_tensors(
+            model.config().clone(),
+            &tensors,
+            std::path::Path::new("<initial model>"),
+        )?;
+        let vars = sorted_vars(&varmap)?;
+        let weights: Vec<Tensor> = vars.iter().map(|(_, v)| v.as_tensor().clone()).collect();
+        let plain: Vec<Var> = vars.iter().map(|(_, v)| v.clone()).collect();
+        let optim = AdamW::new(config.adamw, &plain)?;
+        let ema = Ema::new(config.ema_decay, config.ema_warmup, &weights)?;
+        Self::assemble(config, varmap, vars, model, optim, ema, 0, Vec::new())
     }
 }
 

@@ -5,7 +5,7 @@
 //!
 //! | data dimension D | hidden | depth | batch | steps |
 //! | --- | ---: | ---: | ---: | ---: |
-//! | D ≤ 16 | 128 | 3 | 256 | 10,000 |
+//! | D ≤ 16 | 128 | 3 | 256 | 20,000 |
 //! | 16 < D ≤ 256 | 256 | 3 | 256 | 8,000 |
 //! | D > 256 | 512 | 4 | 128 | 8,000 |
 //!
@@ -16,7 +16,7 @@
 use std::fmt;
 
 /// The most passes over a finite table that the chosen step count makes.
-pub const MAX_EPOCHS: usize = 200;
+pub const MAX_EPOCHS: usize = 300;
 /// The fewest steps the rule chooses.
 pub const MIN_STEPS: usize = 2_000;
 
@@ -40,13 +40,14 @@ impl Sizing {
     /// ```
     /// use flow_matching::train::Sizing;
     /// let s = Sizing::for_data(Some(20_000), 2);
-    /// assert_eq!((s.hidden, s.depth, s.batch_size, s.steps), (128, 3, 256, 10_000));
-    /// // A small table: at most 200 epochs, never fewer than 2,000 steps.
-    /// assert_eq!(Sizing::for_data(Some(1_797), 64).steps, 2_000);
+    /// assert_eq!((s.hidden, s.depth, s.batch_size, s.steps), (128, 3, 256, 20_000));
+    /// // A small table: at most 300 epochs (300 × 1,797 / 256), never fewer than 2,000 steps.
+    /// assert_eq!(Sizing::for_data(Some(1_797), 64).steps, 2_106);
+    /// assert_eq!(Sizing::for_data(Some(500), 2).steps, 2_000);
     /// ```
     pub fn for_data(rows: Option<usize>, dim: usize) -> Sizing {
         let (hidden, depth, batch, steps) = if dim <= 16 {
-            (128, 3, 256, 10_000)
+            (128, 3, 256, 20_000)
         } else if dim <= 256 {
             (256, 3, 256, 8_000)
         } else {

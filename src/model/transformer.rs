@@ -1,0 +1,825 @@
+//! The `waypoint-transformer` velocity model of docs/waypoint-transformer.md: one token per
+//! waypoint of `x` `[B, L, C]`, embedded from its values and `t` with log-spaced Fourier
+//! features, pre-LN self-attention blocks modulated by adaptive layer norm (AdaLN-zero) from
+//! the time and the (optional, continuous) condition, stored as safetensors that the PyTorch
+//! reference (python/waypoint_transformer.py) reads and writes.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor, Var, D};
+use candle_nn::VarMap;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use rand_distr::{Distribution, StandardNormal};
+
+use crate::diffusion::XDims;
+use crate::error::{Error, Result};
+use crate::io::atomic_write;
+use crate::model::cond::{flat_features, CondNorm, Condition};
+use crate::step::{FastVelocity, StepFn};
+use crate::train::{ModelConfig, TrainableModel};
+
+/// `2 pi` rounded to float32 first, as the reference computes `((2*pi) * v) * f`.
+const TWO_PI_F32: f32 = 2.0 * std::f32::consts::PI;
+/// The layer norms' epsilon.
+pub(crate) const LN_EPS: f64 = 1e-6;
+
+/// The file's `format` metadata.
+pub const TRANSFORMER_FORMAT: &str = "waypoint-transformer";
+
+/// The hyper-parameters of a waypoint transformer (the file's metadata plus F).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TransformerConfig {
+    /// The sample shape `[L, C]`: L waypoint tokens of C values.
+    pub x_dims: XDims,
+    /// Token width W (a multiple of `heads`).
+    pub width: usize,
+    /// Number of attention blocks (at least 1).
+    pub depth: usize,
+    /// Attention heads.
+    pub heads: usize,
+    /// Hidden width of each block's MLP.
+    pub mlp_hidden: usize,
+    /// Fourier frequencies per value (`logspace(0, 2, F)`).
+    pub num_freqs: usize,
+    /// The shape of one row's continuous condition (`None`: unconditional).
+    pub cond_dims: Option<XDims>,
+    /// The condition's fixed standardisation (`None`: mean 0, std 1).
+    pub cond_norm: Option<CondNorm>,
+}
+
+impl TransformerConfig {
+    /// Width 64, 3 blocks of 4 heads, MLP 128, 10 frequencies (the seed's 20 features per
+    /// value), unconditional.
+    pub fn new(x_dims: XDims) -> Self {
+        TransformerConfig {
+            x_dims,
+            width: 64,
+            depth: 3,
+            heads: 4,
+            mlp_hidden: 128,
+            num_freqs: 10,
+            cond_dims: None,
+            cond_norm: None,
+        }
+    }
+
+    /// Checks every size: `x_dims` of rank 2, widths at least 1, `width` divisible by `heads`.
+    pub fn validate(&self) -> Result<()> {
+        if self.x_dims.dims().len() != 2 {
+            return Err(Error::invalid(
+                "x_dims for the waypoint transformer",
+                self.x_dims.to_string(),
+                "[L, C]: L waypoint tokens of C values (use the velocity-mlp for other shapes)",
+            ));
+        }
+        for (name, v) in [
+            ("width", self.width),
+            ("depth", self.depth),
+            ("heads", self.heads),
+            ("mlp hidden width", self.mlp_hidden),
+            ("number of frequencies", self.num_freqs),
+        ] {
+            if v == 0 {
+                return Err(Error::invalid(name, 0, "at least 1"));
+            }
+        }
+        if !self.width.is_multiple_of(self.heads) {
+            return Err(Error::invalid(
+                "width",
+                self.width,
+                format!("a multiple of the number of heads ({})", self.heads),
+            ));
+        }
+        if let Some(n) = &self.cond_norm {
+            let c = self.cond_features();
+            if n.mean.len() != c || n.std.len() != c {
+                return Err(Error::invalid(
+                    "condition normalisation",
+                    format!("{} means and {} stds", n.mean.len(), n.std.len()),
+                    format!("one per flattened condition feature ({c})"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Tokens L.
+    pub fn len(&self) -> usize {
+        self.x_dims.dims()[0]
+    }
+
+    /// Whether the config has no tokens (never, once validated).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Values per token C.
+    pub fn channels(&self) -> usize {
+        self.x_dims.dims().get(1).copied().unwrap_or(1)
+    }
+
+    /// Features per value, `1 + 2F` (the value, then its sines and cosines).
+    pub fn per_value(&self) -> usize {
+        1 + 2 * self.num_freqs
+    }
+
+    /// The flattened width of the continuous condition (0 without one).
+    pub fn cond_features(&self) -> usize {
+        self.cond_dims.as_ref().map_or(0, XDims::numel)
+    }
+
+    /// Every tensor key with its expected shape, in file order.
+    pub fn expected_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        let (w, p, c, l) = (self.width, self.per_value(), self.channels(), self.len());
+        let mut v: Vec<(String, Vec<usize>)> = vec![
+            ("freqs".into(), vec![self.num_freqs]),
+            ("value_freqs".into(), vec![self.num_freqs]),
+            ("token_embed.0.weight".into(), vec![w, (c + 1) * p]),
+            ("token_embed.0.bias".into(), vec![w]),
+            ("token_embed.2.weight".into(), vec![w, w]),
+            ("token_embed.2.bias".into(), vec![w]),
+            ("pos_embed".into(), vec![l, w]),
+            ("time_embed.0.weight".into(), vec![w, p]),
+            ("time_embed.0.bias".into(), vec![w]),
+            ("time_embed.2.weight".into(), vec![w, w]),
+            ("time_embed.2.bias".into(), vec![w]),
+        ];
+        if self.cond_dims.is_some() {
+            let cf = self.cond_features();
+            v.extend([
+                ("cond_norm.mean".into(), vec![cf]),
+                ("cond_norm.std".into(), vec![cf]),
+                ("cond_embed.0.weight".into(), vec![w, cf]),
+                ("cond_embed.0.bias".into(), vec![w]),
+                ("cond_embed.2.weight".into(), vec![w, w]),
+                ("cond_embed.2.bias".into(), vec![w]),
+                ("cond_null".into(), vec![w]),
+            ]);
+        }
+        for i in 0..self.depth {
+            let b = format!("blocks.{i}");
+            v.extend([
+                (format!("{b}.ada.weight"), vec![6 * w, w]),
+                (format!("{b}.ada.bias"), vec![6 * w]),
+                (format!("{b}.qkv.weight"), vec![3 * w, w]),
+                (format!("{b}.qkv.bias"), vec![3 * w]),
+                (format!("{b}.proj.weight"), vec![w, w]),
+                (format!("{b}.proj.bias"), vec![w]),
+                (format!("{b}.mlp.0.weight"), vec![self.mlp_hidden, w]),
+                (format!("{b}.mlp.0.bias"), vec![self.mlp_hidden]),
+                (format!("{b}.mlp.2.weight"), vec![w, self.mlp_hidden]),
+                (format!("{b}.mlp.2.bias"), vec![w]),
+            ]);
+        }
+        v.extend([
+            ("final_ada.weight".into(), vec![2 * w, w]),
+            ("final_ada.bias".into(), vec![2 * w]),
+            ("final_out.weight".into(), vec![c, w]),
+            ("final_out.bias".into(), vec![c]),
+        ]);
+        v
+    }
+
+    /// Whether a key holds a fixed tensor (frequencies, condition normalisation).
+    pub fn is_fixed(key: &str) -> bool {
+        matches!(
+            key,
+            "freqs" | "value_freqs" | "cond_norm.mean" | "cond_norm.std"
+        )
+    }
+
+    /// The safetensors `__metadata__` of this config.
+    pub fn metadata(&self) -> HashMap<String, String> {
+        let mut m = HashMap::from([
+            ("format".to_string(), TRANSFORMER_FORMAT.to_string()),
+            ("version".to_string(), "1".to_string()),
+            ("x_dims".to_string(), self.x_dims.to_string()),
+            ("width".to_string(), self.width.to_string()),
+            ("depth".to_string(), self.depth.to_string()),
+            ("heads".to_string(), self.heads.to_string()),
+            ("mlp_hidden".to_string(), self.mlp_hidden.to_string()),
+        ]);
+        if let Some(c) = &self.cond_dims {
+            m.insert("cond_dims".to_string(), c.to_string());
+        }
+        m
+    }
+}
+
+/// A waypoint transformer velocity field `v(x, t [, c])`.
+#[derive(Debug, Clone)]
+pub struct WaypointTransformer {
+    config: TransformerConfig,
+    /// Every tensor by key (weights share storage with the trainer's `Var`s).
+    t: HashMap<String, Tensor>,
+}
+
+impl WaypointTransformer {
+    /// A freshly initialised model: linear layers as PyTorch's default, the positional
+    /// embedding N(0, 0.02), the AdaLN layers zero (every block starts as the identity), the
+    /// null condition zero. Trainable weights are `Var`s in `varmap`.
+    pub fn init(
+        mut config: TransformerConfig,
+        varmap: &VarMap,
+        device: &Device,
+        seed: u64,
+    ) -> Result<Self> {
+        config.validate()?;
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut tensors = HashMap::new();
+        let f = config.num_freqs;
+        // logspace(lo, hi, F): time 1 to 100 cycles (the seed's), values 0.1 to 10 cycles per
+        // unit so the field stays smooth in x.
+        let logspace = |lo: f64, hi: f64| -> Vec<f32> {
+            (0..f)
+                .map(|i| {
+                    let e = if f == 1 {
+                        lo
+                    } else {
+                        lo + (hi - lo) * i as f64 / (f - 1) as f64
+                    };
+                    10f64.powf(e) as f32
+                })
+                .collect()
+        };
+        tensors.insert(
+            "freqs".to_string(),
+            Tensor::from_vec(logspace(0.0, 2.0), f, device)?,
+        );
+        tensors.insert(
+            "value_freqs".to_string(),
+            Tensor::from_vec(logspace(-1.0, 1.0), f, device)?,
+        );
+        if config.cond_dims.is_some() {
+            let c = config.cond_features();
+            let n = config
+                .cond_norm
+                .clone()
+                .unwrap_or_else(|| CondNorm::identity(c));
+            // The config then says what the file will: the normalisation is always stored.
+            config.cond_norm = Some(n.clone());
+            tensors.insert(
+                "cond_norm.mean".into(),
+                Tensor::from_vec(n.mean, c, device)?,
+            );
+            tensors.insert("cond_norm.std".into(), Tensor::from_vec(n.std, c, device)?);
+        }
+        let data = varmap.data();
+        let mut vars = data
+            .lock()
+            .map_err(|_| Error::Training("the variable map's lock is poisoned".into()))?;
+        let shapes = config.expected_shapes();
+        for (key, shape) in &shapes {
+            if TransformerConfig::is_fixed(key) {
+                continue;
+            }
+            let n: usize = shape.iter().product();
+            let values: Vec<f32> = if key == "pos_embed" {
+                (0..n)
+                    .map(|_| {
+                        let z: f32 = StandardNormal.sample(&mut rng);
+                        0.02 * z
+                    })
+                    .collect()
+            } else if key.contains("ada.") || key == "cond_null" {
+                vec![0.0; n]
+            } else {
+                // PyTorch's nn.Linear default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for both.
+                let wkey = key.replace(".bias", ".weight");
+                let fan_in = shapes
+                    .iter()
+                    .find(|(k, _)| *k == wkey)
+                    .map_or(1, |(_, s)| s[1]);
+                let bound = 1.0 / (fan_in as f32).sqrt();
+                (0..n).map(|_| rng.random_range(-bound..bound)).collect()
+            };
+            let var = Var::from_tensor(&Tensor::from_vec(values, shape.clone(), device)?)?;
+            tensors.insert(key.clone(), var.as_tensor().clone());
+            vars.insert(key.clone(), var);
+        }
+        drop(vars);
+        Self::from_tensors(config, &tensors, Path::new("<new model>"))
+    }
+
+    /// Builds a model from tensors under the file's keys, checking each shape.
+    pub fn from_tensors(
+        config: TransformerConfig,
+        tensors: &HashMap<String, Tensor>,
+        path: &Path,
+    ) -> Result<Self> {
+        config.validate()?;
+        let mut t = HashMap::new();
+        for (key, shape) in config.expected_shapes() {
+            let v = tensors.get(&key).ok_or_else(|| Error::ModelFile {
+                path: path.to_path_buf(),
+                reason: format!("missing tensor {key:?} (expected shape {shape:?})"),
+            })?;
+            if v.dims() != shape.as_slice() {
+                return Err(Error::ModelTensorShape {
+                    path: path.to_path_buf(),
+                    key,
+                    expected: shape,
+                    got: v.dims().to_vec(),
+                });
+            }
+            t.insert(key, v.clone());
+        }
+        Ok(WaypointTransformer { config, t })
+    }
+
+    /// Loads a waypoint-transformer file; every tensor is checked against the metadata.
+    ///
+    /// ```
+    /// let dev = candle_core::Device::Cpu;
+    /// let m = flow_matching::model::WaypointTransformer::load(
+    ///     "tests/data/golden/transformer-cond/model.safetensors", &dev)?;
+    /// assert_eq!(m.config().x_dims.dims(), &[16, 2]);
+    /// # Ok::<(), flow_matching::Error>(())
+    /// ```
+    pub fn load(path: impl AsRef<Path>, device: &Device) -> Result<Self> {
+        let (config, tensors) = read_transformer_file(path.as_ref(), device)?;
+        Self::from_tensors(config, &tensors, path.as_ref())
+    }
+
+    /// The hyper-parameters.
+    pub fn config(&self) -> &TransformerConfig {
+        &self.config
+    }
+
+    /// The device of the weights.
+    pub fn device(&self) -> &Device {
+        self.t["freqs"].device()
+    }
+
+    /// One tensor by key (present for every key of `config().expected_shapes()`).
+    pub(crate) fn get(&self, key: &str) -> &Tensor {
+        &self.t[key]
+    }
+
+    /// Every tensor under its file key, in file order.
+    pub fn tensors(&self) -> Vec<(String, Tensor)> {
+        self.config
+            .expected_shapes()
+            .into_iter()
+            .map(|(k, _)| {
+                let v = self.t[&k].clone();
+                (k, v)
+            })
+            .collect()
+    }
+
+    /// A copy detached from any autograd graph, for sampling.
+    pub fn detach(&self) -> Self {
+        WaypointTransformer {
+            config: self.config.clone(),
+            t: self
+                .t
+                .iter()
+                .map(|(k, v)| (k.clone(), v.detach()))
+                .collect(),
+        }
+    }
+
+    /// Writes the model as a waypoint-transformer file (temporary name, then rename).
+    pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
+        self.save_with_metadata(path.as_ref(), &[], &HashMap::new())
+    }
+
+    /// Writes the model with extra tensors (EMA, optimiser state) and metadata entries; an
+    /// extra entry may not replace one of the format's.
+    pub fn save_with_metadata(
+        &self,
+        path: &Path,
+        extra: &[(String, Tensor)],
+        extra_meta: &HashMap<String, String>,
+    ) -> Result<()> {
+        let mut all: Vec<(String, Tensor)> = self
+            .tensors()
+            .into_iter()
+            .chain(extra.iter().cloned())
+            .map(|(k, t)| Ok((k, t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?)))
+            .collect::<Result<_>>()?;
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut meta = self.config.metadata();
+        for (k, v) in extra_meta {
+            if meta.contains_key(k) {
+                return Err(Error::ModelFile {
+                    path: path.to_path_buf(),
+                    reason: format!("extra metadata entry {k:?} would replace the format's entry"),
+                });
+            }
+            meta.insert(k.clone(), v.clone());
+        }
+        let bytes = safetensors::serialize(all.iter().map(|(k, t)| (k.as_str(), t)), Some(meta))
+            .map_err(|e| Error::ModelFile {
+                path: path.to_path_buf(),
+                reason: format!("cannot serialize: {e}"),
+            })?;
+        atomic_write(path, &bytes)
+    }
+
+    /// Checks that `cond` `[N, *c_dims]` fits the model; `what` (a flag or file) names it.
+    pub fn check_condition(&self, cond: &Tensor, what: &str) -> Result<()> {
+        match &self.config.cond_dims {
+            None => Err(Error::Shape {
+                what: what.to_string(),
+                expected: "no condition: the model was trained without one".to_string(),
+                got: cond.dims().to_vec(),
+            }),
+            Some(dims) => {
+                if cond.rank() < 1 || cond.dims()[1..] != *dims.dims() {
+                    return Err(Error::Shape {
+                        what: what.to_string(),
+                        expected: format!("[N, {dims}] (the model's cond_dims)"),
+                        got: cond.dims().to_vec(),
+                    });
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// A step function conditioning row `i` of the batch on row `i` of `cond` `[B, *c_dims]`.
+    pub fn with_condition(&self, cond: &Tensor) -> Result<TransformerConditioned<'_>> {
+        self.check_condition(cond, "condition")?;
+        Ok(TransformerConditioned {
+            model: self,
+            cond: Some(Condition::features(cond.to_device(self.device())?)),
+        })
+    }
+
+    /// `[v, sqrt2 sin(a), sqrt2 cos(a)]` with `a = ((2 pi) v) f`, for every element of `v`:
+    /// `[..., 1 + 2F]`.
+    fn fourier(&self, v: &Tensor, key: &str) -> Result<Tensor> {
+        let f = self.get(key);
+        let a = v
+            .affine(TWO_PI_F32 as f64, 0.0)?
+            .unsqueeze(D::Minus1)?
+            .broadcast_mul(f)?;
+        let s2 = std::f32::consts::SQRT_2 as f64;
+        Ok(Tensor::cat(
+            &[
+                &v.unsqueeze(D::Minus1)?,
+                &a.sin()?.affine(s2, 0.0)?,
+                &a.cos()?.affine(s2, 0.0)?,
+            ],
+            D::Minus1,
+        )?)
+    }
+
+    fn linear(&self, h: &Tensor, name: &str) -> Result<Tensor> {
+        let w = self.get(&format!("{name}.weight"));
+        let b = self.get(&format!("{name}.bias"));
+        Ok(h.broadcast_matmul(&w.t()?)?.broadcast_add(b)?)
+    }
+
+    /// The condition's embedding `[B, W]` (the learned null condition for `None` and for
+    /// rows whose keep entry is 0); `None` for an unconditional model.
+    pub fn forward_cond_embedding(
+        &self,
+        cond: Option<&Condition>,
+        b: usize,
+    ) -> Result<Option<Tensor>> {
+        let w = self.config.width;
+        match (&self.config.cond_dims, cond) {
+            (None, None) => Ok(None),
+            (None, Some(_)) => Err(Error::invalid(
+                "condition",
+                "given",
+                "no condition: this model was trained without one",
+            )),
+            (Some(_), Some(Condition::Labels(_))) => Err(Error::invalid(
+                "condition",
+                "class labels",
+                "continuous features: the waypoint transformer takes no class labels",
+            )),
+            (Some(_), None) => Ok(Some(
+                self.get("cond_null")
+                    .unsqueeze(0)?
+                    .broadcast_as((b, w))?
+                    .contiguous()?,
+            )),
+            (Some(dims), Some(Condition::Features { values, keep })) => {
+                let (flat, keep) = flat_features(values, keep.as_ref(), dims, b)?;
+                let n = flat
+                    .broadcast_sub(self.get("cond_norm.mean"))?
+                    .broadcast_div(self.get("cond_norm.std"))?;
+                let k = self.linear(&self.linear(&n, "cond_embed.0")?.silu()?, "cond_embed.2")?;
+                Ok(Some(match keep {
+                    None => k,
+                    Some(kp) => {
+                        let drop = kp.affine(-1.0, 1.0)?;
+                        (k.broadcast_mul(&kp)?
+                            + drop.matmul(&self.get("cond_null").unsqueeze(0)?)?)?
+                    }
+                }))
+            }
+        }
+    }
+
+    /// The conditioning vector `[B, W]`: the time embedding plus the condition's embedding.
+    fn conditioning(&self, ft: &Tensor, cond: Option<&Condition>, b: usize) -> Result<Tensor> {
+        let s = self.linear(&self.linear(ft, "time_embed.0")?.silu()?, "time_embed.2")?;
+        Ok(match self.forward_cond_embedding(cond, b)? {
+            None => s,
+            Some(k) => (s + k)?,
+        })
+    }
+
+    /// The velocity `[B, L, C]` for `x` `[B, L, C]`, times `t` (B elements) and a condition
+    /// (`None`: the null condition of a conditional model).
+    pub fn forward_cond(&self, x: &Tensor, t: &Tensor, cond: Option<&Condition>) -> Result<Tensor> {
+        let cfg = &self.config;
+        let (l, c, w) = (cfg.len(), cfg.channels(), cfg.width);
+        if x.rank() != 3 || x.dims()[1..] != *cfg.x_dims.dims() {
+            return Err(Error::Shape {
+                what: "x".into(),
+                expected: format!("[B, {}] (the model's x_dims)", cfg.x_dims),
+                got: x.dims().to_vec(),
+            });
+        }
+        let b = x.dim(0)?;
+        if t.elem_count() != b {
+            return Err(Error::Shape {
+                what: "t".into(),
+                expected: format!("{b} elements, one per sample"),
+                got: t.dims().to_vec(),
+            });
+        }
+        let dtype = x.dtype();
+        let x = x.to_dtype(DType::F32)?;
+        let t = t.reshape(b)?.to_dtype(DType::F32)?;
+        let p = cfg.per_value();
+        let ft = self.fourier(&t, "freqs")?; // [B, P]
+        let fx = self.fourier(&x, "value_freqs")?.reshape((b, l, c * p))?;
+        let tok = Tensor::cat(
+            &[
+                &fx,
+                &ft.unsqueeze(1)?.broadcast_as((b, l, p))?.contiguous()?,
+            ],
+            2,
+        )?;
+        let mut h = self
+            .linear(
+                &self.linear(&tok, "token_embed.0")?.silu()?,
+                "token_embed.2",
+            )?
+            .broadcast_add(self.get("pos_embed"))?;
+        let s = self.conditioning(&ft, cond, b)?.silu()?;
+        let (heads, dh) = (cfg.heads, w / cfg.heads);
+        let scale = 1.0 / (dh as f64).sqrt();
+        for i in 0..cfg.depth {
+            let blk = format!("blocks.{i}");
+            let m = self.linear(&s, &format!("{blk}.ada"))?.unsqueeze(1)?; // [B, 1, 6W]
+            let part = |j: usize| m.narrow(2, j * w, w);
+            let a = modulate(&h, &part(0)?, &part(1)?)?;
+            let qkv = self.linear(&a, &format!("{blk}.qkv"))?; // [B, L, 3W]
+            let split = |j: usize| -> Result<Tensor> {
+                Ok(qkv
+                    .narrow(2, j * w, w)?
+                    .reshape((b, l, heads, dh))?
+                    .transpose(1, 2)?
+                    .contiguous()?)
+            };
+            let (q, k, v) = (split(0)?, split(1)?, split(2)?);
+            let att = (q.matmul(&k.t()?)? * scale)?;
+            let att = candle_nn::ops::softmax_last_dim(&att)?;
+            let o = att.matmul(&v)?.transpose(1, 2)?.reshape((b, l, w))?;
+            let o = self.linear(&o, &format!("{blk}.proj"))?;
+            h = (h + o.broadcast_mul(&part(2)?)?)?;
+            let a = modulate(&h, &part(3)?, &part(4)?)?;
+            let f = self.linear(
+                &self.linear(&a, &format!("{blk}.mlp.0"))?.silu()?,
+                &format!("{blk}.mlp.2"),
+            )?;
+            h = (h + f.broadcast_mul(&part(5)?)?)?;
+        }
+        let m = self.linear(&s, "final_ada")?.unsqueeze(1)?;
+        let h = modulate(&h, &m.narrow(2, 0, w)?, &m.narrow(2, w, w)?)?;
+        Ok(self.linear(&h, "final_out")?.to_dtype(dtype)?)
+    }
+}
+
+/// `LN(h) (1 + scale) + shift`, the layer norm without affine weights.
+fn modulate(h: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
+    let mean = h.mean_keepdim(D::Minus1)?;
+    let c = h.broadcast_sub(&mean)?;
+    let var = c.sqr()?.mean_keepdim(D::Minus1)?;
+    let n = c.broadcast_div(&(var + LN_EPS)?.sqrt()?)?;
+    Ok(n.broadcast_mul(&(scale + 1.0)?)?.broadcast_add(shift)?)
+}
+
+impl StepFn for WaypointTransformer {
+    fn step(&mut self, x: &Tensor, t: &Tensor) -> Result<Tensor> {
+        self.forward_cond(x, t, None)
+    }
+
+    fn fast_velocity(&mut self) -> Option<Box<dyn FastVelocity + '_>> {
+        let f = crate::model::transformer_fast::FastTransformer::new(self, None)?;
+        Some(Box::new(f))
+    }
+}
+
+/// A waypoint transformer bound to one condition row per sample (or the null condition).
+#[derive(Debug, Clone)]
+pub struct TransformerConditioned<'a> {
+    /// The model.
+    pub model: &'a WaypointTransformer,
+    /// The condition of every row (`None`: the null condition).
+    pub cond: Option<Condition>,
+}
+
+impl StepFn for TransformerConditioned<'_> {
+    fn step(&mut self, x: &Tensor, t: &Tensor) -> Result<Tensor> {
+        self.model.forward_cond(x, t, self.cond.as_ref())
+    }
+
+    fn fast_velocity(&mut self) -> Option<Box<dyn FastVelocity + '_>> {
+        let f =
+            crate::model::transformer_fast::FastTransformer::new(self.model, self.cond.as_ref())?;
+        Some(Box::new(f))
+    }
+}
+
+fn meta_usize(meta: &HashMap<String, String>, key: &str, path: &Path) -> Result<usize> {
+    let v = meta.get(key).ok_or_else(|| Error::ModelFile {
+        path: path.to_path_buf(),
+        reason: format!("metadata has no {key:?} entry"),
+    })?;
+    v.trim().parse().map_err(|_| Error::ModelFile {
+        path: path.to_path_buf(),
+        reason: format!("metadata {key:?} is {v:?}, expected a non-negative integer"),
+    })
+}
+
+/// The `format` entry of a safetensors file's metadata (`None` when it has none), to pick
+/// the reader.
+pub fn file_format(path: &Path) -> Result<Option<String>> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let (_, header) =
+        safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| Error::ModelFile {
+            path: path.to_path_buf(),
+            reason: format!("not a valid safetensors file ({e})"),
+        })?;
+    Ok(header
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get("format").cloned()))
+}
+
+/// Reads a waypoint-transformer file: its config and every tensor (extra keys included).
+pub fn read_transformer_file(
+    path: &Path,
+    device: &Device,
+) -> Result<(TransformerConfig, HashMap<String, Tensor>)> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let bad = |reason: String| Error::ModelFile {
+        path: PathBuf::from(path),
+        reason,
+    };
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
+        .map_err(|e| bad(format!("not a valid safetensors file ({e})")))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .map_err(|e| bad(format!("not a valid safetensors file ({e})")))?;
+    let meta = header.metadata().clone().ok_or_else(|| {
+        bad(format!(
+            "no __metadata__ header; expected format = {TRANSFORMER_FORMAT}"
+        ))
+    })?;
+    match meta.get("format").map(String::as_str) {
+        Some(TRANSFORMER_FORMAT) => {}
+        other => {
+            return Err(bad(format!(
+                "metadata format is {other:?}, expected {TRANSFORMER_FORMAT:?}"
+            )))
+        }
+    }
+    match meta.get("version").map(String::as_str) {
+        Some("1") => {}
+        other => {
+            return Err(bad(format!(
+                "metadata version is {other:?}, expected \"1\""
+            )))
+        }
+    }
+    let x_dims = XDims::parse(meta.get("x_dims").map(String::as_str).unwrap_or(""))
+        .map_err(|e| bad(format!("metadata x_dims: {e}")))?;
+    let cond_dims = match meta.get("cond_dims").map(|s| s.trim()) {
+        None | Some("") => None,
+        Some(v) => Some(XDims::parse(v).map_err(|e| bad(format!("metadata cond_dims: {e}")))?),
+    };
+    let mut tensors = HashMap::new();
+    for (name, view) in st.tensors() {
+        if view.dtype() != safetensors::Dtype::F32 {
+            return Err(bad(format!(
+                "tensor {name:?} has dtype {:?}, expected F32",
+                view.dtype()
+            )));
+        }
+        let t = Tensor::from_raw_buffer(view.data(), DType::F32, view.shape(), device)?;
+        tensors.insert(name, t);
+    }
+    let num_freqs = tensors
+        .get("freqs")
+        .ok_or_else(|| bad("missing tensor \"freqs\"".into()))?
+        .dim(0)?;
+    let vec_of = |key: &str| -> Result<Vec<f32>> {
+        Ok(tensors
+            .get(key)
+            .ok_or_else(|| bad(format!("missing tensor {key:?}")))?
+            .flatten_all()?
+            .to_vec1::<f32>()?)
+    };
+    let cond_norm = match &cond_dims {
+        None => None,
+        Some(_) => Some(CondNorm {
+            mean: vec_of("cond_norm.mean")?,
+            std: vec_of("cond_norm.std")?,
+        }),
+    };
+    let config = TransformerConfig {
+        x_dims,
+        width: meta_usize(&meta, "width", path)?,
+        depth: meta_usize(&meta, "depth", path)?,
+        heads: meta_usize(&meta, "heads", path)?,
+        mlp_hidden: meta_usize(&meta, "mlp_hidden", path)?,
+        num_freqs,
+        cond_dims,
+        cond_norm,
+    };
+    config
+        .validate()
+        .map_err(|e| bad(format!("metadata: {e}")))?;
+    Ok((config, tensors))
+}
+
+impl ModelConfig for TransformerConfig {
+    type Model = WaypointTransformer;
+}
+
+impl TrainableModel for WaypointTransformer {
+    type Config = TransformerConfig;
+
+    fn init(config: Self::Config, varmap: &VarMap, device: &Device, seed: u64) -> Result<Self> {
+        WaypointTransformer::init(config, varmap, device, seed)
+    }
+
+    fn from_tensors(
+        config: Self::Config,
+        tensors: &HashMap<String, Tensor>,
+        path: &Path,
+    ) -> Result<Self> {
+        WaypointTransformer::from_tensors(config, tensors, path)
+    }
+
+    fn read_file(path: &Path, device: &Device) -> Result<(Self::Config, HashMap<String, Tensor>)> {
+        read_transformer_file(path, device)
+    }
+
+    fn config(&self) -> &Self::Config {
+        &self.config
+    }
+
+    fn x_dims(&self) -> &XDims {
+        &self.config.x_dims
+    }
+
+    fn num_classes(&self) -> usize {
+        0
+    }
+
+    fn cond_dims(&self) -> Option<&XDims> {
+        self.config.cond_dims.as_ref()
+    }
+
+    fn device(&self) -> &Device {
+        WaypointTransformer::device(self)
+    }
+
+    fn tensors(&self) -> Vec<(String, Tensor)> {
+        WaypointTransformer::tensors(self)
+    }
+
+    fn is_fixed(key: &str) -> bool {
+        TransformerConfig::is_fixed(key)
+    }
+
+    fn detach(&self) -> Self {
+        WaypointTransformer::detach(self)
+    }
+
+    fn forward_cond(&self, x: &Tensor, t: &Tensor, cond: Option<&Condition>) -> Result<Tensor> {
+        WaypointTransformer::forward_cond(self, x, t, cond)
+    }
+
+    fn save_with_metadata(
+        &self,
+        path: &Path,
+        extra: &[(String, Tensor)],
+        extra_meta: &HashMap<String, String>,
+    ) -> Result<()> {
+        WaypointTransformer::save_with_metadata(self, path, extra, extra_meta)
+    }
+}

@@ -1,0 +1,442 @@
+//! The waypoint transformer's CPU sampling path on f32 slices: the weights copied and
+//! transposed once per run, every per-step buffer allocated once, the condition's embedding
+//! computed once per run and the time's once per step (it is shared by every row). Small
+//! batches (the control loop's 6 trajectories) are dominated by per-op overhead in candle and
+//! PyTorch; here a step is a handful of register-tiled matmuls and plain loops.
+
+use candle_core::{DType, Tensor};
+
+use crate::error::{Error, Result};
+use crate::kernel::{self, TILE_N};
+use crate::model::cond::Condition;
+use crate::model::transformer::{WaypointTransformer, LN_EPS};
+use crate::step::FastVelocity;
+
+/// `2 pi` rounded to float32 first, as the reference computes `((2*pi) * v) * f`.
+const TWO_PI_F32: f32 = 2.0 * std::f32::consts::PI;
+
+/// A linear layer `y = x W^T + b` kept as `W` `[n, k]` and, when `n` suits the register-tiled
+/// kernel, `W^T` `[k, n]`.
+#[derive(Debug, Clone)]
+struct Lin {
+    w: Vec<f32>,
+    wt: Vec<f32>,
+    b: Vec<f32>,
+    n: usize,
+    k: usize,
+}
+
+impl Lin {
+    fn new(model: &WaypointTransformer, name: &str) -> Result<Self> {
+        Self::from(
+            model.get(&format!("{name}.weight")),
+            model.get(&format!("{name}.bias")),
+        )
+    }
+
+    fn from(w: &Tensor, b: &Tensor) -> Result<Self> {
+        let (n, k) = w.dims2()?;
+        let w = w.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        let wt = if n.is_multiple_of(TILE_N) {
+            kernel::transpose(&w, n, k)
+        } else {
+            Vec::new()
+        };
+        Ok(Lin {
+            w,
+            wt,
+            b: b.to_dtype(DType::F32)?.to_vec1::<f32>()?,
+            n,
+            k,
+        })
+    }
+
+    /// `y[m, n] = x[m, k] W^T + b`.
+    fn apply(&self, y: &mut [f32], x: &[f32], m: usize) {
+        let (n, k) = (self.n, self.k);
+        if self.wt.is_empty() || m == 1 {
+            for r in 0..m {
+                kernel::matvec_bias(
+                    &self.w,
+                    &self.b,
+                    &x[r * k..(r + 1) * k],
+                    &mut y[r * n..(r + 1) * n],
+                );
+            }
+            return;
+        }
+        for r in 0..m {
+            y[r * n..(r + 1) * n].copy_from_slice(&self.b);
+        }
+        kernel::matmul_packed(&mut y[..m * n], &x[..m * k], &self.wt, m, n, k);
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Block {
+    ada: Lin,
+    qkv: Lin,
+    proj: Lin,
+    mlp0: Lin,
+    mlp2: Lin,
+}
+
+/// Per-step buffers for `rows` samples.
+#[derive(Debug, Default, Clone)]
+struct Buffers {
+    rows: usize,
+    tok: Vec<f32>,
+    h: Vec<f32>,
+    a: Vec<f32>,
+    qkv: Vec<f32>,
+    o: Vec<f32>,
+    f: Vec<f32>,
+    s: Vec<f32>,
+    m: Vec<f32>,
+    scores: Vec<f32>,
+}
+
+/// A [`WaypointTransformer`] prepared for CPU f32 sampling under a fixed condition.
+#[derive(Debug, Clone)]
+pub struct FastTransformer {
+    l: usize,
+    c: usize,
+    w: usize,
+    heads: usize,
+    ff: usize,
+    freqs: Vec<f32>,
+    value_freqs: Vec<f32>,
+    /// token_embed.0 restricted to the value features `[W, C P]` (its time columns are
+    /// applied once per step).
+    tok0_x: Lin,
+    /// token_embed.0's time columns `[W, P]` with its bias.
+    tok0_t: Lin,
+    tok2: Lin,
+    pos: Vec<f32>,
+    time0: Lin,
+    time2: Lin,
+    /// The condition's embedding `[rows, W]` (the null one repeated), or `None` for an
+    /// unconditional model.
+    cond: Option<Vec<f32>>,
+    blocks: Vec<Block>,
+    final_ada: Lin,
+    final_out: Lin,
+    buf: Buffers,
+}
+
+impl FastTransformer {
+    /// Prepares `model` under `cond` (`None`: the null condition for every row); `None` when
+    /// the model is not on the CPU or the condition does not fit (the tensor path then runs
+    /// and reports the error).
+    pub fn new(model: &WaypointTransformer, cond: Option<&Condition>) -> Option<Self> {
+        Self::try_new(model, cond).ok()
+    }
+
+    fn try_new(model: &WaypointTransformer, cond: Option<&Condition>) -> Result<Self> {
+        if !model.device().is_cpu() {
+            return Err(Error::invalid("device", "not the CPU", "the CPU"));
+        }
+        let cfg = model.config();
+        let (l, c, w, p) = (cfg.len(), cfg.channels(), cfg.width, cfg.per_value());
+        let vec = |k: &str| -> Result<Vec<f32>> {
+            Ok(model
+                .get(k)
+                .flatten_all()?
+                .to_dtype(DType::F32)?
+                .to_vec1::<f32>()?)
+        };
+        let w0 = model.get("token_embed.0.weight");
+        let b0 = model.get("token_embed.0.bias");
+        let tok0_x = Lin::from(&w0.narrow(1, 0, c * p)?.contiguous()?, &b0.zeros_like()?)?;
+        let tok0_t = Lin::from(&w0.narrow(1, c * p, p)?.contiguous()?, b0)?;
+        let cond = match (&cfg.cond_dims, cond) {
+            (None, None) => None,
+            (None, Some(_)) => return Err(Error::invalid("condition", "given", "none")),
+            (Some(_), Some(Condition::Labels(_))) => {
+                return Err(Error::invalid("condition", "labels", "features"))
+            }
+            (Some(_), None) => Some(vec("cond_null")?),
+            (Some(_), Some(cnd @ Condition::Features { values, .. })) => {
+                // The condition's embedding through the tensor path, once per run.
+                let b = values.dim(0)?;
+                match model.forward_cond_embedding(Some(cnd), b)? {
+                    Some(s) => Some(s.detach().flatten_all()?.to_vec1::<f32>()?),
+                    None => None,
+                }
+            }
+        };
+        let blocks = (0..cfg.depth)
+            .map(|i| {
+                let n = |s: &str| format!("blocks.{i}.{s}");
+                Ok(Block {
+                    ada: Lin::new(model, &n("ada"))?,
+                    qkv: Lin::new(model, &n("qkv"))?,
+                    proj: Lin::new(model, &n("proj"))?,
+                    mlp0: Lin::new(model, &n("mlp.0"))?,
+                    mlp2: Lin::new(model, &n("mlp.2"))?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(FastTransformer {
+            l,
+            c,
+            w,
+            heads: cfg.heads,
+            ff: cfg.mlp_hidden,
+            freqs: vec("freqs")?,
+            value_freqs: vec("value_freqs")?,
+            tok0_x,
+            tok0_t,
+            tok2: Lin::new(model, "token_embed.2")?,
+            pos: vec("pos_embed")?,
+            time0: Lin::new(model, "time_embed.0")?,
+            time2: Lin::new(model, "time_embed.2")?,
+            cond,
+            blocks,
+            final_ada: Lin::new(model, "final_ada")?,
+            final_out: Lin::new(model, "final_out")?,
+            buf: Buffers::default(),
+        })
+    }
+
+    fn fourier(freqs: &[f32], v: f32, out: &mut [f32]) {
+        let f = freqs.len();
+        out[0] = v;
+        let tv = TWO_PI_F32 * v;
+        for (i, fr) in freqs.iter().enumerate() {
+            let a = tv * fr;
+            out[1 + i] = a.sin() * std::f32::consts::SQRT_2;
+            out[1 + f + i] = a.cos() * std::f32::consts::SQRT_2;
+        }
+    }
+
+    fn resize(&mut self, rows: usize) {
+        if self.buf.rows == rows {
+            return;
+        }
+        let (l, w, p) = (self.l, self.w, 1 + 2 * self.freqs.len());
+        let t = rows * l;
+        let b = &mut self.buf;
+        b.rows = rows;
+        b.tok = vec![0.0; t * self.c * p];
+        b.h = vec![0.0; t * w];
+        b.a = vec![0.0; t * w.max(self.ff)];
+        b.qkv = vec![0.0; t * 3 * w];
+        b.o = vec![0.0; t * w];
+        b.f = vec![0.0; t * self.ff.max(w)];
+        b.s = vec![0.0; rows * w];
+        b.m = vec![0.0; rows * 6 * w];
+        b.scores = vec![0.0; l];
+    }
+
+    /// The velocity of every row of `x` `[rows, L, C]` at the shared time `t`.
+    fn forward(&mut self, x: &[f32], t: f32, out: &mut [f32]) -> Result<()> {
+        let (l, c, w) = (self.l, self.c, self.w);
+        let d = l * c;
+        let rows = x.len() / d;
+        if let Some(k) = &self.cond {
+            if k.len() != w && k.len() != rows * w {
+                return Err(Error::invalid(
+                    "batch",
+                    rows,
+                    format!("{} rows, one per condition row", k.len() / w),
+                ));
+            }
+        }
+        self.resize(rows);
+        let p = 1 + 2 * self.freqs.len();
+        let toks = rows * l;
+        let mut buf = std::mem::take(&mut self.buf);
+        // Time: its Fourier features, the token embedding's time term, the time embedding.
+        let mut ft = vec![0.0; p];
+        Self::fourier(&self.freqs, t, &mut ft);
+        let mut tterm = vec![0.0; w];
+        self.tok0_t.apply(&mut tterm, &ft, 1);
+        let mut s1 = vec![0.0; w];
+        self.time0.apply(&mut s1, &ft, 1);
+        kernel::silu_inplace(&mut s1);
+        let mut st = vec![0.0; w];
+        self.time2.apply(&mut st, &s1, 1);
+        // s = silu(time + condition) per row.
+        for r in 0..rows {
+            let s = &mut buf.s[r * w..(r + 1) * w];
+            s.copy_from_slice(&st);
+            if let Some(k) = &self.cond {
+                let kr = if k.len() == w {
+                    &k[..]
+                } else {
+                    &k[r * w..(r + 1) * w]
+                };
+                kernel::add_assign(s, kr);
+            }
+        }
+        kernel::silu_inplace(&mut buf.s[..rows * w]);
+        // Tokens: value features, then the token MLP and the positional embedding.
+        let cp = c * p;
+        for (i, &v) in x.iter().enumerate() {
+            let (tok, ch) = (i / c, i % c);
+            Self::fourier(
+                &self.value_freqs,
+                v,
+                &mut buf.tok[tok * cp + ch * p..tok * cp + (ch + 1) * p],
+            );
+        }
+        let a = &mut buf.a[..toks * w];
+        self.tok0_x.apply(a, &buf.tok, toks);
+        for row in a.chunks_exact_mut(w) {
+            kernel::add_assign(row, &tterm);
+        }
+        kernel::silu_inplace(a);
+        self.tok2.apply(&mut buf.h, a, toks);
+        for (i, row) in buf.h.chunks_exact_mut(w).enumerate() {
+            let li = i % l;
+            kernel::add_assign(row, &self.pos[li * w..(li + 1) * w]);
+        }
+        let dh = w / self.heads;
+        let scale = 1.0 / (dh as f32).sqrt();
+        for blk in &self.blocks {
+            blk.ada.apply(&mut buf.m, &buf.s, rows);
+            let m = &buf.m;
+            modulate(&buf.h, &mut buf.a, m, 0, 1, rows, l, w);
+            blk.qkv.apply(&mut buf.qkv, &buf.a[..toks * w], toks);
+            attention(
+                &buf.qkv,
+                &mut buf.o,
+                &mut buf.scores,
+                rows,
+                l,
+                w,
+                self.heads,
+                scale,
+            );
+            blk.proj.apply(&mut buf.a[..toks * w], &buf.o, toks);
+            gated_add(&mut buf.h, &buf.a, m, 2, rows, l, w);
+            modulate(&buf.h, &mut buf.a, m, 3, 4, rows, l, w);
+            let ff = self.ff;
+            blk.mlp0
+                .apply(&mut buf.f[..toks * ff], &buf.a[..toks * w], toks);
+            kernel::silu_inplace(&mut buf.f[..toks * ff]);
+            blk.mlp2
+                .apply(&mut buf.a[..toks * w], &buf.f[..toks * ff], toks);
+            gated_add(&mut buf.h, &buf.a, m, 5, rows, l, w);
+        }
+        // Final modulation (two chunks) and the output projection.
+        let fm = &mut buf.m[..rows * 2 * w];
+        self.final_ada.apply(fm, &buf.s, rows);
+        let mut m6 = vec![0.0; rows * 6 * w];
+        for r in 0..rows {
+            m6[r * 6 * w..r * 6 * w + 2 * w].copy_from_slice(&fm[r * 2 * w..(r + 1) * 2 * w]);
+        }
+        modulate(&buf.h, &mut buf.a, &m6, 0, 1, rows, l, w);
+        self.final_out.apply(out, &buf.a[..toks * w], toks);
+        self.buf = buf;
+        Ok(())
+    }
+}
+
+/// `a = LN(h) (1 + scale) + shift` per token, `shift`/`scale` chunks `js`/`jc` of each row's
+/// `[6W]` modulation.
+#[allow(clippy::too_many_arguments)]
+fn modulate(
+    h: &[f32],
+    a: &mut [f32],
+    m: &[f32],
+    js: usize,
+    jc: usize,
+    rows: usize,
+    l: usize,
+    w: usize,
+) {
+    for r in 0..rows {
+        let mr = &m[r * 6 * w..(r + 1) * 6 * w];
+        let (shift, scale) = (&mr[js * w..(js + 1) * w], &mr[jc * w..(jc + 1) * w]);
+        for i in 0..l {
+            let o = (r * l + i) * w;
+            let hv = &h[o..o + w];
+            let mean = hv.iter().sum::<f32>() / w as f32;
+            let var = hv.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / w as f32;
+            let inv = 1.0 / (var + LN_EPS as f32).sqrt();
+            for j in 0..w {
+                a[o + j] = (hv[j] - mean) * inv * (1.0 + scale[j]) + shift[j];
+            }
+        }
+    }
+}
+
+/// `h += gate * a` per token, `gate` chunk `jg` of each row's modulation.
+fn gated_add(h: &mut [f32], a: &[f32], m: &[f32], jg: usize, rows: usize, l: usize, w: usize) {
+    for r in 0..rows {
+        let gate = &m[r * 6 * w + jg * w..r * 6 * w + (jg + 1) * w];
+        for i in 0..l {
+            let o = (r * l + i) * w;
+            for j in 0..w {
+                h[o + j] += gate[j] * a[o + j];
+            }
+        }
+    }
+}
+
+/// Multi-head self-attention of every row: `qkv` `[rows, L, 3W]` to `o` `[rows, L, W]`.
+#[allow(clippy::too_many_arguments)]
+fn attention(
+    qkv: &[f32],
+    o: &mut [f32],
+    scores: &mut [f32],
+    rows: usize,
+    l: usize,
+    w: usize,
+    heads: usize,
+    scale: f32,
+) {
+    let dh = w / heads;
+    let stride = 3 * w;
+    for r in 0..rows {
+        let base = r * l * stride;
+        for hd in 0..heads {
+            for i in 0..l {
+                let q = &qkv[base + i * stride + hd * dh..base + i * stride + (hd + 1) * dh];
+                let mut mx = f32::NEG_INFINITY;
+                for (j, sc) in scores[..l].iter_mut().enumerate() {
+                    let k = &qkv
+                        [base + j * stride + w + hd * dh..base + j * stride + w + (hd + 1) * dh];
+                    let mut acc = 0.0;
+                    for e in 0..dh {
+                        acc += q[e] * k[e];
+                    }
+                    *sc = acc * scale;
+                    mx = mx.max(*sc);
+                }
+                let mut sum = 0.0;
+                for sc in scores[..l].iter_mut() {
+                    *sc = (*sc - mx).exp();
+                    sum += *sc;
+                }
+                let inv = 1.0 / sum;
+                let out = &mut o[(r * l + i) * w + hd * dh..(r * l + i) * w + (hd + 1) * dh];
+                out.fill(0.0);
+                for (j, sc) in scores[..l].iter().enumerate() {
+                    let v = &qkv[base + j * stride + 2 * w + hd * dh
+                        ..base + j * stride + 2 * w + (hd + 1) * dh];
+                    let p = sc * inv;
+                    for e in 0..dh {
+                        out[e] += p * v[e];
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl FastVelocity for FastTransformer {
+    fn velocity(&mut self, x: &[f32], t: f32, out: &mut [f32]) -> Result<()> {
+        let d = self.l * self.c;
+        if x.len() != out.len() || !x.len().is_multiple_of(d) {
+            return Err(Error::invalid(
+                "fast velocity buffers",
+                format!("x {} and out {} elements", x.len(), out.len()),
+                format!("equal lengths, a multiple of L * C = {d}"),
+            ));
+        }
+        self.forward(x, t, out)
+    }
+}
