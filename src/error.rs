@@ -150,6 +150,56 @@ pub enum Error {
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 
+    // --- onnx ---
+    /// An ONNX model file that cannot be read or run.
+    #[error("ONNX model {}: {reason}", path.display())]
+    Onnx {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// An ONNX model that uses an operator the runtime does not implement.
+    #[error("ONNX model {}: operator {op} (node {node:?}) is not supported by the runtime", path.display())]
+    OnnxUnsupportedOp {
+        /// The file.
+        path: PathBuf,
+        /// The operator type (with its domain when not the default one).
+        op: String,
+        /// The node's name.
+        node: String,
+    },
+
+    /// An ONNX model input that no condition gives.
+    #[error("the ONNX model needs its input {name:?} {shape}, and no value was given for it (--cond {name}=FILE.npy)")]
+    OnnxMissingInput {
+        /// The input's name.
+        name: String,
+        /// Its declared shape.
+        shape: String,
+    },
+
+    /// A condition for an input the ONNX model does not have.
+    #[error("the ONNX model has no input {name:?}; its condition inputs: {known}")]
+    OnnxUnknownInput {
+        /// The name given.
+        name: String,
+        /// The model's condition inputs with their shapes.
+        known: String,
+    },
+
+    /// An ONNX model exported with a fixed batch asked to run at another batch.
+    #[error("ONNX model {}: exported with a fixed batch of {fixed}, it runs only at that batch, not {asked}; re-export it with a dynamic batch (torch.onnx.export(..., dynamic_axes={{\"x\": {{0: \"batch\"}}, ...}}))", path.display())]
+    OnnxFixedBatch {
+        /// The file.
+        path: PathBuf,
+        /// The batch the file fixes.
+        fixed: usize,
+        /// The batch asked for.
+        asked: usize,
+    },
+
     // --- robustness (issue 11): outputs, locks, memory bounds, non-finite weights ---
     /// An output path refused before any work starts (missing or unwritable directory, a
     /// special file, a path shared by two roles or with an input).

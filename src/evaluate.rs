@@ -262,3 +262,43 @@ pub fn table(rows: &[Row]) -> String {
     }
     s
 }
+
+/// Evaluates each setting for any unconditional step function (an ONNX network, a closure):
+/// `n` samples of shape `x_dims` per setting against `data`, with no class accuracy.
+pub fn evaluate_step_fn(
+    step_fn: &mut dyn StepFn,
+    x_dims: &crate::XDims,
+    data: &Dataset,
+    settings: &[Setting],
+    options: &EvalOptions,
+) -> Result<Vec<Row>> {
+    if data.x_dims() != x_dims.dims() {
+        return Err(Error::Shape {
+            what: "evaluation data".into(),
+            expected: format!("[N, {x_dims}] (the model's x_dims)"),
+            got: data.x.dims().to_vec(),
+        });
+    }
+    let real = data.x.to_device(&Device::Cpu)?;
+    let mut rows = Vec::with_capacity(settings.len());
+    for s in settings {
+        let mut fm = FlowMatching::new(x_dims)?;
+        fm.method = s.method.clone();
+        fm.schedule = s.schedule.clone();
+        let opts = SampleOptions {
+            steps: Some(s.steps),
+            ..SampleOptions::seeded(options.seed)
+        };
+        let out = fm.sample(options.n, step_fn, &Device::Cpu, &opts)?;
+        let x = out.x.to_device(&Device::Cpu)?;
+        rows.push(Row {
+            setting: s.clone(),
+            nfe: out.nfe,
+            sliced_wasserstein: sliced_wasserstein(&real, &x, PROJECTIONS, options.seed)?,
+            mmd2: mmd2_rbf(&real, &x, Bandwidth::Median, MmdEstimator::Unbiased)?,
+            energy: energy_distance(&real, &x)?,
+            accuracy: None,
+        });
+    }
+    Ok(rows)
+}

@@ -21,6 +21,8 @@ pub mod likelihood;
 pub mod limits;
 pub mod metrics;
 pub mod model;
+#[cfg(feature = "onnx")]
+pub mod onnx;
 pub mod output;
 #[cfg(feature = "plot")]
 pub mod plot;

@@ -26,6 +26,9 @@ pub struct BenchArgs {
     /// Scales every repetition count (0.2 for a quick look).
     #[arg(long, default_value_t = 1.0)]
     reps_scale: f64,
+    /// Only the ONNX figures (onnx_traj_b6, onnx_traj_b6_ort), not the velocity-mlp ones.
+    #[arg(long)]
+    onnx_only: bool,
 }
 
 /// Arguments of the hidden `bench-peak-rss` child.
@@ -77,7 +80,19 @@ pub fn run(a: BenchArgs) -> Result<()> {
             "kernel path: {path} ({requested}); {threads} threads; load average at start: {load}"
         );
     }
-    let figures = bench::run(&opts, |m| eprintln!("{m}"))?;
+    #[allow(unused_mut)]
+    let mut figures = if a.onnx_only {
+        Vec::new()
+    } else {
+        bench::run(&opts, |m| eprintln!("{m}"))?
+    };
+    #[cfg(feature = "onnx")]
+    figures.extend(crate::bench_onnx::figures(
+        &a.python,
+        a.rounds,
+        a.reps_scale,
+        &mut |m| eprintln!("{m}"),
+    )?);
     if a.json {
         for f in &figures {
             println!(

@@ -15,9 +15,15 @@ use flow_matching::solver::Method;
 /// Arguments of `eval`.
 #[derive(Debug, clap::Args)]
 pub struct EvalArgs {
-    /// A velocity-mlp safetensors file.
+    /// A velocity-mlp safetensors file, or an ONNX velocity network (.onnx).
     #[arg(long)]
     model: PathBuf,
+    /// For an ONNX model: a condition input as NAME=FILE.npy (one row, or one per sample).
+    #[arg(long = "cond", value_name = "NAME=FILE.npy")]
+    cond: Vec<crate::cond::CondArg>,
+    /// For an ONNX model: its sample shape, e.g. 64,2 (when x has a symbolic dimension).
+    #[arg(long)]
+    x_dims: Option<String>,
     /// The data to compare with: a toy name, digits, or a .csv/.npy file.
     #[arg(long)]
     data: String,
@@ -91,6 +97,16 @@ pub(crate) fn settings(methods: &str, schedules: &str, steps: &[usize]) -> Resul
 
 /// Runs `eval`.
 pub fn run(a: EvalArgs) -> Result<()> {
+    if super::is_onnx(&a.model) {
+        return run_onnx(a);
+    }
+    if !a.cond.is_empty() || a.x_dims.is_some() {
+        return Err(Error::invalid(
+            "--cond/--x-dims",
+            a.model.display(),
+            "an ONNX model (.onnx); a velocity-mlp file takes its labels from the data",
+        ));
+    }
     let device = Device::Cpu;
     crate::bounds::at_least_one("--n", a.n)?;
     let model = VelocityMlp::load(&a.model, &device)?;
@@ -122,4 +138,56 @@ pub fn run(a: EvalArgs) -> Result<()> {
         "reference: sliced W2 between two independent data samples = {floor:.4} (n = {floor_n})"
     );
     Ok(())
+}
+
+/// `eval` for an ONNX velocity network: its conditions from --cond, no class accuracy.
+#[cfg(feature = "onnx")]
+fn run_onnx(a: EvalArgs) -> Result<()> {
+    if a.guidance != 1.0 {
+        return Err(Error::invalid(
+            "--guidance",
+            a.guidance,
+            "1 for an ONNX model in eval (guide it with sample --guidance W --null-cond ...)",
+        ));
+    }
+    let flags = crate::cond::CondFlags {
+        cond: a.cond.clone(),
+        per_cond: None,
+    };
+    let (mut step, _) = crate::onnx::prepare(
+        &a.model,
+        a.x_dims.as_deref(),
+        &flags,
+        &[],
+        None,
+        a.n,
+        Some(a.n),
+    )?;
+    let x_dims = step.x_dims().clone();
+    let source = DataSource::parse(&a.data)?.with_label_column(a.label_column)?;
+    let steps = parse_steps(&a.steps)?;
+    let settings = settings(&a.methods, &a.schedules, &steps)?;
+    let data = source.load(a.n, a.seed.wrapping_add(1))?;
+    let (floor, floor_n) = noise_floor(&source, &data, a.seed)?;
+    let options = EvalOptions {
+        n: a.n,
+        seed: a.seed,
+        guidance: 1.0,
+    };
+    let rows =
+        flow_matching::evaluate::evaluate_step_fn(&mut step, &x_dims, &data, &settings, &options)?;
+    println!("{}", table(&rows));
+    println!(
+        "reference: sliced W2 between two independent data samples = {floor:.4} (n = {floor_n})"
+    );
+    Ok(())
+}
+
+#[cfg(not(feature = "onnx"))]
+fn run_onnx(a: EvalArgs) -> Result<()> {
+    Err(Error::invalid(
+        "--model",
+        a.model.display(),
+        "a velocity-mlp file: this build has no ONNX support (build with --features onnx)",
+    ))
 }

@@ -108,6 +108,14 @@ pub(crate) fn row_labels(labels: Option<&str>, n: usize) -> Result<Option<Vec<u3
 
 /// Runs `loglik`.
 pub fn run(a: LoglikArgs) -> Result<()> {
+    if super::is_onnx(&a.model) {
+        return Err(Error::invalid(
+            "--model",
+            a.model.display(),
+            "a velocity-mlp file: loglik needs the divergence of the velocity (its gradients), \
+             which an ONNX network run for inference does not give",
+        ));
+    }
     let device = Device::Cpu;
     let divergence = match (a.exact, a.probes) {
         (true, Some(_)) => {

@@ -2,6 +2,8 @@
 //! renders its results and progress.
 
 mod bench;
+#[cfg(feature = "onnx")]
+mod bench_onnx;
 mod bounds;
 mod cond;
 mod demo;
@@ -10,6 +12,8 @@ mod eval;
 mod eval_traj;
 mod harness;
 mod loglik;
+#[cfg(feature = "onnx")]
+mod onnx;
 mod progress;
 mod reflow;
 mod sample;
@@ -77,6 +81,12 @@ where
         Command::Bench(a) => bench::run(a),
         Command::BenchPeakRss(a) => bench::run_peak_rss(a),
     }
+}
+
+/// Whether a model path names an ONNX network (by its `.onnx` extension).
+fn is_onnx(path: &std::path::Path) -> bool {
+    path.extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("onnx"))
 }
 
 /// Parses a comma-separated list of labels such as `0,1,2`.

@@ -16,14 +16,14 @@ use flow_matching::model::{
 use flow_matching::output::{commit, prepare_outputs};
 use flow_matching::schedule::Schedule;
 use flow_matching::solver::Method;
-use flow_matching::{Diffusion, SampleOptions, StepFn};
+use flow_matching::{Diffusion, Sample, SampleOptions, StepFn};
 
-use crate::cond::CondFlags;
+use crate::cond::{CondArg, CondFlags};
 
 /// Arguments of `sample`.
 #[derive(Debug, clap::Args)]
 pub struct SampleArgs {
-    /// A velocity-mlp or waypoint-transformer safetensors file.
+    /// A velocity-mlp or waypoint-transformer safetensors file, or an ONNX velocity network (.onnx).
     #[arg(long)]
     model: PathBuf,
     /// Number of samples (ignored with --x-init, whose first dimension is the batch, and with
@@ -70,6 +70,115 @@ pub struct SampleArgs {
     /// Conditions (--cond NAME=FILE.npy, --per-cond K).
     #[command(flatten)]
     cond: CondFlags,
+    /// With --guidance on an ONNX model: the unconditional value of a condition input.
+    #[arg(long, value_name = "NAME=FILE.npy")]
+    null_cond: Vec<CondArg>,
+    /// An ONNX model's sample shape, e.g. 64,2 (needed when its x has a symbolic dimension
+    /// besides the batch).
+    #[arg(long)]
+    x_dims: Option<String>,
+}
+
+/// The integration method of `--method`, with `--rtol`/`--atol` for dopri5.
+fn parse_method(a: &SampleArgs) -> Result<Method> {
+    let mut method: Method = a.method.parse()?;
+    if a.rtol.is_some() || a.atol.is_some() {
+        match &mut method {
+            Method::Dopri5(o) => {
+                o.rtol = a.rtol.unwrap_or(o.rtol);
+                o.atol = a.atol.unwrap_or(o.atol);
+                o.validate()?;
+            }
+            other => {
+                return Err(Error::invalid(
+                    "--rtol/--atol",
+                    format!("with --method {other}"),
+                    "tolerances only with --method dopri5",
+                ))
+            }
+        }
+    }
+    Ok(method)
+}
+
+/// Writes the samples (and the trajectory and times when asked), then says what was written.
+fn write_outputs(a: &SampleArgs, out: &Sample, batch: usize, fm: &FlowMatching) -> Result<()> {
+    // All outputs are written to temporaries first; only then is any renamed into place.
+    let mut staged = vec![stage_npy(&a.out, &out.x)?];
+    if let (Some(p), Some(t)) = (&a.trajectory, &out.trajectory) {
+        staged.push(stage_npy(p, t)?);
+    }
+    if let (Some(p), Some(t)) = (&a.times, &out.times) {
+        staged.push(stage_npy(p, t)?);
+    }
+    commit(staged)?;
+    eprintln!(
+        "wrote {} samples of shape {} to {} ({} steps, {}, {} function evaluations)",
+        batch,
+        fm.x_dims(),
+        a.out.display(),
+        out.accepted_steps,
+        fm.method,
+        out.nfe
+    );
+    Ok(())
+}
+
+/// `sample` for an ONNX velocity network.
+#[cfg(feature = "onnx")]
+fn run_onnx(a: &SampleArgs) -> Result<()> {
+    if a.labels.is_some() {
+        return Err(Error::invalid(
+            "--labels",
+            a.labels.as_deref().unwrap_or_default(),
+            "velocity-mlp models only; give an ONNX model's class input with --cond NAME=FILE.npy",
+        ));
+    }
+    let device = Device::Cpu;
+    let method = parse_method(a)?;
+    let schedule: Schedule = a.schedule.parse()?;
+    let x_init = a
+        .x_init
+        .as_ref()
+        .map(|p| read_npy(p, &device))
+        .transpose()?;
+    let rows = x_init.as_ref().map(|x| x.dim(0)).transpose()?;
+    let (mut step, batch) = crate::onnx::prepare(
+        &a.model,
+        a.x_dims.as_deref(),
+        &a.cond,
+        &a.null_cond,
+        a.guidance,
+        a.batch,
+        rows,
+    )?;
+    bounds::sampling(
+        batch,
+        step.x_dims().numel(),
+        a.steps,
+        a.trajectory.is_some(),
+    )?;
+    let mut fm = FlowMatching::new(step.x_dims())?;
+    fm.method = method;
+    fm.schedule = schedule;
+    let options = SampleOptions {
+        return_all_steps: a.trajectory.is_some() || a.times.is_some(),
+        steps: Some(a.steps),
+        x_init,
+        seed: Some(a.seed),
+        ..Default::default()
+    };
+    let out = fm.sample(batch, &mut step, &device, &options)?;
+    write_outputs(a, &out, batch, &fm)
+}
+
+#[cfg(not(feature = "onnx"))]
+fn run_onnx(a: &SampleArgs) -> Result<()> {
+    Err(Error::invalid(
+        "--model",
+        a.model.display(),
+        "a velocity-mlp file: this build has no ONNX support (build with --features onnx)",
+    ))
 }
 
 /// The continuous condition of a built-in model from `--cond FILE.npy` `[N, *c_dims]` and
@@ -135,23 +244,23 @@ pub fn run(a: SampleArgs) -> Result<()> {
     if a.x_init.is_none() && a.cond.cond.is_empty() {
         bounds::at_least_one("--batch", a.batch)?;
     }
-    let mut method: Method = a.method.parse()?;
-    if a.rtol.is_some() || a.atol.is_some() {
-        match &mut method {
-            Method::Dopri5(o) => {
-                o.rtol = a.rtol.unwrap_or(o.rtol);
-                o.atol = a.atol.unwrap_or(o.atol);
-                o.validate()?;
-            }
-            other => {
-                return Err(Error::invalid(
-                    "--rtol/--atol",
-                    format!("with --method {other}"),
-                    "tolerances only with --method dopri5",
-                ))
-            }
-        }
+    if super::is_onnx(&a.model) {
+        return run_onnx(&a);
     }
+    if let Some(flag) = [
+        (!a.null_cond.is_empty(), "--null-cond"),
+        (a.x_dims.is_some(), "--x-dims"),
+    ]
+    .iter()
+    .find_map(|(given, f)| given.then_some(*f))
+    {
+        return Err(Error::invalid(
+            flag,
+            a.model.display(),
+            "an ONNX model (.onnx); a built-in model takes --labels or --cond FILE.npy",
+        ));
+    }
+    let method = parse_method(&a)?;
     let schedule: Schedule = a.schedule.parse()?;
     let transformer = file_format(&a.model)?.as_deref() == Some(TRANSFORMER_FORMAT);
     let (vmodel, tmodel) = if transformer {
@@ -298,23 +407,5 @@ pub fn run(a: SampleArgs) -> Result<()> {
         _ => unreachable!("one model is loaded"),
     };
     let out = fm.sample(batch, step_fn, &device, &options)?;
-    // All outputs are written to temporaries first; only then is any renamed into place.
-    let mut staged = vec![stage_npy(&a.out, &out.x)?];
-    if let (Some(p), Some(t)) = (&a.trajectory, &out.trajectory) {
-        staged.push(stage_npy(p, t)?);
-    }
-    if let (Some(p), Some(t)) = (&a.times, &out.times) {
-        staged.push(stage_npy(p, t)?);
-    }
-    commit(staged)?;
-    eprintln!(
-        "wrote {} samples of shape {} to {} ({} steps, {}, {} function evaluations)",
-        batch,
-        fm.x_dims(),
-        a.out.display(),
-        out.accepted_steps,
-        fm.method,
-        out.nfe
-    );
-    Ok(())
+    write_outputs(&a, &out, batch, &fm)
 }

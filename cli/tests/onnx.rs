@@ -1,0 +1,325 @@
+//! `sample`, `eval` and `loglik` with ONNX velocity networks: results against PyTorch's (the
+//! fixtures of tests/data/onnx), conditions, guidance, and one-line errors that write nothing.
+#![cfg(feature = "onnx")]
+
+mod support;
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use support::{max_abs_diff, run, tmp};
+
+fn fixture(name: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/data/onnx")
+        .join(name)
+        .to_string_lossy()
+        .into_owned()
+}
+
+fn npy(path: impl AsRef<Path>) -> Tensor {
+    Tensor::read_npy(path.as_ref()).unwrap()
+}
+
+fn write(name: &str, t: &Tensor) -> String {
+    let p = tmp(name);
+    t.write_npy(&p).unwrap();
+    p.to_string_lossy().into_owned()
+}
+
+/// Runs a command that must succeed and returns the samples it wrote.
+fn sample_ok(out: &str, args: &[&str]) -> Tensor {
+    let mut all = vec!["sample", "--out", out];
+    all.extend_from_slice(args);
+    let o = run(&all);
+    assert!(
+        o.status.success(),
+        "{:?} failed: {}",
+        args,
+        String::from_utf8_lossy(&o.stderr)
+    );
+    npy(out)
+}
+
+/// Runs a command that must fail with one line on stderr and write nothing; returns the line.
+fn fails(args: &[&str]) -> String {
+    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    // One output name per call: tests run in parallel and outputs are locked while written.
+    let out = tmp(&format!("never-{n}.npy"));
+    let _ = std::fs::remove_file(&out);
+    let out_s = out.to_string_lossy().into_owned();
+    let mut all: Vec<&str> = args.to_vec();
+    if args[0] == "sample" {
+        all.extend_from_slice(&["--out", &out_s]);
+    }
+    let o = run(&all);
+    let err = String::from_utf8_lossy(&o.stderr).trim().to_string();
+    assert!(!o.status.success(), "{args:?} should fail");
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+    assert!(!out.exists(), "{args:?} wrote {}", out.display());
+    err
+}
+
+/// |a - b| <= 1e-4 + 1e-3 |b| everywhere.
+fn assert_close(got: &Tensor, want: &Tensor, what: &str) {
+    assert_eq!(got.dims(), want.dims(), "{what}");
+    let g = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let w = want.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    for (a, b) in g.iter().zip(&w) {
+        assert!(
+            (a - b).abs() <= 1e-4 + 1e-3 * b.abs(),
+            "{what}: {a} vs PyTorch {b}"
+        );
+    }
+}
+
+#[test]
+fn sample_matches_pytorch_with_conditions_and_guidance() {
+    let x0 = fixture("traj_x0.npy");
+    let out = tmp("traj.npy").to_string_lossy().into_owned();
+    let got = sample_ok(
+        &out,
+        &[
+            "--model",
+            &fixture("traj.onnx"),
+            "--x-init",
+            &x0,
+            "--cond",
+            &format!("ctx={}", fixture("traj_ctx.npy")),
+        ],
+    );
+    assert_close(
+        &got,
+        &npy(fixture("traj_euler10.npy")),
+        "euler, --cond NAME=FILE",
+    );
+    // A bare file binds the only condition input; one row is shared by every sample.
+    let ctx0 = write(
+        "ctx0.npy",
+        &npy(fixture("traj_ctx.npy")).narrow(0, 0, 1).unwrap(),
+    );
+    let got = sample_ok(
+        &out,
+        &[
+            "--model",
+            &fixture("traj.onnx"),
+            "--x-init",
+            &x0,
+            "--cond",
+            &ctx0,
+        ],
+    );
+    assert_close(
+        &got,
+        &npy(fixture("traj_euler10_ctx0.npy")),
+        "one context row",
+    );
+    let got = sample_ok(
+        &out,
+        &[
+            "--model",
+            &fixture("traj.onnx"),
+            "--x-init",
+            &x0,
+            "--cond",
+            &fixture("traj_ctx.npy"),
+            "--guidance",
+            "2.5",
+            "--null-cond",
+            &format!("ctx={}", fixture("traj_null.npy")),
+        ],
+    );
+    assert_close(&got, &npy(fixture("traj_guided_euler10.npy")), "guided");
+    let got = sample_ok(
+        &out,
+        &[
+            "--model",
+            &fixture("mlp.onnx"),
+            "--x-init",
+            &fixture("mlp_x0.npy"),
+            "--method",
+            "rk4",
+            "--steps",
+            "5",
+        ],
+    );
+    assert_close(&got, &npy(fixture("mlp_rk4_5.npy")), "mlp, rk4");
+}
+
+#[test]
+fn per_cond_draws_k_samples_per_condition_row_condition_major() {
+    let ctx = npy(fixture("traj_ctx.npy")).narrow(0, 0, 2).unwrap();
+    let two = write("ctx2.npy", &ctx);
+    let out = tmp("percond.npy").to_string_lossy().into_owned();
+    let model = fixture("traj.onnx");
+    let got = sample_ok(
+        &out,
+        &[
+            "--model",
+            &model,
+            "--cond",
+            &two,
+            "--per-cond",
+            "3",
+            "--seed",
+            "7",
+        ],
+    );
+    assert_eq!(got.dims(), &[6, 64, 2]);
+    // The same draw with the rows spelled out: c0 c0 c0 c1 c1 c1.
+    let idx = Tensor::new(&[0u32, 0, 0, 1, 1, 1], &Device::Cpu).unwrap();
+    let spelled = write("ctx6.npy", &ctx.index_select(&idx, 0).unwrap());
+    let out2 = tmp("percond2.npy").to_string_lossy().into_owned();
+    let want = sample_ok(
+        &out2,
+        &["--model", &model, "--cond", &spelled, "--seed", "7"],
+    );
+    assert!(max_abs_diff(&got, &want) < 1e-6);
+}
+
+#[test]
+fn a_symbolic_dimension_takes_x_dims_and_a_fixed_batch_says_so() {
+    let err = fails(&["sample", "--model", &fixture("pointwise.onnx")]);
+    assert!(err.contains("--x-dims") && err.contains("tokens"), "{err}");
+    let out = tmp("pw.npy").to_string_lossy().into_owned();
+    let got = sample_ok(
+        &out,
+        &[
+            "--model",
+            &fixture("pointwise.onnx"),
+            "--x-dims",
+            "5,2",
+            "--x-init",
+            &fixture("pointwise_x0.npy"),
+        ],
+    );
+    assert_close(&got, &npy(fixture("pointwise_euler10.npy")), "pointwise");
+    let ctx = fixture("traj_ctx.npy");
+    let err = fails(&[
+        "sample",
+        "--model",
+        &fixture("traj_fixed2.onnx"),
+        "--cond",
+        &ctx,
+    ]);
+    assert!(
+        err.contains("fixed batch of 2") && err.contains("not 4"),
+        "{err}"
+    );
+}
+
+#[test]
+fn model_file_errors_are_one_line() {
+    let bytes = std::fs::read(fixture("traj.onnx")).unwrap();
+    let cut: PathBuf = tmp("cut.onnx");
+    std::fs::write(&cut, &bytes[..bytes.len() / 3]).unwrap();
+    let err = fails(&["sample", "--model", cut.to_str().unwrap()]);
+    assert!(err.contains("cut.onnx"), "{err}");
+    let text = tmp("text.onnx");
+    std::fs::write(&text, "hello\n").unwrap();
+    let err = fails(&["sample", "--model", text.to_str().unwrap()]);
+    assert!(err.contains("text.onnx"), "{err}");
+    let err = fails(&["sample", "--model", tmp("absent.onnx").to_str().unwrap()]);
+    assert!(err.contains("absent.onnx"), "{err}");
+    let err = fails(&["sample", "--model", &fixture("bernoulli.onnx")]);
+    assert!(
+        err.contains("Bernoulli") && err.contains("dropout_mask"),
+        "{err}"
+    );
+}
+
+#[test]
+fn condition_errors_name_inputs_and_shapes() {
+    let model = fixture("traj.onnx");
+    let ctx = fixture("traj_ctx.npy");
+    let err = fails(&["sample", "--model", &model]);
+    assert!(err.contains("\"ctx\"") && err.contains("--cond"), "{err}");
+    let err = fails(&[
+        "sample",
+        "--model",
+        &model,
+        "--cond",
+        &format!("scene={ctx}"),
+    ]);
+    assert!(
+        err.contains("scene") && err.contains("ctx [batch, 4, 8]"),
+        "{err}"
+    );
+    let bad = write(
+        "bad.npy",
+        &Tensor::zeros((4, 4, 9), DType::F32, &Device::Cpu).unwrap(),
+    );
+    let err = fails(&["sample", "--model", &model, "--cond", &bad]);
+    assert!(
+        err.contains("[batch, 4, 8]") && err.contains("[4, 4, 9]"),
+        "{err}"
+    );
+    let three = write("ctx3.npy", &npy(&ctx).narrow(0, 0, 3).unwrap());
+    let err = fails(&[
+        "sample",
+        "--model",
+        &model,
+        "--cond",
+        &three,
+        "--x-init",
+        &fixture("traj_x0.npy"),
+    ]);
+    assert!(err.contains("[3, 4, 8]") && err.contains("4"), "{err}");
+    let err = fails(&[
+        "sample",
+        "--model",
+        &model,
+        "--cond",
+        &ctx,
+        "--guidance",
+        "2",
+    ]);
+    assert!(err.contains("--null-cond"), "{err}");
+}
+
+#[test]
+fn a_non_finite_velocity_names_the_step() {
+    let nan = write(
+        "nan.npy",
+        &Tensor::new(&[[f32::NAN, 0.0, 0.0]], &Device::Cpu).unwrap(),
+    );
+    let err = fails(&["sample", "--model", &fixture("mlp.onnx"), "--x-init", &nan]);
+    assert!(
+        err.contains("non-finite") && err.contains("step 1"),
+        "{err}"
+    );
+}
+
+#[test]
+fn eval_runs_an_onnx_model_and_loglik_refuses_one() {
+    let data = write(
+        "evaldata.npy",
+        &Tensor::randn(0f32, 1.0, (64, 3), &Device::Cpu).unwrap(),
+    );
+    let o = run(&[
+        "eval",
+        "--model",
+        &fixture("mlp.onnx"),
+        "--data",
+        &data,
+        "--n",
+        "64",
+        "--steps",
+        "2,4",
+        "--methods",
+        "euler,rk4",
+    ]);
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        stdout
+            .lines()
+            .filter(|l| l.starts_with("| euler") || l.starts_with("| rk4"))
+            .count(),
+        4,
+        "{stdout}"
+    );
+    let err = fails(&["loglik", "--model", &fixture("mlp.onnx"), "--data", &data]);
+    assert!(err.contains("gradients"), "{err}");
+}

@@ -1,0 +1,941 @@
+//! ONNX velocity networks (feature `onnx`): a network exported from PyTorch as a step function.
+//!
+//! [`OnnxStep`] loads a `.onnx` file at run time with the pure-Rust `tract` runtime and answers
+//! the [`StepFn`] protocol, so it works with every solver, time schedule, `encode` and guidance.
+//! Conventions of the file:
+//! - an input named `x`, `[B, *x_dims]`; `x_dims` are read from its declared shape (a symbolic
+//!   dimension other than the batch needs [`OnnxStep::with_x_dims`]);
+//! - an input named `t`, declared `[B]` or `[B, 1, ..., 1]` (the seed's broadcast shape), or a
+//!   scalar / `[1]` when every row shares the time;
+//! - any further input is a condition, given with [`OnnxStep::with_condition`]; its first
+//!   dimension is the batch when it is the batch symbol (one row per sample, or one row for all);
+//! - the first output is the velocity, shaped like `x`.
+//!
+//! The batch dimension should be symbolic in the file (`dynamic_axes={"x": {0: "batch"}, ...}`
+//! in `torch.onnx.export`); a file exported with a fixed batch runs at that batch only. For each
+//! batch size actually used, the symbolic graph is specialised to that size and optimised once
+//! (a plan fixed to one batch runs about twice as fast as the symbolic one), and the plan's run
+//! state is reused across solver steps. tract runs on one thread.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Tensor};
+use tract_onnx::prelude as tp;
+use tract_onnx::prelude::{Framework, InferenceModelExt, IntoRunnable};
+
+use crate::error::{Error, Result};
+use crate::guidance::check_weight;
+use crate::step::{FastVelocity, StepFn};
+use crate::XDims;
+
+/// A declared dimension of an input.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Dim {
+    /// A fixed size.
+    Fixed(usize),
+    /// A symbolic size, with the name the file gives it (`batch`, `N`, ...).
+    Symbol(String),
+}
+
+impl std::fmt::Display for Dim {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Dim::Fixed(n) => write!(f, "{n}"),
+            Dim::Symbol(s) => f.write_str(s),
+        }
+    }
+}
+
+/// One input of the model as the file declares it.
+#[derive(Debug, Clone)]
+pub struct InputInfo {
+    /// The input's name.
+    pub name: String,
+    /// Its declared shape.
+    pub shape: Vec<Dim>,
+    /// Its element type, as tract names it (`F32`, `I64`, ...).
+    pub dtype: String,
+    /// Whether its first dimension is the batch (symbolic, or the fixed batch of the file).
+    pub batched: bool,
+}
+
+impl InputInfo {
+    /// The declared shape as text, e.g. `[batch, 16, 32]`.
+    pub fn shape_text(&self) -> String {
+        let parts: Vec<String> = self.shape.iter().map(|d| d.to_string()).collect();
+        format!("[{}]", parts.join(", "))
+    }
+}
+
+/// The ways a model takes the flow time.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum TimeLayout {
+    /// `[B]` or `[B, 1, ..., 1]`: one time per row, rank given.
+    PerRow(usize),
+    /// A scalar or `[1]`-like shape of this rank: one time for every row.
+    Shared(usize),
+}
+
+/// A condition input of the model.
+#[derive(Debug, Clone)]
+struct CondSlot {
+    /// Index among the model's inputs.
+    input: usize,
+    info: InputInfo,
+    dims: Vec<tp::TDim>,
+    datum: tp::DatumType,
+    /// Whether the first dimension is the batch.
+    batched: bool,
+}
+
+/// A condition's value: `rows` rows (1 = broadcast to every sample) in the declared type.
+#[derive(Debug, Clone)]
+struct CondValue {
+    value: tp::Tensor,
+    rows: usize,
+}
+
+/// One optimised plan for one batch size, with its reusable run state and the condition
+/// inputs already expanded to that batch.
+struct Plan {
+    state: tp::TypedSimpleState,
+    conds: Vec<tp::TValue>,
+}
+
+/// An ONNX velocity network as a step function (see the module documentation).
+pub struct OnnxStep {
+    path: PathBuf,
+    model: tp::TypedModel,
+    inputs: Vec<InputInfo>,
+    x_input: usize,
+    x_datum: tp::DatumType,
+    x_dims: XDims,
+    /// Symbols of `x`'s non-batch dimensions and the sizes they take.
+    x_symbols: HashMap<tp::Symbol, usize>,
+    /// The symbols that stand for the batch (the first dimension of `x`, `t` and conditions).
+    batch_symbols: Vec<tp::Symbol>,
+    /// `Some(n)` when the file fixes the batch to `n`.
+    fixed_batch: Option<usize>,
+    t_input: usize,
+    t_layout: TimeLayout,
+    t_datum: tp::DatumType,
+    conds: Vec<CondSlot>,
+    values: HashMap<String, CondValue>,
+    nulls: HashMap<String, CondValue>,
+    weight: f64,
+    /// Plans by (batch of the call, whether it evaluates the null conditions only).
+    plans: HashMap<(usize, Half), Plan>,
+    /// Scratch buffers for guided calls.
+    x2: Vec<f32>,
+    t2: Vec<f32>,
+}
+
+impl std::fmt::Debug for OnnxStep {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OnnxStep")
+            .field("path", &self.path)
+            .field("inputs", &self.inputs)
+            .field("x_dims", &self.x_dims)
+            .field("fixed_batch", &self.fixed_batch)
+            .field("weight", &self.weight)
+            .field("plans", &self.plans.len())
+            .finish()
+    }
+}
+
+/// Which condition values a plan's calls use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Half {
+    /// The conditions only (`B` rows).
+    Cond,
+    /// The null conditions only (`B` rows, guidance weight 0).
+    Null,
+    /// The conditions then the null conditions (`2B` rows, guided).
+    Both,
+}
+
+fn onnx_err(path: &Path, reason: impl Into<String>) -> Error {
+    Error::Onnx {
+        path: path.to_path_buf(),
+        reason: reason.into(),
+    }
+}
+
+/// A tract error as one line: its context chain joined by `: `.
+fn tract_msg(e: &tp::TractError) -> String {
+    format!("{e:#}").replace('\n', " ")
+}
+
+fn dim_of(d: &tp::TDim) -> Dim {
+    match d.as_i64() {
+        Some(n) => Dim::Fixed(n.max(0) as usize),
+        None => Dim::Symbol(d.to_string()),
+    }
+}
+
+fn dtype_name(d: tp::DatumType) -> String {
+    format!("{d:?}")
+}
+
+impl OnnxStep {
+    /// Loads an ONNX velocity network; `x_dims` come from the declared shape of its `x` input.
+    ///
+    /// ```
+    /// use flow_matching::onnx::OnnxStep;
+    /// use flow_matching::{Diffusion, FlowMatching, SampleOptions};
+    ///
+    /// let mut v = OnnxStep::load("tests/data/onnx/mlp.onnx")?;
+    /// let fm = FlowMatching::new(v.x_dims())?.with_method("rk4")?;
+    /// let s = fm.sample(4, &mut v, &candle_core::Device::Cpu, &SampleOptions::seeded(0))?;
+    /// assert_eq!(s.x.dims(), &[4, 3]);
+    /// # Ok::<(), flow_matching::Error>(())
+    /// ```
+    pub fn load(path: impl AsRef<Path>) -> Result<Self> {
+        Self::load_with_x_dims(path, None)
+    }
+
+    /// Loads an ONNX velocity network with explicit `x_dims` (needed when `x` has a symbolic
+    /// dimension besides the batch; checked against the declared shape otherwise).
+    pub fn load_with_x_dims(path: impl AsRef<Path>, x_dims: Option<XDims>) -> Result<Self> {
+        let path = path.as_ref();
+        let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+        if !meta.is_file() {
+            return Err(onnx_err(path, "not a file"));
+        }
+        let onnx = tract_onnx::onnx();
+        let proto = onnx.proto_model_for_path(path).map_err(|e| {
+            onnx_err(
+                path,
+                format!(
+                    "not a readable ONNX model (truncated or another format?): {}",
+                    tract_msg(&e)
+                ),
+            )
+        })?;
+        let graph = match &proto.graph {
+            Some(g) if !g.input.is_empty() && !g.output.is_empty() => g,
+            _ => return Err(onnx_err(
+                path,
+                "not an ONNX model: no graph with inputs and outputs (empty or another format?)",
+            )),
+        };
+        if let Some(node) = graph
+            .node
+            .iter()
+            .find(|n| !onnx.op_register.0.contains_key(&n.op_type))
+        {
+            return Err(Error::OnnxUnsupportedOp {
+                path: path.to_path_buf(),
+                op: if node.domain.is_empty() {
+                    node.op_type.clone()
+                } else {
+                    format!("{}.{}", node.domain, node.op_type)
+                },
+                node: node.name.clone(),
+            });
+        }
+        let dir = path.parent().and_then(|d| d.to_str());
+        let parsed = onnx
+            .parse(&proto, dir)
+            .map_err(|e| onnx_err(path, format!("cannot build the graph: {}", tract_msg(&e))))?;
+        if !parsed.unresolved_inputs.is_empty() {
+            return Err(onnx_err(
+                path,
+                format!(
+                    "the graph uses values nothing defines: {:?}",
+                    parsed.unresolved_inputs
+                ),
+            ));
+        }
+        let model = parsed
+            .model
+            .into_typed()
+            .and_then(|m| m.into_decluttered())
+            .map_err(|e| onnx_err(path, format!("cannot type the graph: {}", tract_msg(&e))))?;
+        Self::from_typed(path, model, x_dims)
+    }
+
+    fn from_typed(path: &Path, model: tp::TypedModel, x_dims: Option<XDims>) -> Result<Self> {
+        let err = |e: tp::TractError| onnx_err(path, tract_msg(&e));
+        let outlets = model.input_outlets().map_err(err)?.to_vec();
+        let mut facts = Vec::with_capacity(outlets.len());
+        let mut inputs = Vec::with_capacity(outlets.len());
+        for o in &outlets {
+            let fact = model.outlet_fact(*o).map_err(err)?.clone();
+            inputs.push(InputInfo {
+                name: model.node(o.node).name.clone(),
+                shape: fact.shape.dims().iter().map(dim_of).collect(),
+                dtype: dtype_name(fact.datum_type),
+                batched: false,
+            });
+            facts.push(fact);
+        }
+        let names: Vec<&str> = inputs.iter().map(|i| i.name.as_str()).collect();
+        let find = |n: &str| {
+            inputs.iter().position(|i| i.name == n).ok_or_else(|| {
+                onnx_err(
+                    path,
+                    format!(
+                        "no input named {n:?}; the step-function convention needs inputs \"x\" \
+                         and \"t\" (its inputs: {})",
+                        names.join(", ")
+                    ),
+                )
+            })
+        };
+        let x_input = find("x")?;
+        let t_input = find("t")?;
+        if model.output_outlets().map_err(err)?.is_empty() {
+            return Err(onnx_err(path, "the model has no output"));
+        }
+        // x: [B, *x_dims]
+        let x_fact = &facts[x_input];
+        let xd = x_fact.shape.dims().to_vec();
+        if xd.len() < 2 {
+            return Err(onnx_err(
+                path,
+                format!(
+                    "input x is declared {}; expected [batch, *x_dims] (at least 2 dimensions)",
+                    inputs[x_input].shape_text()
+                ),
+            ));
+        }
+        let x_datum = x_fact.datum_type;
+        if !matches!(x_datum, tp::DatumType::F32 | tp::DatumType::F64) {
+            return Err(onnx_err(
+                path,
+                format!("input x has type {x_datum:?}; expected F32 or F64"),
+            ));
+        }
+        let mut batch_symbols = Vec::new();
+        let fixed_batch = match xd[0].as_i64() {
+            Some(n) => Some(n.max(1) as usize),
+            None => {
+                batch_symbols.extend(xd[0].symbols());
+                None
+            }
+        };
+        let declared: Vec<Option<usize>> = xd[1..]
+            .iter()
+            .map(|d| d.as_i64().map(|n| n.max(0) as usize))
+            .collect();
+        let x_dims = match x_dims {
+            Some(given) => {
+                let ok = given.dims().len() == declared.len()
+                    && given
+                        .dims()
+                        .iter()
+                        .zip(&declared)
+                        .all(|(g, d)| d.is_none_or(|d| d == *g));
+                if !ok {
+                    return Err(Error::Shape {
+                        what: format!("x_dims for {}", path.display()),
+                        expected: format!(
+                            "the model's declared x shape without the batch, {:?}",
+                            &inputs[x_input].shape[1..]
+                                .iter()
+                                .map(|d| d.to_string())
+                                .collect::<Vec<_>>()
+                        ),
+                        got: given.dims().to_vec(),
+                    });
+                }
+                given
+            }
+            None => {
+                if let Some(i) = declared.iter().position(|d| d.is_none()) {
+                    return Err(onnx_err(
+                        path,
+                        format!(
+                            "input x is declared {} with the symbolic dimension {} besides the \
+                             batch; give x_dims explicitly (--x-dims)",
+                            inputs[x_input].shape_text(),
+                            xd[i + 1]
+                        ),
+                    ));
+                }
+                XDims::new(declared.iter().map(|d| d.unwrap_or(1)).collect::<Vec<_>>())?
+            }
+        };
+        let mut x_symbols = HashMap::new();
+        for (d, &n) in xd[1..].iter().zip(x_dims.dims()) {
+            if let tp::TDim::Sym(s) = d {
+                x_symbols.insert(s.clone(), n);
+            }
+        }
+        // t: [B], [B, 1, ..., 1], or shared
+        let t_fact = &facts[t_input];
+        let td = t_fact.shape.dims();
+        let is_batch = |d: &tp::TDim| match (d.as_i64(), fixed_batch) {
+            (Some(n), Some(f)) => n as usize == f,
+            (Some(_), None) => false,
+            (None, _) => true,
+        };
+        let t_layout = if td.iter().all(|d| d.as_i64() == Some(1)) && fixed_batch != Some(1) {
+            TimeLayout::Shared(td.len())
+        } else if !td.is_empty()
+            && is_batch(&td[0])
+            && td[1..].iter().all(|d| d.as_i64() == Some(1))
+        {
+            if td[0].as_i64().is_none() {
+                batch_symbols.extend(td[0].symbols());
+            }
+            TimeLayout::PerRow(td.len())
+        } else {
+            return Err(onnx_err(
+                path,
+                format!(
+                    "input t is declared {}; expected [batch] or [batch, 1, ..., 1] (or a scalar)",
+                    inputs[t_input].shape_text()
+                ),
+            ));
+        };
+        let t_datum = t_fact.datum_type;
+        if !matches!(t_datum, tp::DatumType::F32 | tp::DatumType::F64) {
+            return Err(onnx_err(
+                path,
+                format!("input t has type {t_datum:?}; expected F32 or F64"),
+            ));
+        }
+        let mut conds = Vec::new();
+        for (i, fact) in facts.iter().enumerate() {
+            if i == x_input || i == t_input {
+                continue;
+            }
+            let dims = fact.shape.dims().to_vec();
+            let batched = dims.first().is_some_and(|d| {
+                d.as_i64().is_none() || fixed_batch.is_some_and(|f| d.as_i64() == Some(f as i64))
+            });
+            if batched && dims[0].as_i64().is_none() {
+                batch_symbols.extend(dims[0].symbols());
+            }
+            inputs[i].batched = batched;
+            conds.push(CondSlot {
+                input: i,
+                info: inputs[i].clone(),
+                dims,
+                datum: fact.datum_type,
+                batched,
+            });
+        }
+        batch_symbols.sort_by_key(|s| s.to_string());
+        batch_symbols.dedup();
+        Ok(OnnxStep {
+            path: path.to_path_buf(),
+            model,
+            inputs,
+            x_input,
+            x_datum,
+            x_dims,
+            x_symbols,
+            batch_symbols,
+            fixed_batch,
+            t_input,
+            t_layout,
+            t_datum,
+            conds,
+            values: HashMap::new(),
+            nulls: HashMap::new(),
+            weight: 1.0,
+            plans: HashMap::new(),
+            x2: Vec::new(),
+            t2: Vec::new(),
+        })
+    }
+
+    /// The shape of one sample, from the declared `x` shape or the explicit `x_dims`.
+    pub fn x_dims(&self) -> &XDims {
+        &self.x_dims
+    }
+
+    /// The file the model was loaded from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Every input as the file declares it.
+    pub fn inputs(&self) -> &[InputInfo] {
+        &self.inputs
+    }
+
+    /// The condition inputs (every input but `x` and `t`), in the file's order.
+    pub fn condition_inputs(&self) -> Vec<&InputInfo> {
+        self.conds.iter().map(|c| &c.info).collect()
+    }
+
+    /// `Some(n)` when the file was exported with the batch fixed to `n`.
+    pub fn fixed_batch(&self) -> Option<usize> {
+        self.fixed_batch
+    }
+
+    /// The guidance weight (1.0 unless [`Self::with_guidance`] set one).
+    pub fn guidance_weight(&self) -> f64 {
+        self.weight
+    }
+
+    /// Number of optimised plans built so far (one per batch size and condition set used).
+    pub fn plans_built(&self) -> usize {
+        self.plans.len()
+    }
+
+    /// The condition input called `name`; an error listing the model's condition inputs when it
+    /// has none of that name.
+    pub fn condition_input(&self, name: &str) -> Result<&InputInfo> {
+        self.slot(name).map(|s| &s.info)
+    }
+
+    fn slot(&self, name: &str) -> Result<&CondSlot> {
+        self.conds
+            .iter()
+            .find(|c| c.info.name == name)
+            .ok_or_else(|| {
+                let known: Vec<String> = self
+                    .conds
+                    .iter()
+                    .map(|c| format!("{} {}", c.info.name, c.info.shape_text()))
+                    .collect();
+                Error::OnnxUnknownInput {
+                    name: name.to_string(),
+                    known: if known.is_empty() {
+                        "none (the model takes only x and t)".into()
+                    } else {
+                        known.join(", ")
+                    },
+                }
+            })
+    }
+
+    /// Converts a condition to the declared type after checking its shape against the declared
+    /// one (the batch dimension may hold 1 row or any number).
+    fn cond_value(&self, name: &str, value: &Tensor, what: &str) -> Result<CondValue> {
+        let slot = self.slot(name)?;
+        let dims = value.dims();
+        let mut ok = dims.len() == slot.dims.len();
+        if ok {
+            for (i, (d, &g)) in slot.dims.iter().zip(dims).enumerate() {
+                if i == 0 && slot.batched {
+                    // The batch itself is checked when sampling (check_batch), against the
+                    // file's fixed batch too.
+                    ok &= g >= 1;
+                } else if let Some(n) = d.as_i64() {
+                    ok &= n as usize == g;
+                } else if let Some(&n) = d
+                    .symbols()
+                    .iter()
+                    .next()
+                    .and_then(|s| self.x_symbols.get(s))
+                {
+                    ok &= n == g;
+                }
+            }
+        }
+        if !ok {
+            let mut expected = slot.info.shape_text();
+            if slot.batched {
+                expected.push_str(" with 1 row or one row per sample as the first dimension");
+            }
+            return Err(Error::Shape {
+                what: format!("{what} for the model's input {name:?}"),
+                expected,
+                got: dims.to_vec(),
+            });
+        }
+        let value = to_tract(value, slot.datum).map_err(|reason| Error::Shape {
+            what: format!("{what} for the model's input {name:?}"),
+            expected: format!("element type {:?}: {reason}", slot.datum),
+            got: dims.to_vec(),
+        })?;
+        let rows = if slot.batched { dims[0] } else { 1 };
+        Ok(CondValue { value, rows })
+    }
+
+    /// Sets the condition input `name` (its first dimension: one row per sample, or one row
+    /// for every sample); replaces an earlier value.
+    ///
+    /// ```
+    /// use flow_matching::onnx::OnnxStep;
+    /// use flow_matching::{Diffusion, FlowMatching, SampleOptions};
+    ///
+    /// let ctx = flow_matching::io::read_npy("tests/data/onnx/traj_ctx.npy", &candle_core::Device::Cpu)?;
+    /// let mut v = OnnxStep::load("tests/data/onnx/traj.onnx")?.with_condition("ctx", &ctx)?;
+    /// let fm = FlowMatching::new(v.x_dims())?;
+    /// let s = fm.sample(4, &mut v, &candle_core::Device::Cpu, &SampleOptions::seeded(0))?;
+    /// assert_eq!(s.x.dims(), &[4, 64, 2]);
+    /// # Ok::<(), flow_matching::Error>(())
+    /// ```
+    pub fn with_condition(mut self, name: &str, value: &Tensor) -> Result<Self> {
+        self.set_condition(name, value)?;
+        Ok(self)
+    }
+
+    /// Sets the condition input `name` in place (see [`Self::with_condition`]).
+    pub fn set_condition(&mut self, name: &str, value: &Tensor) -> Result<()> {
+        let v = self.cond_value(name, value, "condition")?;
+        self.values.insert(name.to_string(), v);
+        self.plans.clear();
+        Ok(())
+    }
+
+    /// Classifier-free guidance with weight `weight`: `v_null + w (v_cond - v_null)`, both from
+    /// one call of `2B` rows. `nulls` give the unconditional value of some condition inputs
+    /// (the others are the same in both halves). `w = 1` evaluates the conditions only, `w = 0`
+    /// the null ones only, each at `B` rows.
+    pub fn with_guidance(mut self, weight: f64, nulls: &[(&str, &Tensor)]) -> Result<Self> {
+        self.weight = check_weight(weight)?;
+        self.nulls.clear();
+        for (name, value) in nulls {
+            let v = self.cond_value(name, value, "null condition")?;
+            self.nulls.insert(name.to_string(), v);
+        }
+        if self.nulls.is_empty() {
+            return Err(Error::invalid(
+                "guidance",
+                "no null condition",
+                "the unconditional value of at least one condition input",
+            ));
+        }
+        self.plans.clear();
+        Ok(self)
+    }
+
+    /// The condition inputs that still need a value, with their declared shapes.
+    pub fn missing_conditions(&self) -> Vec<&InputInfo> {
+        self.conds
+            .iter()
+            .filter(|c| !self.values.contains_key(&c.info.name))
+            .map(|c| &c.info)
+            .collect()
+    }
+
+    /// Checks that every condition input has a value whose rows fit `batch` samples, and that a
+    /// fixed-batch file can run at `batch`; sampling would fail with the same error later.
+    pub fn check_batch(&self, batch: usize) -> Result<()> {
+        if let Some(info) = self.missing_conditions().first() {
+            return Err(Error::OnnxMissingInput {
+                name: info.name.clone(),
+                shape: info.shape_text(),
+            });
+        }
+        let plan_batch = match self.half() {
+            Half::Both => 2 * batch,
+            _ => batch,
+        };
+        if let Some(f) = self.fixed_batch {
+            if plan_batch != f {
+                return Err(Error::OnnxFixedBatch {
+                    path: self.path.clone(),
+                    fixed: f,
+                    asked: plan_batch,
+                });
+            }
+        }
+        for (kind, map) in [("condition", &self.values), ("null condition", &self.nulls)] {
+            for (name, v) in map {
+                if v.rows != 1 && v.rows != batch {
+                    let slot = self.slot(name)?;
+                    if slot.batched {
+                        return Err(Error::Shape {
+                            what: format!("{kind} for the model's input {name:?}"),
+                            expected: format!("1 row or {batch} rows (one per sample)"),
+                            got: v.value.shape().to_vec(),
+                        });
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn half(&self) -> Half {
+        if self.nulls.is_empty() || self.weight == 1.0 {
+            Half::Cond
+        } else if self.weight == 0.0 {
+            Half::Null
+        } else {
+            Half::Both
+        }
+    }
+
+    /// Builds (once) the plan for `batch` rows of the current conditions.
+    fn plan(&mut self, batch: usize, half: Half) -> Result<&mut Plan> {
+        if !self.plans.contains_key(&(batch, half)) {
+            self.check_batch(batch)?;
+            let plan_batch = if half == Half::Both { 2 * batch } else { batch };
+            let mut conds = Vec::with_capacity(self.conds.len());
+            for slot in &self.conds {
+                let name = &slot.info.name;
+                let cond = &self.values[name];
+                let null = self.nulls.get(name).unwrap_or(cond);
+                let v = match (slot.batched, half) {
+                    (false, _) => cond.value.clone(),
+                    (true, Half::Cond) => expand(&cond.value, batch)?,
+                    (true, Half::Null) => expand(&null.value, batch)?,
+                    (true, Half::Both) => {
+                        let a = expand(&cond.value, batch)?;
+                        let b = expand(&null.value, batch)?;
+                        tp::Tensor::stack_tensors(0, &[a, b])
+                            .map_err(|e| onnx_err(&self.path, tract_msg(&e)))?
+                    }
+                };
+                conds.push(tp::IntoTValue::into_tvalue(v));
+            }
+            let mut subs: HashMap<tp::Symbol, tp::TDim> = HashMap::new();
+            for s in &self.batch_symbols {
+                subs.insert(s.clone(), tp::TDim::Val(plan_batch as i64));
+            }
+            for (s, &n) in &self.x_symbols {
+                subs.insert(s.clone(), tp::TDim::Val(n as i64));
+            }
+            // Other symbols of a condition (a variable number of context tokens) take the
+            // value's size.
+            for (slot, v) in self.conds.iter().zip(&conds) {
+                for (d, &n) in slot.dims.iter().zip(v.shape()) {
+                    if let tp::TDim::Sym(s) = d {
+                        subs.entry(s.clone()).or_insert(tp::TDim::Val(n as i64));
+                    }
+                }
+            }
+            let path = self.path.clone();
+            let plan = self
+                .model
+                .set_symbols(&subs)
+                .and_then(|m| m.into_optimized())
+                .and_then(|m| m.into_runnable())
+                .and_then(|p| p.spawn())
+                .map_err(|e| {
+                    onnx_err(
+                        &path,
+                        format!("cannot plan batch {plan_batch}: {}", tract_msg(&e)),
+                    )
+                })?;
+            self.plans
+                .insert((batch, half), Plan { state: plan, conds });
+        }
+        self.plans
+            .get_mut(&(batch, half))
+            .ok_or_else(|| onnx_err(&self.path, "plan cache"))
+    }
+
+    /// Runs the network on `rows` rows of `x` (flat f32) at times `t` (one per row, or one).
+    fn run_rows(
+        &mut self,
+        x: &[f32],
+        t: &[f32],
+        rows: usize,
+        batch: usize,
+        half: Half,
+        out: &mut [f32],
+    ) -> Result<()> {
+        let x_shape = self.x_dims.batched(rows);
+        let t_layout = self.t_layout;
+        let (x_datum, t_datum, x_input, t_input) =
+            (self.x_datum, self.t_datum, self.x_input, self.t_input);
+        let n_inputs = self.inputs.len();
+        let path = self.path.clone();
+        let err = |e: tp::TractError| onnx_err(&path, tract_msg(&e));
+        let x_t = make_float(&x_shape, x, x_datum).map_err(err)?;
+        let t_t = match t_layout {
+            TimeLayout::PerRow(rank) => {
+                let mut shape = vec![1usize; rank];
+                shape[0] = rows;
+                let full: Vec<f32>;
+                let vals = if t.len() == rows {
+                    t
+                } else {
+                    full = vec![t[0]; rows];
+                    &full
+                };
+                make_float(&shape, vals, t_datum).map_err(err)?
+            }
+            TimeLayout::Shared(rank) => {
+                if t.iter().any(|&v| v != t[0]) {
+                    return Err(onnx_err(
+                        &path,
+                        "input t is declared as one time for every row, but the rows' times differ",
+                    ));
+                }
+                make_float(&vec![1usize; rank], &t[..1], t_datum).map_err(err)?
+            }
+        };
+        let slots: Vec<usize> = self.conds.iter().map(|c| c.input).collect();
+        let plan = self.plan(batch, half)?;
+        let mut feeds: Vec<Option<tp::TValue>> = vec![None; n_inputs];
+        feeds[x_input] = Some(tp::IntoTValue::into_tvalue(x_t));
+        feeds[t_input] = Some(tp::IntoTValue::into_tvalue(t_t));
+        for (&i, v) in slots.iter().zip(&plan.conds) {
+            feeds[i] = Some(v.clone());
+        }
+        let feeds: tp::TVec<tp::TValue> = feeds.into_iter().flatten().collect();
+        let outputs = plan.state.run(feeds).map_err(|e| {
+            onnx_err(
+                &path,
+                format!("running the network failed: {}", tract_msg(&e)),
+            )
+        })?;
+        let v = outputs
+            .first()
+            .ok_or_else(|| onnx_err(&path, "the network returned no output"))?;
+        if v.shape() != x_shape.as_slice() {
+            return Err(Error::StepShape {
+                expected: x_shape,
+                got: v.shape().to_vec(),
+            });
+        }
+        let v = v.cast_to::<f32>().map_err(err)?;
+        let view = v.to_plain_array_view::<f32>().map_err(err)?;
+        for (o, &a) in out.iter_mut().zip(view.iter()) {
+            *o = a;
+        }
+        Ok(())
+    }
+
+    /// The (guided) velocity of `x` `[B, D]` flat at times `t` (B values, or one) into `out`.
+    pub fn velocity(&mut self, x: &[f32], t: &[f32], out: &mut [f32]) -> Result<()> {
+        let d = self.x_dims.numel();
+        let batch = x.len() / d;
+        if batch == 0 || x.len() != batch * d || out.len() != x.len() {
+            return Err(Error::Shape {
+                what: "state for the ONNX network".into(),
+                expected: format!("[B, {}] flattened", self.x_dims),
+                got: vec![x.len()],
+            });
+        }
+        if t.len() != 1 && t.len() != batch {
+            return Err(Error::Shape {
+                what: "times for the ONNX network".into(),
+                expected: format!("1 or {batch} values"),
+                got: vec![t.len()],
+            });
+        }
+        let half = self.half();
+        if half != Half::Both {
+            return self.run_rows(x, t, batch, batch, half, out);
+        }
+        let mut x2 = std::mem::take(&mut self.x2);
+        let mut t2 = std::mem::take(&mut self.t2);
+        x2.clear();
+        x2.extend_from_slice(x);
+        x2.extend_from_slice(x);
+        t2.clear();
+        t2.extend_from_slice(t);
+        if t.len() == batch {
+            t2.extend_from_slice(t);
+        }
+        let mut v2 = vec![0.0f32; 2 * x.len()];
+        let r = self.run_rows(&x2, &t2, 2 * batch, batch, half, &mut v2);
+        self.x2 = x2;
+        self.t2 = t2;
+        r?;
+        let w = self.weight as f32;
+        let (vc, vu) = v2.split_at(x.len());
+        for ((o, &c), &u) in out.iter_mut().zip(vc).zip(vu) {
+            *o = u + w * (c - u);
+        }
+        Ok(())
+    }
+}
+
+/// Repeats a one-row tensor to `batch` rows; a tensor of `batch` rows is returned as is.
+fn expand(t: &tp::Tensor, batch: usize) -> Result<tp::Tensor> {
+    let rows = t.shape().first().copied().unwrap_or(1);
+    if rows == batch {
+        return Ok(t.clone());
+    }
+    let parts: Vec<tp::Tensor> = (0..batch).map(|_| t.clone()).collect();
+    tp::Tensor::stack_tensors(0, &parts).map_err(|e| Error::Shape {
+        what: format!("condition ({})", tract_msg(&e)),
+        expected: format!("1 or {batch} rows"),
+        got: t.shape().to_vec(),
+    })
+}
+
+/// A float tensor of the declared type from f32 values.
+fn make_float(shape: &[usize], v: &[f32], datum: tp::DatumType) -> tp::TractResult<tp::Tensor> {
+    if datum == tp::DatumType::F64 {
+        let w: Vec<f64> = v.iter().map(|&a| a as f64).collect();
+        tp::Tensor::from_shape(shape, &w)
+    } else {
+        tp::Tensor::from_shape(shape, v)
+    }
+}
+
+/// A candle tensor as a tract tensor of the declared element type.
+fn to_tract(t: &Tensor, datum: tp::DatumType) -> std::result::Result<tp::Tensor, String> {
+    let shape = t.dims().to_vec();
+    let flat = t.flatten_all().map_err(|e| e.to_string())?;
+    let cast = |dt: DType| flat.to_dtype(dt).map_err(|e| e.to_string());
+    let r = match datum {
+        tp::DatumType::F32 => {
+            tp::Tensor::from_shape(&shape, &cast(DType::F32)?.to_vec1::<f32>().map_err(s)?)
+        }
+        tp::DatumType::F64 => {
+            tp::Tensor::from_shape(&shape, &cast(DType::F64)?.to_vec1::<f64>().map_err(s)?)
+        }
+        tp::DatumType::I64 => {
+            let v = integers(&flat)?;
+            tp::Tensor::from_shape(&shape, &v)
+        }
+        tp::DatumType::I32 => {
+            let v: Vec<i32> = integers(&flat)?.into_iter().map(|a| a as i32).collect();
+            tp::Tensor::from_shape(&shape, &v)
+        }
+        tp::DatumType::Bool => {
+            let v: Vec<bool> = integers(&flat)?.into_iter().map(|a| a != 0).collect();
+            tp::Tensor::from_shape(&shape, &v)
+        }
+        other => return Err(format!("inputs of type {other:?} are not supported")),
+    };
+    r.map_err(|e| tract_msg(&e))
+}
+
+fn s(e: candle_core::Error) -> String {
+    e.to_string()
+}
+
+/// Integer values of a flat tensor; refuses fractional values (a float file for an integer input).
+fn integers(flat: &Tensor) -> std::result::Result<Vec<i64>, String> {
+    let v = flat
+        .to_dtype(DType::F64)
+        .and_then(|t| t.to_vec1::<f64>())
+        .map_err(s)?;
+    v.iter()
+        .map(|&a| {
+            if a.fract() == 0.0 && a.is_finite() {
+                Ok(a as i64)
+            } else {
+                Err(format!("the value {a} is not an integer"))
+            }
+        })
+        .collect()
+}
+
+impl StepFn for OnnxStep {
+    fn step(&mut self, x: &Tensor, t: &Tensor) -> Result<Tensor> {
+        let xv = x.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        let tv = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        let mut out = vec![0.0f32; xv.len()];
+        self.velocity(&xv, &tv, &mut out)?;
+        Ok(Tensor::from_vec(out, x.dims(), x.device())?.to_dtype(x.dtype())?)
+    }
+
+    fn step_at(&mut self, x: &Tensor, t: f64) -> Result<Tensor> {
+        let xv = x.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        let mut out = vec![0.0f32; xv.len()];
+        self.velocity(&xv, &[t as f32], &mut out)?;
+        Ok(Tensor::from_vec(out, x.dims(), x.device())?.to_dtype(x.dtype())?)
+    }
+
+    fn fast_velocity(&mut self) -> Option<Box<dyn FastVelocity + '_>> {
+        Some(Box::new(Fast(self)))
+    }
+}
+
+/// The slice-level form used by the Euler fast path.
+struct Fast<'a>(&'a mut OnnxStep);
+
+impl FastVelocity for Fast<'_> {
+    fn velocity(&mut self, x: &[f32], t: f32, out: &mut [f32]) -> Result<()> {
+        self.0.velocity(x, &[t], out)
+    }
+}
