@@ -643,17 +643,6 @@ impl StepFn for TransformerConditioned<'_> {
     }
 }
 
-fn meta_usize(meta: &HashMap<String, String>, key: &str, path: &Path) -> Result<usize> {
-    let v = meta.get(key).ok_or_else(|| Error::ModelFile {
-        path: path.to_path_buf(),
-        reason: format!("metadata has no {key:?} entry"),
-    })?;
-    v.trim().parse().map_err(|_| Error::ModelFile {
-        path: path.to_path_buf(),
-        reason: format!("metadata {key:?} is {v:?}, expected a non-negative integer"),
-    })
-}
-
 /// The `format` entry of a safetensors file's metadata (`None` when it has none), to pick
 /// the reader.
 pub fn file_format(path: &Path) -> Result<Option<String>> {
@@ -741,10 +730,10 @@ pub fn read_transformer_file(
     };
     let config = TransformerConfig {
         x_dims,
-        width: meta_usize(&meta, "width", path)?,
-        depth: meta_usize(&meta, "depth", path)?,
-        heads: meta_usize(&meta, "heads", path)?,
-        mlp_hidden: meta_usize(&meta, "mlp_hidden", path)?,
+        width: crate::model::velocity_mlp::meta_usize(&meta, "width", path)?,
+        depth: crate::model::velocity_mlp::meta_usize(&meta, "depth", path)?,
+        heads: crate::model::velocity_mlp::meta_usize(&meta, "heads", path)?,
+        mlp_hidden: crate::model::velocity_mlp::meta_usize(&meta, "mlp_hidden", path)?,
         num_freqs,
         cond_dims,
         cond_norm,

@@ -933,7 +933,8 @@ pub fn first_non_finite(tensors: &[(String, Tensor)]) -> Result<Option<String>> 
     Ok(None)
 }
 
-fn meta_usize(meta: &HashMap<String, String>, key: &str, path: &Path) -> Result<usize> {
+/// A metadata entry as a size, with the file named and the value quoted briefly on error.
+pub(crate) fn meta_usize(meta: &HashMap<String, String>, key: &str, path: &Path) -> Result<usize> {
     let v = meta.get(key).ok_or_else(|| Error::ModelFile {
         path: path.to_path_buf(),
         reason: format!("metadata has no {key:?} entry"),
