@@ -409,9 +409,19 @@ impl FlowMatching {
         let schedule = options.schedule.as_ref().unwrap_or(&self.schedule);
         let dtype = x0.dtype();
         let device = x0.device().clone();
-        let mut grid = schedule.grid(steps, dtype)?;
+        let mut grid = schedule.time_grid(steps, dtype)?;
         if reverse {
-            grid.reverse();
+            grid = grid.reversed();
+        }
+        if options.return_all_steps {
+            // Every state is kept: refuse a trajectory that cannot fit before the first step.
+            crate::limits::check_memory(
+                &format!("a recorded trajectory of {} steps", grid.steps()),
+                crate::limits::checked_bytes(
+                    &[grid.len(), x0.elem_count(), 2],
+                    dtype.size_in_bytes(),
+                ),
+            )?;
         }
         // Fast path: CPU f32 with a slice-level velocity (crate::kernel): every method, the
         // same driver and arithmetic as the tensor path below.
@@ -461,7 +471,7 @@ fn fast_solve(
     method: &Method,
     f: &mut dyn crate::step::FastVelocity,
     x0: &Tensor,
-    grid: &[f64],
+    grid: &crate::schedule::TimeGrid,
     record: bool,
 ) -> Result<Sample> {
     let dims = x0.dims().to_vec();

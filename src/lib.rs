@@ -41,7 +41,7 @@ pub use flow_matching::{FlowMatching, TimestepSampler, TrainingBatch};
 pub use model::{
     Condition, TransformerConfig, VelocityMlp, VelocityMlpConfig, WaypointTransformer,
 };
-pub use schedule::Schedule;
+pub use schedule::{Schedule, TimeGrid};
 pub use solver::{AdaptiveOptions, Method};
 pub use step::{FastVelocity, StepFn};
 

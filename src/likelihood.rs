@@ -289,8 +289,7 @@ pub fn log_likelihood(
                 .collect::<Result<Vec<_>>>()?
         }
     };
-    let mut grid = options.schedule.grid(options.steps, dtype)?;
-    grid.reverse();
+    let grid = options.schedule.time_grid(options.steps, dtype)?.reversed();
     let mut aug = Augmented {
         field,
         x_shape: x.dims().to_vec(),

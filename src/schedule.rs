@@ -126,7 +126,8 @@ impl Schedule {
     }
 
     /// The grid of `steps + 1` times from 0 to 1, rounded to `dtype`'s precision (f32 for the
-    /// half types). A custom grid ignores `steps`.
+    /// half types), as a vector. A custom grid ignores `steps`. Solvers take the unstored
+    /// [`TimeGrid`] of [`Schedule::time_grid`] instead, which long runs need.
     ///
     /// ```
     /// use flow_matching::Schedule;
@@ -134,96 +135,232 @@ impl Schedule {
     /// assert_eq!(g, vec![0.0, 0.25, 0.5, 0.75, 1.0]);
     /// ```
     pub fn grid(&self, steps: usize, dtype: DType) -> Result<Vec<f64>> {
-        self.validate()?;
-        if steps == 0 && !matches!(self, Schedule::Custom(_)) {
-            return Err(Error::ZeroSteps);
-        }
-        // Beyond 2^24 steps a float32 grid's neighbouring times near t = 1 coincide (its
-        // spacing there is 2^-24): refuse before building a grid that cannot be valid.
-        if dtype != DType::F64 && steps > MAX_F32_STEPS && !matches!(self, Schedule::Custom(_)) {
-            return Err(Error::invalid(
-                "steps",
-                steps,
-                format!(
-                    "at most {MAX_F32_STEPS} in {dtype:?} precision: beyond that, neighbouring times near t = 1 coincide"
-                ),
-            ));
-        }
-        // The grid is materialised (8 bytes a time, twice while mapped): refuse a step count
-        // whose grid cannot fit rather than abort half way.
+        // A stored grid is 8 bytes a time: refuse one that cannot fit rather than abort.
         if !matches!(self, Schedule::Custom(_)) {
             crate::limits::check_memory(
                 &format!("the time grid of {steps} steps"),
-                crate::limits::checked_bytes(&[steps, 2], 8).and_then(|b| b.checked_add(16)),
+                steps
+                    .checked_add(1)
+                    .and_then(|n| crate::limits::checked_bytes(&[n], 8)),
             )?;
         }
-        let uniform = linspace(steps, dtype);
-        let round = |t: f64| {
-            if dtype == DType::F64 {
-                t
-            } else {
-                t as f32 as f64
+        Ok(self.time_grid(steps, dtype)?.to_vec())
+    }
+
+    /// The grid of `steps + 1` times from 0 to 1 in `dtype`'s precision, computed on demand
+    /// (a billion-step run stores no 8 GB grid). Every time is checked once, in order, to be
+    /// strictly increasing after rounding; a custom grid ignores `steps`.
+    ///
+    /// ```
+    /// use flow_matching::Schedule;
+    /// let g = Schedule::Cosine.time_grid(1_000_000_000, candle_core::DType::F64).unwrap();
+    /// assert_eq!(g.len(), 1_000_000_001);
+    /// assert_eq!((g.get(0), g.get(500_000_000), g.last()), (Some(0.0), Some(0.5), Some(1.0)));
+    /// ```
+    pub fn time_grid(&self, steps: usize, dtype: DType) -> Result<TimeGrid> {
+        self.validate()?;
+        let f64_times = dtype == DType::F64;
+        let points = match self {
+            Schedule::Custom(g) => {
+                let round = |t: f64| if f64_times { t } else { t as f32 as f64 };
+                Points::Stored(g.iter().map(|&t| round(t)).collect())
+            }
+            formula => {
+                if steps == 0 {
+                    return Err(Error::ZeroSteps);
+                }
+                // Beyond 2^24 steps a float32 grid's neighbouring times near t = 1 coincide
+                // (its spacing there is 2^-24): refuse before any work.
+                if !f64_times && steps > MAX_F32_STEPS {
+                    return Err(Error::invalid(
+                        "steps",
+                        steps,
+                        format!(
+                            "at most {MAX_F32_STEPS} in {dtype:?} precision: beyond that, neighbouring times near t = 1 coincide"
+                        ),
+                    ));
+                }
+                if steps == usize::MAX {
+                    return Err(Error::invalid("steps", steps, "fewer than 2^64 - 1"));
+                }
+                Points::Formula {
+                    schedule: formula.clone(),
+                    steps,
+                    f64_times,
+                }
             }
         };
-        let grid = match self {
-            // s = 1 is the identity map; skip it so the grid equals the uniform one bit for bit.
-            Schedule::Uniform => uniform,
-            Schedule::Shift(s) if *s == 1.0 => uniform,
-            Schedule::Shift(s) => uniform
-                .iter()
-                .map(|&t| round(t / (t + s * (1.0 - t))))
-                .collect(),
-            Schedule::Cosine => uniform
-                .iter()
-                .map(|&u| round(0.5 * (1.0 - (std::f64::consts::PI * u).cos())))
-                .collect(),
-            Schedule::Custom(g) => g.iter().map(|&t| round(t)).collect(),
+        let grid = TimeGrid {
+            points,
+            reverse: false,
         };
-        // Rounding to f32 can merge two close times of a custom grid into one.
-        if let Some(w) = grid
-            .windows(2)
-            .find(|w| w[1].partial_cmp(&w[0]) != Some(std::cmp::Ordering::Greater))
+        // Rounding can merge two close times (of a custom grid, or of a shifted grid at
+        // many steps): one pass in order, storing nothing.
+        if let Some((i, a, b)) = grid
+            .windows()
+            .enumerate()
+            .find(|(_, (a, b))| b.partial_cmp(a) != Some(std::cmp::Ordering::Greater))
+            .map(|(i, (a, b))| (i, a, b))
         {
             return Err(Error::invalid(
                 "time grid",
-                crate::limits::excerpt_list(&grid),
-                format!(
-                    "strictly increasing times in {dtype:?} precision ({} and {} coincide)",
-                    w[0], w[1]
-                ),
+                format!("{}: times {i} and {} are {a} and {b}", self, i + 1),
+                format!("strictly increasing times in {dtype:?} precision"),
             ));
         }
         Ok(grid)
     }
 }
 
+/// A time grid whose times are computed when asked rather than stored: the uniform, shifted
+/// and cosine grids by formula (bit for bit what [`Schedule::grid`] returns), a custom grid
+/// from its points. It may run backwards ([`TimeGrid::reversed`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TimeGrid {
+    points: Points,
+    reverse: bool,
+}
+
+/// Where a [`TimeGrid`]'s times come from.
+#[derive(Debug, Clone, PartialEq)]
+enum Points {
+    Formula {
+        schedule: Schedule,
+        steps: usize,
+        f64_times: bool,
+    },
+    Stored(Vec<f64>),
+}
+
+impl TimeGrid {
+    /// The number of times (steps + 1).
+    pub fn len(&self) -> usize {
+        match &self.points {
+            Points::Formula { steps, .. } => steps + 1,
+            Points::Stored(v) => v.len(),
+        }
+    }
+
+    /// Whether the grid holds no time at all.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The number of steps (intervals): `len() - 1`, or 0 for fewer than two times.
+    pub fn steps(&self) -> usize {
+        self.len().saturating_sub(1)
+    }
+
+    /// Time `i` (counted in the grid's direction), or `None` past the end.
+    pub fn get(&self, i: usize) -> Option<f64> {
+        let n = self.len();
+        if i >= n {
+            return None;
+        }
+        let j = if self.reverse { n - 1 - i } else { i };
+        Some(match &self.points {
+            Points::Stored(v) => v[j],
+            Points::Formula {
+                schedule,
+                steps,
+                f64_times,
+            } => formula_time(schedule, j, *steps, *f64_times),
+        })
+    }
+
+    /// The first time.
+    pub fn first(&self) -> Option<f64> {
+        self.get(0)
+    }
+
+    /// The last time.
+    pub fn last(&self) -> Option<f64> {
+        self.len().checked_sub(1).and_then(|i| self.get(i))
+    }
+
+    /// Every time, in order.
+    pub fn iter(&self) -> impl Iterator<Item = f64> + '_ {
+        (0..self.len()).filter_map(move |i| self.get(i))
+    }
+
+    /// Every step's `(t0, t1)`, in order.
+    pub fn windows(&self) -> impl Iterator<Item = (f64, f64)> + '_ {
+        let mut prev = self.first();
+        (1..self.len()).filter_map(move |i| {
+            let t1 = self.get(i)?;
+            let t0 = prev.replace(t1)?;
+            Some((t0, t1))
+        })
+    }
+
+    /// The same times in the opposite order (from 1 to 0 for a sampling grid).
+    pub fn reversed(mut self) -> Self {
+        self.reverse = !self.reverse;
+        self
+    }
+
+    /// The times as a vector (for short grids and recorded runs).
+    pub fn to_vec(&self) -> Vec<f64> {
+        let mut v = Vec::with_capacity(self.len());
+        v.extend(self.iter());
+        v
+    }
+}
+
+impl From<Vec<f64>> for TimeGrid {
+    /// A grid of these times as they are (no validation: solvers check their step count).
+    fn from(times: Vec<f64>) -> Self {
+        TimeGrid {
+            points: Points::Stored(times),
+            reverse: false,
+        }
+    }
+}
+
+impl From<&[f64]> for TimeGrid {
+    /// A grid of these times as they are.
+    fn from(times: &[f64]) -> Self {
+        TimeGrid::from(times.to_vec())
+    }
+}
+
+/// Time `i` of a formula grid of `steps` steps, rounded as [`Schedule::grid`] rounds it.
+fn formula_time(schedule: &Schedule, i: usize, steps: usize, f64_times: bool) -> f64 {
+    let u = linspace_at(i, steps, f64_times);
+    let round = |t: f64| if f64_times { t } else { t as f32 as f64 };
+    match schedule {
+        // s = 1 is the identity map; skip it so the grid equals the uniform one bit for bit.
+        Schedule::Shift(s) if *s != 1.0 => round(u / (u + s * (1.0 - u))),
+        Schedule::Cosine => round(0.5 * (1.0 - (std::f64::consts::PI * u).cos())),
+        _ => u,
+    }
+}
+
+/// Element `i` of [`linspace`]`(steps, ..)` without building the rest.
+fn linspace_at(i: usize, steps: usize, f64_times: bool) -> f64 {
+    let half = steps.div_ceil(2);
+    if f64_times {
+        let step = 1.0 / steps as f64;
+        if i < half {
+            i as f64 * step
+        } else {
+            (-((steps - i) as f64)).mul_add(step, 1.0)
+        }
+    } else {
+        let step = 1.0f32 / steps as f32;
+        let v = if i < half {
+            i as f32 * step
+        } else {
+            (-((steps - i) as f32)).mul_add(step, 1.0)
+        };
+        v as f64
+    }
+}
+
 /// `torch.linspace(0, 1, steps + 1)` in the given precision, bit for bit: `i * step` for the
 /// first half and `1 - (steps - i) * step` (fused) for the rest.
 pub fn linspace(steps: usize, dtype: DType) -> Vec<f64> {
-    let n = steps + 1;
-    let half = n / 2;
-    if dtype == DType::F64 {
-        let step = 1.0 / steps as f64;
-        (0..n)
-            .map(|i| {
-                if i < half {
-                    i as f64 * step
-                } else {
-                    (-((steps - i) as f64)).mul_add(step, 1.0)
-                }
-            })
-            .collect()
-    } else {
-        let step = 1.0f32 / steps as f32;
-        (0..n)
-            .map(|i| {
-                let v = if i < half {
-                    i as f32 * step
-                } else {
-                    (-((steps - i) as f32)).mul_add(step, 1.0)
-                };
-                v as f64
-            })
-            .collect()
-    }
+    (0..=steps)
+        .map(|i| linspace_at(i, steps, dtype == DType::F64))
+        .collect()
 }

@@ -32,10 +32,14 @@ pub trait FastVelocity {
     /// Writes `v(x, t)` into `out` (the shape of `x`); it must not allocate once warmed up.
     fn velocity(&mut self, x: &[f32], t: f32, out: &mut [f32]) -> Result<()>;
 
-    /// Runs Euler over the whole `grid` in place of `x`, if the implementor can do better than
+    /// Runs Euler over the whole `grid` (computed on demand) in place of `x`, if the implementor can do better than
     /// one [`Self::velocity`] call a step (a model can fork its threads once per run); `None`
     /// means "use the step loop". Errors must be the step loop's (`Error::NonFinite`).
-    fn euler_in_place(&mut self, _x: &mut [f32], _grid: &[f64]) -> Option<Result<()>> {
+    fn euler_in_place(
+        &mut self,
+        _x: &mut [f32],
+        _grid: &crate::schedule::TimeGrid,
+    ) -> Option<Result<()>> {
         None
     }
 }

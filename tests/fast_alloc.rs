@@ -1,6 +1,7 @@
 //! The fast sampling loop allocates nothing per step: a 10-step sample makes exactly as many
 //! allocations as a 1-step one, for every method (recorded or not), guidance and encoding, and
-//! an adaptive run of many steps as many as one of few. Its own test binary without the libtest harness
+//! an adaptive run of many steps as many as one of few; and the bytes a run asks for do not
+//! grow with its step count either (the time grid is computed, not stored). Its own test binary without the libtest harness
 //! (`harness = false` in Cargo.toml), so no other thread allocates meanwhile.
 
 use std::alloc::{GlobalAlloc, Layout, System};
@@ -17,10 +18,12 @@ use flow_matching::{
 struct Counting;
 
 static ALLOCS: AtomicUsize = AtomicUsize::new(0);
+static BYTES: AtomicUsize = AtomicUsize::new(0);
 
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         ALLOCS.fetch_add(1, Ordering::SeqCst);
+        BYTES.fetch_add(layout.size(), Ordering::SeqCst);
         System.alloc(layout)
     }
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
@@ -28,6 +31,7 @@ unsafe impl GlobalAlloc for Counting {
     }
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         ALLOCS.fetch_add(1, Ordering::SeqCst);
+        BYTES.fetch_add(new_size, Ordering::SeqCst);
         System.realloc(ptr, layout, new_size)
     }
 }
@@ -153,5 +157,34 @@ fn main() {
         let ten = encode_allocations(&fm, &mut model, &opts(m, 10, false));
         assert_eq!(one, ten, "encode {m}: {one} vs {ten}");
     }
+    // Bytes: a 200,000-step run (its stored grid would be 1.6 MB) asks for what a 10-step run
+    // asks for, on the fast path, the tensor path (a closure) and the likelihood's.
+    let bytes = |f: &mut dyn StepFn, steps: usize, method: &str| {
+        let before = BYTES.load(Ordering::SeqCst);
+        fm.sample(1, f, &Device::Cpu, &opts(method, steps, false))
+            .unwrap();
+        BYTES.load(Ordering::SeqCst) - before
+    };
+    for m in ["euler", "rk4"] {
+        bytes(&mut model, 10, m);
+        let (short, long) = (bytes(&mut model, 10, m), bytes(&mut model, 200_000, m));
+        assert!(
+            long <= short + 4096,
+            "fast {m}: {short} bytes for 10 steps, {long} for 200000"
+        );
+    }
+    // The grid every path integrates along: ten million steps, validated, stores nothing.
+    let before = BYTES.load(Ordering::SeqCst);
+    let grid = flow_matching::Schedule::Cosine
+        .time_grid(10_000_000, DType::F64)
+        .unwrap()
+        .reversed();
+    let steps = grid.windows().count();
+    let used = BYTES.load(Ordering::SeqCst) - before;
+    assert_eq!(
+        (steps, grid.first(), grid.last()),
+        (10_000_000, Some(1.0), Some(0.0))
+    );
+    assert!(used < 1024, "a 10^7-step grid asked for {used} bytes");
     println!("sampling allocations do not grow with steps: ok");
 }

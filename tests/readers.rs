@@ -14,7 +14,9 @@ use candle_core::{Device, Tensor};
 use proptest::prelude::*;
 
 use flow_matching::io::decode_npy;
-use flow_matching::model::read_bytes;
+use flow_matching::model::{
+    read_bytes, read_transformer_bytes, TransformerConfig, WaypointTransformer,
+};
 use flow_matching::{VelocityMlp, VelocityMlpConfig, XDims};
 
 struct Counting;
@@ -160,6 +162,41 @@ fn apply(bytes: &mut Vec<u8>, muts: &[Mutation]) {
     }
 }
 
+/// A tiny waypoint transformer (`[3, 2]`, width 4, 2 heads, depth 2), conditioned or not.
+fn tiny_transformer(conditioned: bool) -> WaypointTransformer {
+    let mut c = TransformerConfig::new(XDims::new([3, 2]).unwrap());
+    (c.width, c.depth, c.heads, c.mlp_hidden, c.num_freqs) = (4, 2, 2, 8, 2);
+    if conditioned {
+        c.cond_dims = Some(XDims::new([5]).unwrap());
+    }
+    WaypointTransformer::init(c, &candle_nn::VarMap::new(), &Device::Cpu, 0).unwrap()
+}
+
+/// The bytes of a transformer file with some metadata entries replaced.
+fn transformer_bytes(model: &WaypointTransformer, meta_overrides: &[(&str, String)]) -> Vec<u8> {
+    let mut meta = model.config().metadata();
+    for (k, v) in meta_overrides {
+        meta.insert(k.to_string(), v.clone());
+    }
+    let tensors = model.tensors();
+    safetensors::serialize(tensors.iter().map(|(k, t)| (k.as_str(), t)), Some(meta)).unwrap()
+}
+
+fn check_transformer(bytes: &[u8]) -> Result<(), TestCaseError> {
+    let (out, largest) =
+        largest_alloc(|| read_transformer_bytes(bytes, Path::new("t.safetensors"), &Device::Cpu));
+    prop_assert!(
+        largest <= bound(bytes.len()),
+        "allocated {largest} for {} bytes",
+        bytes.len()
+    );
+    if let Ok((config, tensors)) = out {
+        // A config the reader accepts builds a model from the same tensors.
+        prop_assert!(WaypointTransformer::from_tensors(config, &tensors, Path::new("t")).is_ok());
+    }
+    Ok(())
+}
+
 /// Sizes that break naive arithmetic: huge, wrapping, zero, and ordinary.
 fn size_text() -> impl Strategy<Value = String> {
     prop_oneof![
@@ -241,6 +278,20 @@ proptest! {
     }
 
     #[test]
+    fn transformer_mutated(muts in proptest::collection::vec(mutation(), 1..6), conditioned in any::<bool>()) {
+        let mut bytes = transformer_bytes(&tiny_transformer(conditioned), &[]);
+        apply(&mut bytes, &muts);
+        check_transformer(&bytes)?;
+    }
+
+    #[test]
+    fn transformer_lying_metadata(key in prop_oneof![Just("depth"), Just("width"), Just("heads"), Just("mlp_hidden"), Just("x_dims"), Just("cond_dims")], value in size_text(), second in size_text()) {
+        let value = if key.ends_with("dims") { format!("{value},{second}") } else { value };
+        let bytes = transformer_bytes(&tiny_transformer(true), &[(key, value)]);
+        check_transformer(&bytes)?;
+    }
+
+    #[test]
     fn model_random_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
         check_model(&bytes)?;
         // A plausible header length in front of the noise.
@@ -264,6 +315,25 @@ fn issue_examples_are_errors_not_allocations() {
         let e = out.unwrap_err().to_string();
         assert!(e.contains(expect), "{key} = {value}: {e}");
         assert!(largest <= bound(bytes.len()));
+    }
+    let t = tiny_transformer(false);
+    for (key, value, expect) in [
+        ("depth", "1000000000000", "depth = 1000000000000"),
+        (
+            "width",
+            "18446744073709551615",
+            "width = 18446744073709551615",
+        ),
+        ("x_dims", "1000000000,2", "more than the"),
+        ("mlp_hidden", "9", "blocks.0.mlp.0.weight"),
+    ] {
+        let bytes = transformer_bytes(&t, &[(key, value.to_string())]);
+        let (out, largest) = largest_alloc(|| {
+            read_transformer_bytes(&bytes, Path::new("t.safetensors"), &Device::Cpu)
+        });
+        let e = out.unwrap_err().to_string();
+        assert!(e.contains(expect), "{key} = {value}: {e}");
+        assert!(largest <= bound(bytes.len()), "{key}: {largest}");
     }
     let rows = "{'descr': '<f4', 'fortran_order': False, 'shape': (1000000000000, 2), }";
     assert!(decode_npy(&npy_file(rows, &[0; 8])).is_err());

@@ -435,3 +435,60 @@ fn golden_euler_cases_match() {
             .unwrap();
     run("mlp-traj", &mut model, &[16, 2], 5);
 }
+
+#[test]
+fn time_grids_are_computed_bit_for_bit_and_run_both_ways() {
+    // torch.linspace(0, 1, T + 1) in float32, written out independently of the crate.
+    let torch_f32 = |i: usize, steps: usize| {
+        let step = 1.0f32 / steps as f32;
+        if i < steps.div_ceil(2) {
+            (i as f32 * step) as f64
+        } else {
+            (-((steps - i) as f32)).mul_add(step, 1.0) as f64
+        }
+    };
+    for steps in [1, 2, 3, 7, 10, 1000, 99_999] {
+        let g = Schedule::Uniform.time_grid(steps, DType::F32).unwrap();
+        assert_eq!(g.len(), steps + 1);
+        for i in [0, 1, steps / 2, steps.saturating_sub(1), steps] {
+            assert_eq!(g.get(i), Some(torch_f32(i, steps)), "step {i} of {steps}");
+        }
+        assert_eq!(g.get(steps + 1), None);
+        for schedule in [Schedule::Shift(3.0), Schedule::Cosine, Schedule::Uniform] {
+            for dtype in [DType::F32, DType::F64] {
+                let g = schedule.time_grid(steps, dtype);
+                if schedule == Schedule::Cosine && dtype == DType::F32 && steps > 1000 {
+                    // cos flattens at both ends: float32 merges the last times.
+                    assert!(g.is_err());
+                    continue;
+                }
+                let g = g.unwrap();
+                let v = g.to_vec();
+                let mut back = v.clone();
+                back.reverse();
+                assert_eq!(g.clone().reversed().to_vec(), back);
+                assert_eq!(g.windows().count(), steps);
+                assert!(g.windows().all(|(a, b)| b > a));
+                assert_eq!((v[0], v[steps]), (0.0, 1.0));
+            }
+        }
+    }
+    let shifted = Schedule::Shift(3.0).time_grid(10, DType::F64).unwrap();
+    assert_eq!(shifted.get(1), Some(0.1 / (0.1 + 3.0 * 0.9)));
+}
+
+#[test]
+fn a_grid_whose_rounded_times_coincide_is_refused_with_a_short_message() {
+    // shift 0.2 squeezes the last steps to a fifth of 2^-24: below float32's spacing near 1.
+    let e = Schedule::Shift(0.2)
+        .time_grid(1 << 24, DType::F32)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("strictly increasing times in F32 precision"),
+        "{e}"
+    );
+    assert!(e.contains("shift:0.2: times"), "{e}");
+    assert!(e.len() < 300, "{e}");
+    assert!(Schedule::Shift(0.2).time_grid(1 << 24, DType::F64).is_ok());
+}

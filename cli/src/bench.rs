@@ -31,6 +31,31 @@ pub struct BenchArgs {
     onnx_only: bool,
 }
 
+/// The most alternating rounds and the largest repetition scale `bench` accepts: beyond
+/// them a run takes hours, which no figure needs.
+const MAX_ROUNDS: usize = 100;
+const MAX_REPS_SCALE: f64 = 100.0;
+
+/// Refuses a round count or repetition scale that is zero, negative, not a number, or would
+/// run for hours (each repetition count is scaled, then rounded, per figure).
+fn check_flags(a: &BenchArgs) -> Result<()> {
+    if !(1..=MAX_ROUNDS).contains(&a.rounds) {
+        return Err(flow_matching::Error::invalid(
+            "--rounds",
+            a.rounds,
+            format!("from 1 to {MAX_ROUNDS}"),
+        ));
+    }
+    if !(a.reps_scale > 0.0 && a.reps_scale <= MAX_REPS_SCALE) {
+        return Err(flow_matching::Error::invalid(
+            "--reps-scale",
+            a.reps_scale,
+            format!("a number above 0 and at most {MAX_REPS_SCALE}"),
+        ));
+    }
+    Ok(())
+}
+
 /// Arguments of the hidden `bench-peak-rss` child.
 #[derive(Debug, clap::Args)]
 pub struct PeakRssArgs {
@@ -41,6 +66,7 @@ pub struct PeakRssArgs {
 
 /// Runs `bench`.
 pub fn run(a: BenchArgs) -> Result<()> {
+    check_flags(&a)?;
     let opts = BenchOptions {
         rounds: a.rounds,
         python: a.python.clone(),

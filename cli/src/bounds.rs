@@ -71,8 +71,19 @@ pub fn training(config: &VelocityMlpConfig, batch: usize, steps: usize) -> Resul
 
 /// The memory sampling needs: the state and the solver's stages (up to 7 for dopri5) for
 /// `batch` samples of `d` values, the trajectory `[batch, steps + 1, d]` twice (the tensor
-/// and the file being written) when asked for, and the time grid.
+/// and the file being written) when asked for (the time grid is computed, not stored).
 pub fn sampling(batch: usize, d: usize, steps: usize, trajectory: bool) -> Result<()> {
+    // The command line samples in float32, whose grids stop at 2^24 steps.
+    if steps > flow_matching::schedule::MAX_F32_STEPS {
+        return Err(Error::invalid(
+            "--steps",
+            steps,
+            format!(
+                "at most {} (float32 sampling: beyond that, neighbouring times near t = 1 coincide)",
+                flow_matching::schedule::MAX_F32_STEPS
+            ),
+        ));
+    }
     let states = steps.checked_add(1);
     memory(
         format!(
@@ -86,7 +97,6 @@ pub fn sampling(batch: usize, d: usize, steps: usize, trajectory: bool) -> Resul
             } else {
                 Some(0)
             },
-            states.and_then(|s| checked_bytes(&[s, 2], 8)),
         ],
     )
 }

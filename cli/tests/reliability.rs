@@ -259,6 +259,11 @@ fn flags_are_bounded() {
             vec!["sample", "--model", m, "--out", o, "--steps", "0"],
             "--steps",
         ),
+        (vec!["bench", "--rounds", "0"], "--rounds"),
+        (vec!["bench", "--rounds", "1000000000000"], "from 1 to 100"),
+        (vec!["bench", "--reps-scale", "NaN"], "--reps-scale"),
+        (vec!["bench", "--reps-scale=-1"], "--reps-scale"),
+        (vec!["bench", "--reps-scale", "1e300"], "at most 100"),
         (
             vec!["sample", "--model", m, "--out", o, "--schedule", &grid],
             "values)",

@@ -1,6 +1,7 @@
 //! Forward Euler over preallocated f32 slices, for step functions with a [`FastVelocity`].
 
 use crate::error::{Error, Result};
+use crate::schedule::TimeGrid;
 use crate::step::FastVelocity;
 
 /// The result of [`euler`]: the final state and, when recording, every state `[T + 1, B, D]`.
@@ -19,7 +20,7 @@ pub struct EulerRun {
 pub fn euler(
     f: &mut dyn FastVelocity,
     mut x: Vec<f32>,
-    grid: &[f64],
+    grid: &TimeGrid,
     record: bool,
 ) -> Result<EulerRun> {
     if grid.len() < 2 {
@@ -34,12 +35,12 @@ pub fn euler(
     let n = x.len();
     let mut v = vec![0.0f32; n];
     let mut states = record.then(|| {
-        let mut s = Vec::with_capacity(grid.len() * n);
+        let mut s = Vec::with_capacity(grid.len().saturating_mul(n));
         s.extend_from_slice(&x);
         s
     });
-    for (i, w) in grid.windows(2).enumerate() {
-        let (t0, t1) = (w[0] as f32, w[1] as f32);
+    for (i, (w0, w1)) in grid.windows().enumerate() {
+        let (t0, t1) = (w0 as f32, w1 as f32);
         let dt = t1 - t0;
         f.velocity(&x, t0, &mut v)?;
         let mut finite = true;
@@ -49,10 +50,7 @@ pub fn euler(
             finite &= xi.is_finite();
         }
         if !finite {
-            return Err(Error::NonFinite {
-                step: i + 1,
-                t: w[1],
-            });
+            return Err(Error::NonFinite { step: i + 1, t: w1 });
         }
         if let Some(s) = states.as_mut() {
             s.extend_from_slice(&x);

@@ -4,6 +4,7 @@ use super::{
     add_assign, axpy, matmul_nn, matmul_packed, matmul_tn_acc, matmul_wt, matvec_bias,
     silu_backward, silu_inplace, silu_keep, threads_for_batch, transpose, TILE_N,
 };
+use crate::schedule::TimeGrid;
 
 /// `2 pi` rounded to float32 first, as the reference computes `((2*pi) * t) * f`.
 const TWO_PI_F32: f32 = 2.0 * std::f32::consts::PI;
@@ -188,7 +189,7 @@ impl Sampler {
         &mut self,
         w: &MlpWeights<'_>,
         x: &mut [f32],
-        grid: &[f64],
+        grid: &TimeGrid,
     ) -> Option<(usize, f64)> {
         let (d, h, f) = (w.d, w.h, w.f());
         let rows = x.len() / d;
@@ -216,7 +217,7 @@ fn euler_blocks(
     sh: &Shared<'_, '_>,
     scratch: &mut [Scratch],
     x: &mut [f32],
-    grid: &[f64],
+    grid: &TimeGrid,
     row0: usize,
     per: usize,
 ) -> Option<(usize, f64)> {
@@ -227,8 +228,8 @@ fn euler_blocks(
         let rows = x.len() / d;
         let (w0, b0) = w.layers[0];
         let (in0, f) = (w.in0(), w.f());
-        for (i, g) in grid.windows(2).enumerate() {
-            let (t0, t1) = (g[0] as f32, g[1] as f32);
+        for (i, (g0, g1)) in grid.windows().enumerate() {
+            let (t0, t1) = (g0 as f32, g1 as f32);
             time_features(w.freqs, t0, &mut s.e);
             super::matvec_bias_strided(&w0[d..], in0, b0, &s.e[..2 * f], &mut s.c0);
             let v = &mut s.v[..rows * d];
@@ -241,7 +242,7 @@ fn euler_blocks(
                 finite &= xi.is_finite();
             }
             if !finite {
-                return Some((i + 1, g[1]));
+                return Some((i + 1, g1));
             }
         }
         return None;

@@ -142,7 +142,11 @@ impl FastVelocity for FastMlp<'_> {
         Ok(())
     }
 
-    fn euler_in_place(&mut self, x: &mut [f32], grid: &[f64]) -> Option<Result<()>> {
+    fn euler_in_place(
+        &mut self,
+        x: &mut [f32],
+        grid: &crate::schedule::TimeGrid,
+    ) -> Option<Result<()>> {
         let d = self.weights.d;
         if !x.len().is_multiple_of(d) || self.rows.is_some_and(|r| r * d != x.len()) {
             return None;

@@ -10,8 +10,8 @@ pub use cond::{CondNorm, Condition, IntoCondition};
 pub use fast::{loss_and_grads, loss_and_grads_cond, FastMlp};
 
 pub use transformer::{
-    file_format, read_transformer_file, TransformerConditioned, TransformerConfig,
-    WaypointTransformer, TRANSFORMER_FORMAT,
+    file_format, read_transformer_bytes, read_transformer_file, TransformerConditioned,
+    TransformerConfig, WaypointTransformer, TRANSFORMER_FORMAT,
 };
 pub use velocity_mlp::{
     first_non_finite, read_bytes, read_file, CondConditioned, Conditioned, VelocityMlp,

@@ -664,13 +664,30 @@ pub fn read_transformer_file(
     device: &Device,
 ) -> Result<(TransformerConfig, HashMap<String, Tensor>)> {
     let bytes = crate::limits::read_input(path)?;
+    read_transformer_bytes(&bytes, path, device)
+}
+
+/// Reads a waypoint-transformer file from its bytes (`path` only names it in errors). Sizes,
+/// depth and every tensor shape are checked against the header before any tensor is made,
+/// so the memory used is the file's size once more.
+///
+/// ```
+/// let e = flow_matching::model::read_transformer_bytes(b"junk", "t.safetensors".as_ref(), &candle_core::Device::Cpu)
+///     .unwrap_err();
+/// assert!(e.to_string().contains("not a valid safetensors file"), "{e}");
+/// ```
+pub fn read_transformer_bytes(
+    bytes: &[u8],
+    path: &Path,
+    device: &Device,
+) -> Result<(TransformerConfig, HashMap<String, Tensor>)> {
     let bad = |reason: String| Error::ModelFile {
         path: PathBuf::from(path),
         reason,
     };
-    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
+    let (_, header) = safetensors::SafeTensors::read_metadata(bytes)
         .map_err(|e| bad(format!("not a valid safetensors file ({e})")))?;
-    let st = safetensors::SafeTensors::deserialize(&bytes)
+    let st = safetensors::SafeTensors::deserialize(bytes)
         .map_err(|e| bad(format!("not a valid safetensors file ({e})")))?;
     let meta = header.metadata().clone().ok_or_else(|| {
         bad(format!(
@@ -699,6 +716,92 @@ pub fn read_transformer_file(
         None | Some("") => None,
         Some(v) => Some(XDims::parse(v).map_err(|e| bad(format!("metadata cond_dims: {e}")))?),
     };
+    // Everything below is checked against the header before any tensor is allocated: each
+    // size the metadata gives is at most the file's number of floats (so no product of them
+    // overflows), the depth at most what the tensors present can hold, and every shape the
+    // config implies equals the shape stored.
+    let shapes: HashMap<String, Vec<usize>> = st
+        .tensors()
+        .into_iter()
+        .map(|(name, view)| (name, view.shape().to_vec()))
+        .collect();
+    let floats = bytes.len() / 4;
+    let size = |key: &str| -> Result<usize> {
+        let v = crate::model::velocity_mlp::meta_usize(&meta, key, path)?;
+        if v > floats {
+            return Err(bad(format!(
+                "metadata {key} = {v}, larger than the {floats} numbers the file holds"
+            )));
+        }
+        Ok(v)
+    };
+    let (width, depth, heads, mlp_hidden) = (
+        size("width")?,
+        size("depth")?,
+        size("heads")?,
+        size("mlp_hidden")?,
+    );
+    // Ten tensors a block: a larger depth cannot match this file.
+    if depth > shapes.len() / 10 {
+        return Err(bad(format!(
+            "metadata depth = {depth}, but the file holds {} tensors: a depth-{depth} model needs {} blocks of 10",
+            shapes.len(),
+            depth
+        )));
+    }
+    let dims =
+        std::iter::once(("x_dims", &x_dims)).chain(cond_dims.iter().map(|c| ("cond_dims", c)));
+    for (what, d) in dims {
+        if d.numel() > floats {
+            return Err(bad(format!(
+                "metadata {what} = {d} ({} numbers), more than the {floats} the file holds",
+                d.numel()
+            )));
+        }
+    }
+    let num_freqs = match shapes.get("freqs").map(Vec::as_slice) {
+        Some([f]) if *f <= floats => *f,
+        Some(other) => {
+            return Err(Error::ModelTensorShape {
+                path: path.to_path_buf(),
+                key: "freqs".into(),
+                expected: vec![0],
+                got: other.to_vec(),
+            })
+        }
+        None => return Err(bad("missing tensor \"freqs\"".into())),
+    };
+    let mut config = TransformerConfig {
+        x_dims,
+        width,
+        depth,
+        heads,
+        mlp_hidden,
+        num_freqs,
+        cond_dims,
+        cond_norm: None,
+    };
+    config
+        .validate()
+        .map_err(|e| bad(format!("metadata: {e}")))?;
+    for (key, shape) in config.expected_shapes() {
+        match shapes.get(&key) {
+            None => {
+                return Err(bad(format!(
+                    "missing tensor {key:?} (expected shape {shape:?})"
+                )))
+            }
+            Some(got) if *got != shape => {
+                return Err(Error::ModelTensorShape {
+                    path: path.to_path_buf(),
+                    key,
+                    expected: shape,
+                    got: got.clone(),
+                })
+            }
+            Some(_) => {}
+        }
+    }
     let mut tensors = HashMap::new();
     for (name, view) in st.tensors() {
         if view.dtype() != safetensors::Dtype::F32 {
@@ -710,10 +813,6 @@ pub fn read_transformer_file(
         let t = Tensor::from_raw_buffer(view.data(), DType::F32, view.shape(), device)?;
         tensors.insert(name, t);
     }
-    let num_freqs = tensors
-        .get("freqs")
-        .ok_or_else(|| bad("missing tensor \"freqs\"".into()))?
-        .dim(0)?;
     let vec_of = |key: &str| -> Result<Vec<f32>> {
         Ok(tensors
             .get(key)
@@ -721,23 +820,12 @@ pub fn read_transformer_file(
             .flatten_all()?
             .to_vec1::<f32>()?)
     };
-    let cond_norm = match &cond_dims {
-        None => None,
-        Some(_) => Some(CondNorm {
+    if config.cond_dims.is_some() {
+        config.cond_norm = Some(CondNorm {
             mean: vec_of("cond_norm.mean")?,
             std: vec_of("cond_norm.std")?,
-        }),
-    };
-    let config = TransformerConfig {
-        x_dims,
-        width: crate::model::velocity_mlp::meta_usize(&meta, "width", path)?,
-        depth: crate::model::velocity_mlp::meta_usize(&meta, "depth", path)?,
-        heads: crate::model::velocity_mlp::meta_usize(&meta, "heads", path)?,
-        mlp_hidden: crate::model::velocity_mlp::meta_usize(&meta, "mlp_hidden", path)?,
-        num_freqs,
-        cond_dims,
-        cond_norm,
-    };
+        });
+    }
     config
         .validate()
         .map_err(|e| bad(format!("metadata: {e}")))?;

@@ -83,7 +83,7 @@ impl Solver for Dopri5 {
         &self,
         f: &mut dyn StepFn,
         x: Tensor,
-        grid: &[f64],
+        grid: &crate::schedule::TimeGrid,
         record: bool,
     ) -> Result<Integration> {
         let mut field = TensorField::new(f, x.dtype());

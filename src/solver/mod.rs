@@ -17,6 +17,7 @@ pub use rk4::Rk4;
 use candle_core::{DType, Tensor};
 
 use crate::error::{Error, Result};
+use crate::schedule::TimeGrid;
 use crate::step::{checked_step, FastVelocity, StepFn};
 use fields::{SliceField, TensorField};
 use rk::Tableau;
@@ -28,7 +29,8 @@ pub struct Integration {
     pub x: Tensor,
     /// Every accepted state, the initial one first (only when recording).
     pub states: Vec<Tensor>,
-    /// The times of the accepted states (always recorded; the first is the start time).
+    /// The times of the accepted states when recording (the start first); otherwise the start
+    /// and the last time reached.
     pub times: Vec<f64>,
     /// Velocity evaluations used.
     pub nfe: usize,
@@ -51,7 +53,7 @@ pub trait Solver {
         &self,
         f: &mut dyn StepFn,
         x: Tensor,
-        grid: &[f64],
+        grid: &TimeGrid,
         record: bool,
     ) -> Result<Integration>;
 }
@@ -66,7 +68,8 @@ pub trait FixedStep {
     /// `c = 1`), with `dt = t1 - t0` computed in the state's precision.
     fn advance(&self, f: &mut dyn StepFn, x: &Tensor, t0: f64, t1: f64) -> Result<Tensor> {
         let mut field = TensorField::new(f, x.dtype());
-        Ok(rk::fixed(&mut field, Self::TABLEAU, x.clone(), &[t0, t1], false)?.x)
+        let grid = TimeGrid::from(vec![t0, t1]);
+        Ok(rk::fixed(&mut field, Self::TABLEAU, x.clone(), &grid, false)?.x)
     }
 }
 
@@ -79,7 +82,7 @@ impl<S: FixedStep> Solver for S {
         &self,
         f: &mut dyn StepFn,
         x: Tensor,
-        grid: &[f64],
+        grid: &TimeGrid,
         record: bool,
     ) -> Result<Integration> {
         let mut field = TensorField::new(f, x.dtype());
@@ -111,7 +114,7 @@ pub struct SliceIntegration {
     pub x: Vec<f32>,
     /// Every accepted state, the initial one first (only when recording).
     pub states: Option<Vec<f32>>,
-    /// The times of the accepted states.
+    /// The times of the accepted states when recording; otherwise the start and the end.
     pub times: Vec<f64>,
     /// Velocity evaluations used.
     pub nfe: usize,
@@ -225,7 +228,7 @@ impl Method {
         &self,
         f: &mut dyn FastVelocity,
         mut x: Vec<f32>,
-        grid: &[f64],
+        grid: &TimeGrid,
         record: bool,
     ) -> Result<SliceIntegration> {
         if grid.len() < 2 {
@@ -234,11 +237,11 @@ impl Method {
         if matches!(self, Method::Euler) && !record {
             if let Some(r) = f.euler_in_place(&mut x, grid) {
                 r?;
-                let steps = grid.len() - 1;
+                let steps = grid.steps();
                 return Ok(SliceIntegration {
                     x,
                     states: None,
-                    times: grid.to_vec(),
+                    times: grid.first().into_iter().chain(grid.last()).collect(),
                     nfe: steps,
                     accepted: steps,
                     rejected: 0,
@@ -249,7 +252,7 @@ impl Method {
         let reserve = match (record, self) {
             (false, _) => 0,
             (true, Method::Dopri5(_)) => 64 * x.len(),
-            (true, _) => grid.len() * x.len(),
+            (true, _) => grid.len().saturating_mul(x.len()),
         };
         let mut field = SliceField::new(f, reserve);
         let run = match self {

@@ -6,6 +6,7 @@
 //! order, so the two paths agree to the bit for the same velocities.
 
 use crate::error::{Error, Result};
+use crate::schedule::TimeGrid;
 
 use super::AdaptiveOptions;
 
@@ -146,7 +147,8 @@ pub trait Field {
 pub struct Run<V> {
     /// The state at the last time reached.
     pub x: V,
-    /// The times of the accepted states, the start first.
+    /// The times of the accepted states, the start first, when recording; otherwise the start
+    /// and the last time reached (a long run stores no grid).
     pub times: Vec<f64>,
     /// Velocity evaluations.
     pub nfe: usize,
@@ -164,7 +166,7 @@ pub fn fixed<F: Field>(
     f: &mut F,
     tab: &Tableau,
     mut x: F::V,
-    grid: &[f64],
+    grid: &TimeGrid,
     record: bool,
 ) -> Result<Run<F::V>> {
     if grid.len() < 2 {
@@ -179,8 +181,7 @@ pub fn fixed<F: Field>(
     if record {
         f.record(&x)?;
     }
-    for (i, w) in grid.windows(2).enumerate() {
-        let (t0, t1) = (w[0], w[1]);
+    for (i, (t0, t1)) in grid.windows().enumerate() {
         let dt = f.delta(t0, t1);
         for s in 0..stages {
             let c = tab.c[s];
@@ -200,10 +201,15 @@ pub fn fixed<F: Field>(
             f.record(&x)?;
         }
     }
-    let steps = grid.len() - 1;
+    let steps = grid.steps();
+    let times = if record {
+        grid.to_vec()
+    } else {
+        grid.first().into_iter().chain(grid.last()).collect()
+    };
     Ok(Run {
         x,
-        times: grid.to_vec(),
+        times,
         nfe: steps * stages,
         accepted: steps,
         rejected: 0,
@@ -252,12 +258,12 @@ pub fn dopri5<F: Field>(
     f: &mut F,
     o: &AdaptiveOptions,
     mut x: F::V,
-    grid: &[f64],
+    grid: &TimeGrid,
     record: bool,
 ) -> Result<Run<F::V>> {
     o.validate()?;
     let (t_start, t_end) = match (grid.first(), grid.last()) {
-        (Some(a), Some(b)) if grid.len() >= 2 && a != b => (*a, *b),
+        (Some(a), Some(b)) if grid.len() >= 2 && a != b => (a, b),
         _ => return Err(Error::ZeroSteps),
     };
     let dir = if t_end > t_start { 1.0 } else { -1.0 };
@@ -270,7 +276,7 @@ pub fn dopri5<F: Field>(
         f.record(&x)?;
     }
     // Reserved so that runs of up to a few hundred steps never grow it inside the loop.
-    let mut times = Vec::with_capacity(o.max_steps.min(512) + 1);
+    let mut times = Vec::with_capacity(if record { o.max_steps.min(512) + 1 } else { 2 });
     times.push(t_start);
     f.eval(&x, t, &mut ks[0])?;
     let mut nfe = 1;
@@ -327,8 +333,8 @@ pub fn dopri5<F: Field>(
             f.check_finite(&x, accepted, t)?;
             if record {
                 f.record(&x)?;
+                times.push(t);
             }
-            times.push(t);
             let factor = if just_rejected {
                 factor.min(1.0)
             } else {
@@ -351,6 +357,9 @@ pub fn dopri5<F: Field>(
             }
             h = (h_try * factor.min(1.0)).max(o.min_step);
         }
+    }
+    if !record {
+        times.push(t);
     }
     Ok(Run {
         x,
