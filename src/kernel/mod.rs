@@ -654,9 +654,53 @@ pub fn matmul_wt(
     }
 }
 
-/// `dw[n, k] += g[m, n]^T * a[m, k]`: a weight gradient summed over the rows.
+/// Rows of the batch per chunk of [`matmul_tn_acc`]'s packed path: the transposed gradient
+/// chunk (`n x 256`) and the input chunk (`256 x k`) stay in L2 while the kernel runs.
+const TN_CHUNK: usize = 256;
+
+/// `dw[n, k] += g[m, n]^T * a[m, k]`: a weight gradient summed over the rows. On the packed
+/// kernels (the path [`kernel_path`] chose, AVX-512 included) when `k` is a multiple of
+/// [`TILE_N`]: `a`'s rows are already the packed `[K, N]` layout, and `g` is transposed a
+/// chunk of rows at a time (1/k-th of the arithmetic). Otherwise through `gemm`.
 pub fn matmul_tn_acc(dw: &mut [f32], g: &[f32], a: &[f32], m: usize, n: usize, k: usize) {
+    matmul_tn_acc_on(kernel_path(), dw, g, a, m, n, k)
+}
+
+/// [`matmul_tn_acc`] on a given path (which the CPU must support).
+pub(crate) fn matmul_tn_acc_on(
+    path: KernelPath,
+    dw: &mut [f32],
+    g: &[f32],
+    a: &[f32],
+    m: usize,
+    n: usize,
+    k: usize,
+) {
     assert!(dw.len() >= n * k && g.len() >= m * n && a.len() >= m * k);
+    if k.is_multiple_of(TILE_N) && m >= TILE_N {
+        let mut gt = vec![0.0f32; n * TN_CHUNK.min(m)];
+        let mut r0 = 0;
+        while r0 < m {
+            let rows = TN_CHUNK.min(m - r0);
+            // gt[j, r] = g[r0 + r, j]: the chunk's gradient, one row per output unit.
+            for (r, grow) in g[r0 * n..(r0 + rows) * n].chunks_exact(n).enumerate() {
+                for (j, &v) in grow.iter().enumerate() {
+                    gt[j * rows + r] = v;
+                }
+            }
+            matmul_packed_on(
+                path,
+                dw,
+                &gt[..n * rows],
+                &a[r0 * k..(r0 + rows) * k],
+                n,
+                k,
+                rows,
+            );
+            r0 += rows;
+        }
+        return;
+    }
     // SAFETY: bounds as asserted; g^T is n x m read as g[r * n + j], a is m x k (rs k).
     unsafe {
         gemm::gemm(
@@ -909,6 +953,38 @@ fn tile<const MR: usize>(
 #[cfg(test)]
 mod packed_tests {
     use super::*;
+
+    #[test]
+    fn weight_gradient_matches_naive_on_every_path_across_chunks() {
+        for path in KernelPath::supported() {
+            // m = 600 crosses two chunk boundaries; k = 40 is not a multiple of 16 (gemm).
+            for (m, n, k) in [
+                (16, 5, 16),
+                (300, 64, 48),
+                (600, 3, 32),
+                (20, 7, 40),
+                (3, 4, 16),
+            ] {
+                let g: Vec<f32> = (0..m * n).map(|i| (i as f32 * 0.37).sin()).collect();
+                let a: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.11).cos()).collect();
+                let mut dw = vec![0.25f32; n * k];
+                matmul_tn_acc_on(path, &mut dw, &g, &a, m, n, k);
+                for j in 0..n {
+                    for i in 0..k {
+                        let want: f64 = 0.25
+                            + (0..m)
+                                .map(|r| g[r * n + j] as f64 * a[r * k + i] as f64)
+                                .sum::<f64>();
+                        let got = dw[j * k + i] as f64;
+                        assert!(
+                            (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                            "{path:?} m {m} n {n} k {k} at ({j}, {i}): {got} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
+    }
 
     #[test]
     fn packed_matmul_matches_naive_for_every_row_remainder_on_every_path() {
