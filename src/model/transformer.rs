@@ -685,31 +685,7 @@ pub fn read_transformer_bytes(
         path: PathBuf::from(path),
         reason,
     };
-    let (_, header) = safetensors::SafeTensors::read_metadata(bytes)
-        .map_err(|e| bad(format!("not a valid safetensors file ({e})")))?;
-    let st = safetensors::SafeTensors::deserialize(bytes)
-        .map_err(|e| bad(format!("not a valid safetensors file ({e})")))?;
-    let meta = header.metadata().clone().ok_or_else(|| {
-        bad(format!(
-            "no __metadata__ header; expected format = {TRANSFORMER_FORMAT}"
-        ))
-    })?;
-    match meta.get("format").map(String::as_str) {
-        Some(TRANSFORMER_FORMAT) => {}
-        other => {
-            return Err(bad(format!(
-                "metadata format is {other:?}, expected {TRANSFORMER_FORMAT:?}"
-            )))
-        }
-    }
-    match meta.get("version").map(String::as_str) {
-        Some("1") => {}
-        other => {
-            return Err(bad(format!(
-                "metadata version is {other:?}, expected \"1\""
-            )))
-        }
-    }
+    let (st, meta) = crate::model::velocity_mlp::open_header(bytes, TRANSFORMER_FORMAT, path)?;
     let x_dims = XDims::parse(meta.get("x_dims").map(String::as_str).unwrap_or(""))
         .map_err(|e| bad(format!("metadata x_dims: {e}")))?;
     let cond_dims = match meta.get("cond_dims").map(|s| s.trim()) {
@@ -784,48 +760,15 @@ pub fn read_transformer_bytes(
     config
         .validate()
         .map_err(|e| bad(format!("metadata: {e}")))?;
-    for (key, shape) in config.expected_shapes() {
-        match shapes.get(&key) {
-            None => {
-                return Err(bad(format!(
-                    "missing tensor {key:?} (expected shape {shape:?})"
-                )))
-            }
-            Some(got) if *got != shape => {
-                return Err(Error::ModelTensorShape {
-                    path: path.to_path_buf(),
-                    key,
-                    expected: shape,
-                    got: got.clone(),
-                })
-            }
-            Some(_) => {}
-        }
-    }
-    let mut tensors = HashMap::new();
-    for (name, view) in st.tensors() {
-        if view.dtype() != safetensors::Dtype::F32 {
-            return Err(bad(format!(
-                "tensor {name:?} has dtype {:?}, expected F32",
-                view.dtype()
-            )));
-        }
-        let t = Tensor::from_raw_buffer(view.data(), DType::F32, view.shape(), device)?;
-        tensors.insert(name, t);
-    }
-    let vec_of = |key: &str| -> Result<Vec<f32>> {
-        Ok(tensors
-            .get(key)
-            .ok_or_else(|| bad(format!("missing tensor {key:?}")))?
-            .flatten_all()?
-            .to_vec1::<f32>()?)
-    };
-    if config.cond_dims.is_some() {
-        config.cond_norm = Some(CondNorm {
-            mean: vec_of("cond_norm.mean")?,
-            std: vec_of("cond_norm.std")?,
-        });
-    }
+    let (tensors, cond_norm) = crate::model::velocity_mlp::load_checked(
+        &st,
+        &shapes,
+        config.expected_shapes(),
+        config.cond_dims.is_some(),
+        path,
+        device,
+    )?;
+    config.cond_norm = cond_norm;
     config
         .validate()
         .map_err(|e| bad(format!("metadata: {e}")))?;

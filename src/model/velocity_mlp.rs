@@ -948,6 +948,105 @@ pub(crate) fn meta_usize(meta: &HashMap<String, String>, key: &str, path: &Path)
     })
 }
 
+/// Parses a model file's safetensors header and checks its `format` and `version` metadata;
+/// returns the file and its metadata (nothing allocated beyond the header).
+pub(crate) fn open_header<'a>(
+    bytes: &'a [u8],
+    format: &str,
+    path: &Path,
+) -> Result<(safetensors::SafeTensors<'a>, HashMap<String, String>)> {
+    let bad = |reason: String| Error::ModelFile {
+        path: PathBuf::from(path),
+        reason,
+    };
+    let st = safetensors::SafeTensors::deserialize(bytes)
+        .map_err(|e| bad(format!("not a valid safetensors file ({e})")))?;
+    let (_, header) = safetensors::SafeTensors::read_metadata(bytes)
+        .map_err(|e| bad(format!("not a valid safetensors file ({e})")))?;
+    let meta = header.metadata().clone().ok_or_else(|| {
+        bad(format!(
+            "no __metadata__ header; expected format = {format}"
+        ))
+    })?;
+    let quote = |key: &str| meta.get(key).map(|v| crate::limits::excerpt(v));
+    if meta.get("format").map(String::as_str) != Some(format) {
+        return Err(bad(format!(
+            "metadata format is {:?}, expected {format:?}",
+            quote("format")
+        )));
+    }
+    if meta.get("version").map(String::as_str) != Some("1") {
+        return Err(bad(format!(
+            "metadata version is {:?}, expected \"1\"",
+            quote("version")
+        )));
+    }
+    Ok((st, meta))
+}
+
+/// Checks every `expected` key and shape against the header's `shapes` (before anything is
+/// allocated), then makes the file's float32 tensors and, for a conditioned model, its
+/// condition normalisation. Shared by both model formats' readers.
+pub(crate) fn load_checked(
+    st: &safetensors::SafeTensors<'_>,
+    shapes: &HashMap<String, Vec<usize>>,
+    expected: Vec<(String, Vec<usize>)>,
+    conditioned: bool,
+    path: &Path,
+    device: &Device,
+) -> Result<(HashMap<String, Tensor>, Option<CondNorm>)> {
+    let bad = |reason: String| Error::ModelFile {
+        path: PathBuf::from(path),
+        reason,
+    };
+    for (key, shape) in expected {
+        match shapes.get(&key) {
+            None => {
+                return Err(bad(format!(
+                    "missing tensor {key:?} (expected shape {shape:?})"
+                )))
+            }
+            Some(got) if *got != shape => {
+                return Err(Error::ModelTensorShape {
+                    path: path.to_path_buf(),
+                    key,
+                    expected: shape,
+                    got: got.clone(),
+                })
+            }
+            Some(_) => {}
+        }
+    }
+    let mut tensors = HashMap::new();
+    for (name, view) in st.tensors() {
+        if view.dtype() != safetensors::Dtype::F32 {
+            return Err(bad(format!(
+                "tensor {:?} has dtype {:?}, expected F32",
+                crate::limits::excerpt(&name),
+                view.dtype()
+            )));
+        }
+        let t = Tensor::from_raw_buffer(view.data(), DType::F32, view.shape(), device)?;
+        tensors.insert(name, t);
+    }
+    let cond_norm = if conditioned {
+        let vec_of = |key: &str| -> Result<Vec<f32>> {
+            Ok(tensors
+                .get(key)
+                .ok_or_else(|| bad(format!("missing tensor {key:?}")))?
+                .flatten_all()?
+                .to_vec1::<f32>()?)
+        };
+        Some(CondNorm {
+            mean: vec_of("cond_norm.mean")?,
+            std: vec_of("cond_norm.std")?,
+        })
+    } else {
+        None
+    };
+    Ok((tensors, cond_norm))
+}
+
 /// Reads a velocity-mlp file: its config from the metadata and every tensor in it (extra keys
 /// included), each checked to be float32. See [`read_bytes`] for what is checked.
 pub fn read_file(
@@ -979,33 +1078,7 @@ pub fn read_bytes(
         path: PathBuf::from(path),
         reason,
     };
-    let st = safetensors::SafeTensors::deserialize(bytes)
-        .map_err(|e| bad(format!("not a valid safetensors file ({e})")))?;
-    let (_, header) = safetensors::SafeTensors::read_metadata(bytes)
-        .map_err(|e| bad(format!("not a valid safetensors file ({e})")))?;
-    let meta = header
-        .metadata()
-        .clone()
-        .ok_or_else(|| bad("no __metadata__ header; expected format = velocity-mlp".into()))?;
-    let quote = |v: Option<&String>| v.map(|v| crate::limits::excerpt(v));
-    match meta.get("format").map(String::as_str) {
-        Some("velocity-mlp") => {}
-        _ => {
-            return Err(bad(format!(
-                "metadata format is {:?}, expected \"velocity-mlp\"",
-                quote(meta.get("format"))
-            )))
-        }
-    }
-    match meta.get("version").map(String::as_str) {
-        Some("1") => {}
-        _ => {
-            return Err(bad(format!(
-                "metadata version is {:?}, expected \"1\"",
-                quote(meta.get("version"))
-            )))
-        }
-    }
+    let (st, meta) = open_header(bytes, "velocity-mlp", path)?;
     let x_dims = XDims::parse(meta.get("x_dims").map(String::as_str).unwrap_or(""))
         .map_err(|e| bad(format!("metadata x_dims: {e}")))?;
     let hidden = meta_usize(&meta, "hidden", path)?;
@@ -1063,48 +1136,14 @@ pub fn read_bytes(
     config
         .validate()
         .map_err(|e| bad(format!("metadata: {e}")))?;
-    for (key, shape) in config.expected_shapes() {
-        match shapes.get(&key) {
-            None => {
-                return Err(bad(format!(
-                    "missing tensor {key:?} (expected shape {shape:?})"
-                )))
-            }
-            Some(got) if *got != shape => {
-                return Err(Error::ModelTensorShape {
-                    path: path.to_path_buf(),
-                    key,
-                    expected: shape,
-                    got: got.clone(),
-                })
-            }
-            Some(_) => {}
-        }
-    }
-    let mut tensors = HashMap::new();
-    for (name, view) in st.tensors() {
-        if view.dtype() != safetensors::Dtype::F32 {
-            return Err(bad(format!(
-                "tensor {:?} has dtype {:?}, expected F32",
-                crate::limits::excerpt(&name),
-                view.dtype()
-            )));
-        }
-        let t = Tensor::from_raw_buffer(view.data(), DType::F32, view.shape(), device)?;
-        tensors.insert(name, t);
-    }
-    if config.cond_dims.is_some() {
-        let vec_of = |key: &str| -> Result<Vec<f32>> {
-            Ok(tensors
-                .get(key)
-                .ok_or_else(|| bad(format!("missing tensor {key:?}")))?
-                .flatten_all()?
-                .to_vec1::<f32>()?)
-        };
-        config.cond_norm = Some(CondNorm {
-            mean: vec_of("cond_norm.mean")?,
-            std: vec_of("cond_norm.std")?,
-        });
-    }
+    let (tensors, cond_norm) = load_checked(
+        &st,
+        &shapes,
+        config.expected_shapes(),
+        config.cond_dims.is_some(),
+        path,
+        device,
+    )?;
+    config.cond_norm = cond_norm;
     Ok((config, tensors))
 }
