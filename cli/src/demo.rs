@@ -96,7 +96,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
         ],
         &[],
     )?;
-    let (sizing, _) = train_settings.sizing(data.rows(), data.dim());
+    let (sizing, _) = data.sizing(&train_settings);
     eprintln!(
         "training a velocity-mlp (hidden {}, depth {}) on {} for {} steps of batch {}",
         sizing.hidden, sizing.depth, data.source, sizing.steps, sizing.batch_size

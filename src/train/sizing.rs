@@ -72,6 +72,16 @@ impl Sizing {
     }
 }
 
+impl Sizing {
+    /// The sizes for data of `dim` numbers per sample under a continuous condition of
+    /// `cond_features` numbers per row (`train --cond`, `--data driving`). For now the same
+    /// as [`Sizing::for_data`].
+    pub fn for_conditional_data(rows: Option<usize>, dim: usize, cond_features: usize) -> Sizing {
+        let _ = cond_features;
+        Sizing::for_data(rows, dim)
+    }
+}
+
 impl fmt::Display for Sizing {
     /// `hidden H, depth L, batch B, S steps`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
