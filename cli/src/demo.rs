@@ -28,7 +28,7 @@ pub struct DemoArgs {
     /// Where to write the model, samples and pictures.
     #[arg(long, default_value = "demo")]
     out_dir: PathBuf,
-    /// Training steps (default: 10000 for 2-D toys, 6000 for digits, 4000 for driving).
+    /// Training steps (default: 10000 for 2-D toys, 6000 for digits, 3000 for driving).
     #[arg(long)]
     steps: Option<usize>,
     /// Classifier-free guidance weight when sampling a conditional model.
@@ -78,7 +78,7 @@ fn preset(digits: bool, steps: Option<usize>, seed: u64) -> Result<TrainSettings
 }
 
 /// Training steps of the driving demo (each model).
-const DRIVING_STEPS: usize = 4000;
+const DRIVING_STEPS: usize = 3000;
 
 /// The driving demo's sizes: velocity-mlp hidden 512, depth 3 (transformer: width 64,
 /// depth 3), batch 256.

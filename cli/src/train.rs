@@ -96,20 +96,12 @@ pub struct TrainSettings {
 }
 
 impl TrainSettings {
-    /// The sizes of the run: the ones given, the rest chosen by `Sizing::for_data` (or
-    /// `Sizing::for_conditional_data` when a continuous condition of `cond_features` numbers
-    /// is present) from the table's rows (`None` for endless data) and the sample's
-    /// dimension; the flag says whether any was chosen.
-    pub fn sizing(
-        &self,
-        rows: Option<usize>,
-        dim: usize,
-        cond_features: Option<usize>,
-    ) -> (Sizing, bool) {
-        let auto = match cond_features {
-            Some(c) => Sizing::for_conditional_data(rows, dim, c),
-            None => Sizing::for_data(rows, dim),
-        };
+    /// The sizes of the run: the ones given, the rest chosen by `Sizing::for_data` from the
+    /// table's rows (`None` for endless data) and the sample's dimension (with or without a
+    /// condition: the same rule met the users'-files bar for conditional `[64, 2]` futures);
+    /// the flag says whether any was chosen.
+    pub fn sizing(&self, rows: Option<usize>, dim: usize) -> (Sizing, bool) {
+        let auto = Sizing::for_data(rows, dim);
         let chosen = self.steps.is_none()
             || self.batch.is_none()
             || self.hidden.is_none()
@@ -255,9 +247,8 @@ pub struct EarlyStopArgs {
 /// (printed at the start): data of dimension D ≤ 16 get hidden 128, depth 3, batch 256,
 /// 20,000 steps; 16 < D ≤ 256: hidden 256, depth 3, batch 256, 8,000 steps; larger: hidden
 /// 512, depth 4, batch 128, 8,000 steps. A data file of N rows is seen at most 300 times
-/// (steps ≤ 300 N / batch), never fewer than 2,000 steps. With a continuous condition
-/// (--cond, --data driving) see `Sizing::for_conditional_data` (README, "Conditional
-/// trajectories").
+/// (steps ≤ 300 N / batch), never fewer than 2,000 steps. The same rule holds with a
+/// continuous condition (--cond; README, "Conditional trajectories").
 #[derive(Debug, clap::Args)]
 #[command(verbatim_doc_comment)]
 pub struct TrainArgs {
@@ -486,7 +477,7 @@ impl TrainingData {
 
     /// The sizes of a new run on this data (see [`TrainSettings::sizing`]).
     pub fn sizing(&self, settings: &TrainSettings) -> (Sizing, bool) {
-        settings.sizing(self.rows(), self.dim(), self.cond_features())
+        settings.sizing(self.rows(), self.dim())
     }
 
     /// The velocity-mlp's config for this data (with its continuous condition, if any).
