@@ -7,6 +7,7 @@
 //! [`non_negative`]; outputs go through [`flow_matching::output::prepare_outputs`].
 
 use flow_matching::limits::{check_memory, checked_bytes, checked_sum};
+use flow_matching::model::TransformerConfig;
 use flow_matching::{Error, Result, VelocityMlpConfig};
 
 /// Refuses a count of zero for `flag`.
@@ -60,6 +61,38 @@ pub fn training(config: &VelocityMlpConfig, batch: usize, steps: usize) -> Resul
         format!(
             "training with --batch {batch}, --hidden {}, --depth {}, --freqs {}, --steps {steps}",
             config.hidden, config.depth, config.num_freqs
+        ),
+        &[
+            params.and_then(|p| floats(&[p, 6])),
+            per_row.and_then(|r| floats(&[r, batch, 2])),
+            checked_bytes(&[steps], 24),
+        ],
+    )
+}
+
+/// [`training`] for the waypoint transformer: six copies of the weights, and per row of the
+/// batch the activations the backward pass keeps (per token and block: about 12 vectors of
+/// the width, two of the MLP's hidden width and the attention weights of every head), twice.
+pub fn training_transformer(config: &TransformerConfig, batch: usize, steps: usize) -> Result<()> {
+    let params = config
+        .expected_shapes()
+        .iter()
+        .try_fold(0usize, |acc, (_, s)| {
+            acc.checked_add(s.iter().try_fold(1usize, |p, &d| p.checked_mul(d))?)
+        });
+    let (l, w) = (config.len(), config.width);
+    let per_row = (|| {
+        let per_token = w
+            .checked_mul(12)?
+            .checked_add(config.mlp_hidden.checked_mul(2)?)?
+            .checked_add(config.heads.checked_mul(l)?)?;
+        l.checked_mul(per_token.checked_mul(config.depth)?)?
+            .checked_add(l.checked_mul(config.channels().checked_mul(config.per_value())?)?)
+    })();
+    memory(
+        format!(
+            "training the transformer with --batch {batch}, --width {w}, --depth {}, --heads {}, --mlp-hidden {}, --freqs {}, --steps {steps}",
+            config.depth, config.heads, config.mlp_hidden, config.num_freqs
         ),
         &[
             params.and_then(|p| floats(&[p, 6])),

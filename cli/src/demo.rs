@@ -18,7 +18,8 @@ use flow_matching::solver::Method;
 /// Arguments of `demo`.
 #[derive(Debug, clap::Args)]
 pub struct DemoArgs {
-    /// moons (default), 8gaussians, checkerboard, circles, swissroll, or digits.
+    /// moons (default), 8gaussians, checkerboard, circles, swissroll, digits, or driving
+    /// (conditional trajectories: flow matching against a regression, minADE/minFDE).
     #[arg(long, default_value = "moons")]
     data: String,
     /// Train a class-conditional model (digits: one row of the image per class).
@@ -27,15 +28,18 @@ pub struct DemoArgs {
     /// Where to write the model, samples and pictures.
     #[arg(long, default_value = "demo")]
     out_dir: PathBuf,
-    /// Training steps (default: 10000 for 2-D toys, 6000 for digits).
+    /// Training steps (default: 10000 for 2-D toys, 6000 for digits, 3000 for driving).
     #[arg(long)]
     steps: Option<usize>,
     /// Classifier-free guidance weight when sampling a conditional model.
     #[arg(long, default_value_t = 1.0)]
     guidance: f64,
-    /// Samples drawn for the table and the pictures.
-    #[arg(long, default_value_t = 2000)]
-    n: usize,
+    /// Samples drawn for the table and the pictures (driving: held-out scenes, default 500).
+    #[arg(long)]
+    n: Option<usize>,
+    /// The velocity network of the driving demo: mlp or transformer.
+    #[arg(long, default_value = "mlp")]
+    arch: String,
     /// Seed of everything.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -73,8 +77,43 @@ fn preset(digits: bool, steps: Option<usize>, seed: u64) -> Result<TrainSettings
     Ok(s)
 }
 
+/// Training steps of the driving demo (each model).
+const DRIVING_STEPS: usize = 3000;
+
+/// The driving demo's sizes: velocity-mlp hidden 512, depth 3 (transformer: width 64,
+/// depth 3), batch 256.
+fn driving(a: &DemoArgs) -> Result<()> {
+    let arch: super::train::Arch = a.arch.parse()?;
+    let settings = preset(false, Some(a.steps.unwrap_or(DRIVING_STEPS)), a.seed)?;
+    let sizing = flow_matching::train::Sizing {
+        hidden: 512,
+        depth: 3,
+        batch_size: 256,
+        steps: a.steps.unwrap_or(DRIVING_STEPS),
+    };
+    super::driving::run(
+        &a.out_dir,
+        &settings,
+        &sizing,
+        arch,
+        a.n.unwrap_or(500),
+        a.seed,
+    )
+}
+
 /// Runs `demo`.
 pub fn run(a: DemoArgs) -> Result<()> {
+    if a.data == "driving" {
+        return driving(&a);
+    }
+    if a.arch != "mlp" {
+        return Err(flow_matching::Error::invalid(
+            "--arch",
+            flow_matching::limits::excerpt(&a.arch),
+            "mlp: --arch transformer is for --data driving",
+        ));
+    }
+    let n = a.n.unwrap_or(2000);
     let device = Device::Cpu;
     let data = TrainingData::open(&a.data, None, a.conditional)?;
     let digits = data.x_dims == [64];
@@ -86,7 +125,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
         a.out_dir.join("samples.npy"),
         a.out_dir.join("samples.png"),
     );
-    crate::bounds::at_least_one("--n", a.n)?;
+    crate::bounds::at_least_one("--n", n)?;
     let _locks = flow_matching::output::prepare_outputs(
         &[
             ("model", &model_path),
@@ -96,7 +135,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
         ],
         &[],
     )?;
-    let (sizing, _) = train_settings.sizing(data.rows(), data.dim());
+    let (sizing, _) = data.sizing(&train_settings);
     eprintln!(
         "training a velocity-mlp (hidden {}, depth {}) on {} for {} steps of batch {}",
         sizing.hidden, sizing.depth, data.source, sizing.steps, sizing.batch_size
@@ -118,9 +157,9 @@ pub fn run(a: DemoArgs) -> Result<()> {
         schedule: Schedule::Uniform,
         steps: 32,
     };
-    let (x, _labels, _) = generate(&model, &final_setting, a.n, a.seed, a.guidance)?;
+    let (x, _labels, _) = generate(&model, &final_setting, n, a.seed, a.guidance)?;
     write_npy(a.out_dir.join("samples.npy"), &x)?;
-    let reference = data.source.load(a.n, a.seed.wrapping_add(1))?;
+    let reference = data.source.load(n, a.seed.wrapping_add(1))?;
     if digits {
         let k = model.config().num_classes;
         let (grid, names) = if k > 0 {
@@ -141,7 +180,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
                 Some((0..k).map(|c| c.to_string()).collect::<Vec<_>>()),
             )
         } else {
-            (x.narrow(0, 0, 100.min(a.n))?, None)
+            (x.narrow(0, 0, 100.min(n))?, None)
         };
         let rows = grid.dim(0)?.div_ceil(10);
         flow_matching::plot::digit_grid(
@@ -177,7 +216,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
         &reference,
         &settings("euler", "uniform", &steps)?,
         &EvalOptions {
-            n: a.n,
+            n,
             seed: a.seed,
             guidance: a.guidance,
         },

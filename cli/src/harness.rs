@@ -13,7 +13,9 @@ use rand::{Rng, SeedableRng};
 use flow_matching::diffusion::{Diffusion, SampleOptions};
 use flow_matching::error::{Error, Result};
 use flow_matching::flow_matching::{randn, FlowMatching};
-use flow_matching::model::{loss_and_grads, VelocityMlp, VelocityMlpConfig};
+use flow_matching::model::{
+    loss_and_grads, TransformerConfig, VelocityMlp, VelocityMlpConfig, WaypointTransformer,
+};
 use flow_matching::train::{AdamW, AdamWParams};
 use flow_matching::XDims;
 
@@ -190,6 +192,78 @@ pub fn peak_rss_child(model: &Path) -> Result<f64> {
     peak_rss_mib()
 }
 
+/// Trajectories per scene of the `traj_b6` figure (the seed's control-loop case).
+pub const TRAJ_BATCH: usize = 6;
+/// Condition numbers of the `traj_b6` model (the driving scenes').
+pub const TRAJ_COND: usize = 7;
+
+/// The `traj_b6` model: the waypoint transformer's defaults for `[64, 2]` (width 64, 3
+/// blocks of 4 heads, MLP 128, 10 frequencies) with a 7-number condition, seed 2.
+pub fn traj_model() -> Result<WaypointTransformer> {
+    let cfg = TransformerConfig {
+        cond_dims: Some(XDims::new(TRAJ_COND)?),
+        ..TransformerConfig::new(XDims::new([64, 2])?)
+    };
+    WaypointTransformer::init(cfg, &VarMap::new(), &Device::Cpu, 2)
+}
+
+/// The median time (ms) of 6 trajectories `[6, 64, 2]` for one scene (its condition repeated
+/// 6 times), `STEPS` Euler steps.
+pub fn traj_ms(model: &WaypointTransformer, reps: usize) -> Result<f64> {
+    let fm = FlowMatching::new([64, 2])?;
+    let mut rng = StdRng::seed_from_u64(6);
+    let cond =
+        randn(&mut rng, &[1, TRAJ_COND], DType::F32, &Device::Cpu)?.repeat((TRAJ_BATCH, 1))?;
+    let opts = SampleOptions {
+        steps: Some(STEPS),
+        x_init: Some(randn(
+            &mut rng,
+            &[TRAJ_BATCH, 64, 2],
+            DType::F32,
+            &Device::Cpu,
+        )?),
+        ..Default::default()
+    };
+    let mut f = model.with_condition(&cond)?;
+    median_ms(reps, || {
+        fm.sample(TRAJ_BATCH, &mut f, &Device::Cpu, &opts)?;
+        Ok(())
+    })
+}
+
+/// PyTorch eager's median (ms) for the same model file and workload
+/// (`python/waypoint_transformer.py bench`), with the same number of threads as ours.
+fn traj_pytorch_ms(opts: &BenchOptions, model: &Path, reps: usize) -> Result<f64> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../python/waypoint_transformer.py");
+    let threads = flow_matching::kernel::available_threads().to_string();
+    let reps = reps.to_string();
+    let batch = TRAJ_BATCH.to_string();
+    let steps = STEPS.to_string();
+    let out = Command::new(&opts.python)
+        .arg(&script)
+        .args(["bench", &model.to_string_lossy(), "--batch", &batch])
+        .args(["--steps", &steps, "--reps", &reps, "--threads", &threads])
+        .output()
+        .map_err(|e| Error::io(&script, e))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let value = stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find_map(|j| j["median_ms"].as_f64());
+    match (out.status.success(), value) {
+        (true, Some(v)) => Ok(v),
+        _ => Err(Error::invalid(
+            "PyTorch waypoint-transformer run",
+            String::from_utf8_lossy(&out.stderr)
+                .lines()
+                .last()
+                .unwrap_or_default()
+                .to_string(),
+            "a successful run of python/waypoint_transformer.py bench (needs torch, numpy, safetensors)",
+        )),
+    }
+}
+
 /// How the benchmark runs.
 #[derive(Debug, Clone)]
 pub struct BenchOptions {
@@ -269,6 +343,10 @@ pub fn run(opts: &BenchOptions, mut progress: impl FnMut(&str)) -> Result<Vec<Fi
     let cond_path = dir.join("velocity-mlp-cond.safetensors");
     let cond = conditional_model(&VarMap::new())?;
     cond.save(&cond_path)?;
+    let traj_path = dir.join("waypoint-transformer.safetensors");
+    let traj = traj_model()?;
+    traj.save(&traj_path)?;
+    let traj_reps = ((50.0 * opts.reps_scale) as usize).max(1);
     let torch = opts.install || torch_available(&opts.python);
     let mut ours: Vec<(String, Vec<f64>)> = Vec::new();
     let mut theirs: Vec<(String, Vec<f64>)> = Vec::new();
@@ -282,12 +360,23 @@ pub fn run(opts: &BenchOptions, mut progress: impl FnMut(&str)) -> Result<Vec<Fi
     };
     for r in 0..opts.rounds.max(1) {
         push(&mut ours, our_round(&model, &cond, opts.reps_scale)?);
+        push(
+            &mut ours,
+            vec![("traj_b6".into(), traj_ms(&traj, traj_reps)?)],
+        );
         progress(&format!("round {}: ours done", r + 1));
         if torch {
             let cond_arg = cond_path.to_string_lossy();
             let guidance = GUIDANCE.to_string();
             let extra = ["--cond-model", &cond_arg, "--guidance", &guidance];
             push(&mut theirs, run_python(opts, &model_path, &extra)?);
+            push(
+                &mut theirs,
+                vec![(
+                    "traj_b6".into(),
+                    traj_pytorch_ms(opts, &traj_path, traj_reps)?,
+                )],
+            );
             progress(&format!("round {}: PyTorch done", r + 1));
         }
     }
@@ -335,4 +424,25 @@ pub fn run(opts: &BenchOptions, mut progress: impl FnMut(&str)) -> Result<Vec<Fi
             }
         })
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn traj_b6_times_six_trajectories_of_the_waypoint_transformer() {
+        let model = traj_model().unwrap();
+        let cfg = model.config();
+        assert_eq!(cfg.x_dims.dims(), &[64, 2]);
+        assert_eq!((cfg.width, cfg.depth, cfg.heads), (64, 3, 4));
+        let ms = traj_ms(&model, 1).unwrap();
+        assert!(ms.is_finite() && ms > 0.0, "{ms}");
+        // The model file PyTorch times is the one we time: it loads back equal.
+        let p = std::env::temp_dir().join(format!("fm-traj-b6-{}.safetensors", std::process::id()));
+        model.save(&p).unwrap();
+        let back = WaypointTransformer::load(&p, &Device::Cpu).unwrap();
+        assert_eq!(back.config(), model.config());
+        std::fs::remove_file(&p).unwrap();
+    }
 }

@@ -7,6 +7,7 @@ mod bench_onnx;
 mod bounds;
 mod cond;
 mod demo;
+mod driving;
 mod encode;
 mod eval;
 mod eval_traj;

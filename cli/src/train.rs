@@ -1,17 +1,25 @@
-//! `flow-matching train`: fit a velocity-mlp to a dataset and write it as a checkpoint.
+//! `flow-matching train`: fit a velocity-mlp or a waypoint transformer to a dataset
+//! (optionally conditioned on class labels or on a continuous condition file) and write it as
+//! a checkpoint.
 
 use std::path::{Path, PathBuf};
 
-use candle_core::Device;
+use candle_core::{Device, Tensor};
 use rand::rngs::StdRng;
+use rand::Rng;
 
-use flow_matching::data::{Batch, DataSource, Dataset};
+use flow_matching::data::{driving, Batch, DataSource, Dataset};
 use flow_matching::diffusion::XDims;
 use flow_matching::error::{Error, Result};
-use flow_matching::model::VelocityMlpConfig;
+use flow_matching::io::read_npy;
+use flow_matching::model::{
+    file_format, CondNorm, Condition, TransformerConfig, VelocityMlpConfig, WaypointTransformer,
+    TRANSFORMER_FORMAT,
+};
 use flow_matching::output::{check_outputs, prepare_outputs};
 use flow_matching::train::{
-    AdamWParams, EarlyStopping, Sizing, TrainConfig, TrainOutput, Trainer, Validation,
+    AdamWParams, EarlyStopping, ModelConfig, Sizing, TrainConfig, TrainOutput, TrainableModel,
+    Trainer, Validation,
 };
 
 /// Model and optimiser settings shared by `train` and `demo`.
@@ -46,21 +54,33 @@ pub struct TrainSettings {
     /// measured best on two moons: sliced W2 at 32 Euler steps 0.046 against uniform's 0.065).
     #[arg(long, default_value = "logit-normal")]
     pub timesteps: String,
-    /// Probability of dropping the label (classifier-free guidance).
+    /// Probability of dropping the label or the continuous condition to the learned null
+    /// condition (classifier-free guidance).
     #[arg(long, default_value_t = 0.1)]
     pub cond_drop: f64,
     /// Hidden width of the MLP (default: chosen from the data).
     #[arg(long)]
     pub hidden: Option<usize>,
-    /// Hidden layers of the MLP (default: chosen from the data).
+    /// Hidden layers of the MLP, or attention blocks of the transformer (default: chosen from
+    /// the data).
     #[arg(long)]
     pub depth: Option<usize>,
-    /// Time frequencies.
-    #[arg(long, default_value_t = 16)]
-    pub freqs: usize,
-    /// Width of the class embedding (conditional models).
+    /// Time frequencies of the MLP, Fourier frequencies per value of the transformer (default:
+    /// 16 for the MLP, 10 for the transformer).
+    #[arg(long)]
+    pub freqs: Option<usize>,
+    /// Width of the class embedding or of the continuous condition's projection (MLP).
     #[arg(long, default_value_t = 32)]
     pub cond_dim: usize,
+    /// Token width of the waypoint transformer (--arch transformer).
+    #[arg(long, default_value_t = 64)]
+    pub width: usize,
+    /// Attention heads of the waypoint transformer.
+    #[arg(long, default_value_t = 4)]
+    pub heads: usize,
+    /// Hidden width of each transformer block's MLP.
+    #[arg(long, default_value_t = 128)]
+    pub mlp_hidden: usize,
     /// Seed of the weights and of every random draw.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -77,8 +97,9 @@ pub struct TrainSettings {
 
 impl TrainSettings {
     /// The sizes of the run: the ones given, the rest chosen by `Sizing::for_data` from the
-    /// table's rows (`None` for endless toy data) and the sample's dimension; the flag says
-    /// whether any was chosen.
+    /// table's rows (`None` for endless data) and the sample's dimension (with or without a
+    /// condition: the same rule met the users'-files bar for conditional `[64, 2]` futures);
+    /// the flag says whether any was chosen.
     pub fn sizing(&self, rows: Option<usize>, dim: usize) -> (Sizing, bool) {
         let auto = Sizing::for_data(rows, dim);
         let chosen = self.steps.is_none()
@@ -135,7 +156,7 @@ impl TrainSettings {
             hidden: sizing.hidden,
             depth: sizing.depth,
             num_classes,
-            num_freqs: self.freqs,
+            num_freqs: self.freqs.unwrap_or(16),
             cond_dim: self.cond_dim,
             cond_dims: None,
             cond_norm: None,
@@ -143,6 +164,62 @@ impl TrainSettings {
         config.validate()?;
         crate::bounds::training(&config, sizing.batch_size, sizing.steps)?;
         Ok(config)
+    }
+
+    /// The waypoint transformer's config for data of shape `x_dims` (`[L, C]`): `--width`,
+    /// `--heads`, `--mlp-hidden`, the run's depth as its blocks and `--freqs` (default 10) as
+    /// its Fourier frequencies.
+    pub fn transformer_config(
+        &self,
+        sizing: &Sizing,
+        x_dims: &[usize],
+    ) -> Result<TransformerConfig> {
+        if x_dims.len() != 2 {
+            return Err(Error::invalid(
+                "--arch",
+                "transformer",
+                format!(
+                    "data of shape [N, L, C] (L waypoint tokens of C values); this data's rows are {x_dims:?} (use --arch mlp)"
+                ),
+            ));
+        }
+        let config = TransformerConfig {
+            x_dims: XDims::new(x_dims)?,
+            width: self.width,
+            depth: sizing.depth,
+            heads: self.heads,
+            mlp_hidden: self.mlp_hidden,
+            num_freqs: self.freqs.unwrap_or(10),
+            cond_dims: None,
+            cond_norm: None,
+        };
+        config.validate()?;
+        crate::bounds::training_transformer(&config, sizing.batch_size, sizing.steps)?;
+        Ok(config)
+    }
+}
+
+/// The velocity network of `--arch`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arch {
+    /// The velocity-mlp (any sample shape).
+    Mlp,
+    /// The waypoint transformer (`[L, C]` samples).
+    Transformer,
+}
+
+impl std::str::FromStr for Arch {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "mlp" => Ok(Arch::Mlp),
+            "transformer" => Ok(Arch::Transformer),
+            other => Err(Error::UnknownName {
+                kind: "architecture (--arch)",
+                name: flow_matching::limits::excerpt(other),
+                known: "mlp, transformer".to_string(),
+            }),
+        }
     }
 }
 
@@ -170,11 +247,13 @@ pub struct EarlyStopArgs {
 /// (printed at the start): data of dimension D ≤ 16 get hidden 128, depth 3, batch 256,
 /// 20,000 steps; 16 < D ≤ 256: hidden 256, depth 3, batch 256, 8,000 steps; larger: hidden
 /// 512, depth 4, batch 128, 8,000 steps. A data file of N rows is seen at most 300 times
-/// (steps ≤ 300 N / batch), never fewer than 2,000 steps.
+/// (steps ≤ 300 N / batch), never fewer than 2,000 steps. The same rule holds with a
+/// continuous condition (--cond; README, "Conditional trajectories").
 #[derive(Debug, clap::Args)]
 #[command(verbatim_doc_comment)]
 pub struct TrainArgs {
-    /// moons, 8gaussians, checkerboard, circles, swissroll, digits, or a .csv/.npy file of rows.
+    /// moons, 8gaussians, checkerboard, circles, swissroll, digits, driving (scenes with their
+    /// own continuous condition), or a .csv/.npy file of rows ([N, *x_dims] for .npy).
     #[arg(long)]
     data: String,
     /// For a data file: the 0-based column holding integer class labels.
@@ -183,12 +262,21 @@ pub struct TrainArgs {
     /// Train a class-conditional model (with classifier-free guidance label dropping).
     #[arg(long)]
     conditional: bool,
+    /// A continuous condition [N, *c_dims] (.npy, any rank from 2): row i conditions row i of
+    /// --data. Dropped to a learned null condition at --cond-drop (classifier-free guidance).
+    #[arg(long, value_name = "C.npy")]
+    cond: Option<PathBuf>,
+    /// The velocity network: mlp (any shape) or transformer (rows [L, C]: one token per
+    /// waypoint, docs/waypoint-transformer.md). A resumed run keeps its checkpoint's.
+    #[arg(long, default_value = "mlp")]
+    arch: String,
     #[command(flatten)]
     settings: TrainSettings,
     /// Continue from a checkpoint written by an earlier run (its settings are kept; --steps sets the new total).
     #[arg(long)]
     resume: Option<PathBuf>,
-    /// The checkpoint/model file to write (velocity-mlp safetensors, EMA weights under the spec's keys).
+    /// The checkpoint/model file to write (velocity-mlp or waypoint-transformer safetensors,
+    /// EMA weights under the spec's keys).
     #[arg(long)]
     out: PathBuf,
     /// Also write a PNG of the loss curve.
@@ -196,6 +284,17 @@ pub struct TrainArgs {
     loss_plot: Option<PathBuf>,
     #[command(flatten)]
     early: EarlyStopArgs,
+}
+
+/// A continuous condition for training: one row per data row (a file), or drawn with each
+/// batch (the driving scenes).
+#[derive(Debug, Clone)]
+pub struct CondData {
+    /// The rows `[N, *c_dims]` (for the driving scenes: a probe of 4,096 scenes, used only for
+    /// the standardisation).
+    pub values: Tensor,
+    /// Where it came from, for messages.
+    pub origin: String,
 }
 
 /// The data a run trains on: endless fresh toy samples, or batches drawn from a loaded table.
@@ -208,10 +307,16 @@ pub struct TrainingData {
     pub x_dims: Vec<usize>,
     /// Classes used for conditioning (0: unconditional).
     pub num_classes: usize,
+    /// A continuous condition (`--cond`, or the driving scenes' own).
+    pub cond: Option<CondData>,
 }
 
+/// Scenes drawn once to standardise the driving condition.
+const DRIVING_PROBE: usize = 4096;
+
 impl TrainingData {
-    /// Opens a data source for training, conditional or not.
+    /// Opens a data source for training, conditional or not. The driving scenes always carry
+    /// their continuous condition.
     pub fn open(data: &str, label_column: Option<usize>, conditional: bool) -> Result<Self> {
         let source = DataSource::parse(data)?.with_label_column(label_column)?;
         let (table, x_dims, num_classes) = if source.is_infinite() {
@@ -234,12 +339,99 @@ impl TrainingData {
             Some(t) if !conditional => Some(t.without_labels()),
             t => t,
         };
+        let cond = if source == DataSource::Driving {
+            Some(CondData {
+                values: driving::draw_driving(DRIVING_PROBE, 12345)?.cond,
+                origin: "the driving scenes' features".into(),
+            })
+        } else {
+            None
+        };
         Ok(TrainingData {
             source,
             table,
             x_dims,
             num_classes,
+            cond,
         })
+    }
+
+    /// Attaches a continuous condition file `[N, *c_dims]`: row i conditions row i of the
+    /// data, so the row counts must agree (the error names both files).
+    pub fn with_cond_file(mut self, path: &Path, device: &Device) -> Result<Self> {
+        if self.num_classes > 0 {
+            return Err(Error::invalid(
+                "--cond",
+                path.display(),
+                "either --conditional (class labels) or --cond (a continuous condition), not both",
+            ));
+        }
+        if self.cond.is_some() {
+            return Err(Error::invalid(
+                "--cond",
+                path.display(),
+                format!(
+                    "no --cond with --data {}: its scenes carry their own condition",
+                    self.source
+                ),
+            ));
+        }
+        let Some(table) = self.table.as_ref() else {
+            return Err(Error::invalid(
+                "--cond",
+                path.display(),
+                format!(
+                    "a data file with one row per condition row (--data {} draws fresh samples)",
+                    self.source
+                ),
+            ));
+        };
+        let c = read_npy(path, device)?;
+        let n = table.len();
+        if c.rank() < 2 || c.dim(0)? != n {
+            return Err(Error::Shape {
+                what: format!("--cond {} (one row per row of --data {})", path.display(), self.source),
+                expected: format!(
+                    "[{n}, ...] ({n} rows, as the data; a 1-D file of one number per row: reshape it to [{n}, 1])"
+                ),
+                got: c.dims().to_vec(),
+            });
+        }
+        if let Some(i) = c
+            .flatten_all()?
+            .to_vec1::<f32>()?
+            .iter()
+            .position(|v| !v.is_finite())
+        {
+            return Err(Error::invalid(
+                "--cond",
+                path.display(),
+                format!("finite numbers (value {i} in row-major order is NaN or infinite)"),
+            ));
+        }
+        self.cond = Some(CondData {
+            values: c,
+            origin: format!("--cond {}", path.display()),
+        });
+        Ok(self)
+    }
+
+    /// The continuous condition's row shape and its standardisation (from the rows), if any.
+    pub fn cond_shape(&self) -> Result<Option<(XDims, CondNorm)>> {
+        match &self.cond {
+            None => Ok(None),
+            Some(c) => Ok(Some((
+                XDims::new(&c.values.dims()[1..])?,
+                CondNorm::from_rows(&c.values)?,
+            ))),
+        }
+    }
+
+    /// The numbers in one condition row (`None`: no continuous condition).
+    pub fn cond_features(&self) -> Option<usize> {
+        self.cond
+            .as_ref()
+            .map(|c| c.values.dims()[1..].iter().product())
     }
 
     /// Draws one batch of `b` rows (labels only for a conditional run).
@@ -250,9 +442,81 @@ impl TrainingData {
         };
         Ok((x, if self.num_classes > 0 { labels } else { None }))
     }
+
+    /// Draws one batch of `b` rows with their continuous condition: rows of the table with the
+    /// same rows of the condition file, or fresh driving scenes.
+    pub fn draw_cond(&self, rng: &mut StdRng, b: usize) -> Result<(Tensor, Condition)> {
+        if self.source == DataSource::Driving {
+            let d = driving::draw_driving_with(b, rng)?;
+            return Ok((d.x, Condition::features(d.cond)));
+        }
+        let (Some(table), Some(c)) = (&self.table, &self.cond) else {
+            return Err(Error::invalid(
+                "condition",
+                "none",
+                "a data file with --cond (a continuous condition per row)",
+            ));
+        };
+        let n = table.len();
+        let indices: Vec<usize> = (0..b).map(|_| rng.random_range(0..n)).collect();
+        let (x, _) = table.batch(&indices)?;
+        let idx: Vec<u32> = indices.iter().map(|&i| i as u32).collect();
+        let idx = Tensor::from_vec(idx, b, c.values.device())?;
+        Ok((x, Condition::features(c.values.index_select(&idx, 0)?)))
+    }
+
+    /// The number of rows of a finite table (`None` for endless data).
+    pub fn rows(&self) -> Option<usize> {
+        self.table.as_ref().map(Dataset::len)
+    }
+
+    /// The numbers in one sample.
+    pub fn dim(&self) -> usize {
+        self.x_dims.iter().product()
+    }
+
+    /// The sizes of a new run on this data (see [`TrainSettings::sizing`]).
+    pub fn sizing(&self, settings: &TrainSettings) -> (Sizing, bool) {
+        settings.sizing(self.rows(), self.dim())
+    }
+
+    /// The velocity-mlp's config for this data (with its continuous condition, if any).
+    pub fn mlp_config(
+        &self,
+        settings: &TrainSettings,
+        sizing: &Sizing,
+    ) -> Result<VelocityMlpConfig> {
+        let mut mc = settings.model_config(sizing, &self.x_dims, self.num_classes)?;
+        if let Some((dims, norm)) = self.cond_shape()? {
+            (mc.cond_dims, mc.cond_norm) = (Some(dims), Some(norm));
+            mc.validate()?;
+        }
+        Ok(mc)
+    }
+
+    /// The waypoint transformer's config for this data (with its continuous condition, if any).
+    pub fn transformer_config(
+        &self,
+        settings: &TrainSettings,
+        sizing: &Sizing,
+    ) -> Result<TransformerConfig> {
+        if self.num_classes > 0 {
+            return Err(Error::invalid(
+                "--arch",
+                "transformer",
+                "a model without class labels (--conditional): give the transformer a continuous condition with --cond",
+            ));
+        }
+        let mut mc = settings.transformer_config(sizing, &self.x_dims)?;
+        if let Some((dims, norm)) = self.cond_shape()? {
+            (mc.cond_dims, mc.cond_norm) = (Some(dims), Some(norm));
+            mc.validate()?;
+        }
+        Ok(mc)
+    }
 }
 
-/// Trains (or resumes) a model on `data`, writing checkpoints to `out`.
+/// Trains (or resumes) a velocity-mlp on `data`, writing checkpoints to `out`.
 pub fn fit(
     data: &TrainingData,
     settings: &TrainSettings,
@@ -263,19 +527,92 @@ pub fn fit(
     fit_with(data, settings, resume, out, device, None)
 }
 
-impl TrainingData {
-    /// The number of rows of a finite table (`None` for endless toy data).
-    pub fn rows(&self) -> Option<usize> {
-        self.table.as_ref().map(Dataset::len)
+/// A new trainer for `mc` with the run's sizes, or the resumed checkpoint `resume` (whose
+/// data shape, classes and condition must be the data's).
+fn trainer_for<C>(
+    data: &TrainingData,
+    mc: impl FnOnce(&Sizing) -> Result<C>,
+    settings: &TrainSettings,
+    resume: Option<&Path>,
+    device: &Device,
+) -> Result<Trainer<C::Model>>
+where
+    C: ModelConfig,
+{
+    let Some(p) = resume else {
+        let (sizing, _) = data.sizing(settings);
+        let config = mc(&sizing)?;
+        return Trainer::new(config, settings.train_config(&sizing)?, device);
+    };
+    let mut t = Trainer::<C::Model>::resume_model(p, device)?;
+    if let Some(steps) = settings.steps {
+        t = t.with_steps(steps)?;
     }
+    let m = t.model();
+    let want = data.cond.as_ref().map(|c| c.values.dims()[1..].to_vec());
+    let has = m.cond_dims().map(|d| d.dims().to_vec());
+    if m.x_dims().dims() != data.x_dims.as_slice()
+        || m.num_classes() != data.num_classes
+        || want != has
+    {
+        let show = |d: Option<Vec<usize>>| d.map_or("none".to_string(), |d| format!("{d:?}"));
+        return Err(Error::invalid(
+            "--resume",
+            p.display(),
+            format!(
+                "a checkpoint for data of shape {:?} with {} classes and continuous condition {} (it has x_dims {}, {} classes, condition {})",
+                data.x_dims,
+                data.num_classes,
+                show(want),
+                m.x_dims(),
+                m.num_classes(),
+                show(has)
+            ),
+        ));
+    }
+    Ok(t)
+}
 
-    /// The numbers in one sample.
-    pub fn dim(&self) -> usize {
-        self.x_dims.iter().product()
+/// Runs a trainer to its end on `data`: with the continuous condition when there is one.
+fn run_trainer<M: TrainableModel>(
+    data: &TrainingData,
+    trainer: Trainer<M>,
+    out: &Path,
+) -> Result<TrainOutput<M>> {
+    let bar = crate::progress::Bar::new(trainer.config().steps, "step");
+    let mut trainer = trainer.with_checkpoint(out).with_progress(bar.callback());
+    if data.cond.is_some() {
+        trainer.train(|rng, b| data.draw_cond(rng, b))
+    } else {
+        trainer.train(|rng, b| data.draw(rng, b))
     }
 }
 
-/// [`fit`], optionally with early stopping on a held-out slice.
+/// [`fit`] for the waypoint transformer.
+pub fn fit_transformer(
+    data: &TrainingData,
+    settings: &TrainSettings,
+    resume: Option<&Path>,
+    out: &Path,
+    device: &Device,
+) -> Result<TrainOutput<WaypointTransformer>> {
+    let trainer = trainer_for(
+        data,
+        |s| data.transformer_config(settings, s),
+        settings,
+        resume,
+        device,
+    )?;
+    crate::bounds::training_transformer(
+        trainer.model().config(),
+        trainer.config().batch_size,
+        trainer.config().steps,
+    )?;
+    run_trainer(data, trainer, out)
+}
+
+/// [`fit`], optionally with early stopping on a held-out slice (velocity-mlp without a
+/// continuous condition).
 pub fn fit_with(
     data: &TrainingData,
     settings: &TrainSettings,
@@ -284,43 +621,28 @@ pub fn fit_with(
     device: &Device,
     early: Option<&EarlyStopArgs>,
 ) -> Result<TrainOutput> {
-    let mut trainer = match resume {
-        Some(p) => {
-            let mut t = Trainer::resume(p, device)?;
-            if let Some(steps) = settings.steps {
-                t = t.with_steps(steps)?;
-            }
-            let mc = t.model().config();
-            crate::bounds::training(mc, t.config().batch_size, t.config().steps)?;
-            if mc.x_dims.dims() != data.x_dims.as_slice() || mc.num_classes != data.num_classes {
-                return Err(Error::invalid(
-                    "--resume",
-                    p.display(),
-                    format!(
-                        "a checkpoint for data of shape [{}] with {} classes (it has x_dims {} and {} classes)",
-                        data.x_dims.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(","),
-                        data.num_classes,
-                        mc.x_dims,
-                        mc.num_classes
-                    ),
-                ));
-            }
-            t
-        }
-        None => {
-            let (sizing, _) = settings.sizing(data.rows(), data.dim());
-            Trainer::new(
-                settings.model_config(&sizing, &data.x_dims, data.num_classes)?,
-                settings.train_config(&sizing)?,
-                device,
-            )?
-        }
-    };
-    let bar = crate::progress::Bar::new(trainer.config().steps, "step");
-    trainer = trainer.with_checkpoint(out).with_progress(bar.callback());
+    let trainer = trainer_for(
+        data,
+        |s| data.mlp_config(settings, s),
+        settings,
+        resume,
+        device,
+    )?;
+    crate::bounds::training(
+        trainer.model().config(),
+        trainer.config().batch_size,
+        trainer.config().steps,
+    )?;
     let Some(early) = early.filter(|e| e.early_stop) else {
-        return trainer.train(|rng, b| data.draw(rng, b));
+        return run_trainer(data, trainer, out);
     };
+    if let Some(c) = &data.cond {
+        return Err(Error::invalid(
+            "--early-stop",
+            &c.origin,
+            "a run without a continuous condition (held-out losses under --cond are not implemented)",
+        ));
+    }
     if !(early.val_fraction > 0.0 && early.val_fraction < 1.0) {
         return Err(Error::invalid(
             "--val-fraction",
@@ -328,6 +650,8 @@ pub fn fit_with(
             "a fraction strictly between 0 and 1",
         ));
     }
+    let bar = crate::progress::Bar::new(trainer.config().steps, "step");
+    let mut trainer = trainer.with_checkpoint(out).with_progress(bar.callback());
     let seed = trainer.config().seed;
     // The held-out rows: a seeded slice of a table (training draws from the rest), or a fresh
     // sample of a toy.
@@ -388,50 +712,89 @@ pub fn run(a: TrainArgs) -> Result<()> {
         outputs.push(("--loss-plot", p.as_path()));
     }
     let data_path = Path::new(&a.data);
-    let inputs: Vec<(&str, &Path)> = if data_path.is_file() {
+    let mut inputs: Vec<(&str, &Path)> = if data_path.is_file() {
         vec![("--data", data_path)]
     } else {
         Vec::new()
     };
+    if let Some(c) = &a.cond {
+        inputs.push(("--cond", c.as_path()));
+    }
     let _locks = prepare_outputs(&outputs, &inputs)?;
     // --out may be the --resume file (a run continued in place); the loss plot may not.
     if let (Some(plot), Some(resume)) = (&a.loss_plot, &a.resume) {
         check_outputs(&[("--loss-plot", plot)], &[("--resume", resume)])?;
     }
-    let data = TrainingData::open(&a.data, a.label_column, a.conditional)?;
+    // A resumed run keeps its checkpoint's kind of model.
+    let arch = match &a.resume {
+        Some(p) if file_format(p)?.as_deref() == Some(TRANSFORMER_FORMAT) => Arch::Transformer,
+        Some(_) => Arch::Mlp,
+        None => a.arch.parse()?,
+    };
+    let mut data = TrainingData::open(&a.data, a.label_column, a.conditional)?;
+    if let Some(c) = &a.cond {
+        data = data.with_cond_file(c, &device)?;
+    }
+    if arch == Arch::Transformer && a.early.early_stop {
+        return Err(Error::invalid(
+            "--early-stop",
+            "--arch transformer",
+            "a velocity-mlp run (early stopping is not implemented for the transformer)",
+        ));
+    }
     if a.resume.is_none() {
-        let (sizing, chosen) = a.settings.sizing(data.rows(), data.dim());
+        let (sizing, chosen) = data.sizing(&a.settings);
         // Refuse bad settings before printing anything.
         a.settings.train_config(&sizing)?;
-        a.settings
-            .model_config(&sizing, &data.x_dims, data.num_classes)?;
+        let what = match arch {
+            Arch::Mlp => {
+                data.mlp_config(&a.settings, &sizing)?;
+                format!("{sizing}")
+            }
+            Arch::Transformer => {
+                let t = data.transformer_config(&a.settings, &sizing)?;
+                format!(
+                    "transformer width {}, depth {}, heads {}, batch {}, {} steps",
+                    t.width, t.depth, t.heads, sizing.batch_size, sizing.steps
+                )
+            }
+        };
         if chosen {
             eprintln!(
-                "sizes: {sizing} (chosen from the data: {} of dimension {}; set --steps --batch --hidden --depth to override)",
+                "sizes: {what} (chosen from the data: {} of dimension {}{}; set --steps --batch --hidden --depth to override)",
                 data.rows().map_or("endless samples".to_string(), |n| format!("{n} rows")),
-                data.dim()
+                data.dim(),
+                data.cond_features().map_or(String::new(), |c| format!(" with a {c}-number condition"))
             );
         }
     }
     let start = std::time::Instant::now();
-    let out = fit_with(
-        &data,
-        &a.settings,
-        a.resume.as_deref(),
-        &a.out,
-        &device,
-        Some(&a.early),
-    )?;
+    let history = match arch {
+        Arch::Mlp => {
+            fit_with(
+                &data,
+                &a.settings,
+                a.resume.as_deref(),
+                &a.out,
+                &device,
+                Some(&a.early),
+            )?
+            .history
+        }
+        Arch::Transformer => {
+            fit_transformer(&data, &a.settings, a.resume.as_deref(), &a.out, &device)?.history
+        }
+    };
     let secs = start.elapsed().as_secs_f64();
-    let last = out.history.last().map(|h| h.1).unwrap_or(f32::NAN);
+    let last = history.last().map(|h| h.1).unwrap_or(f32::NAN);
     eprintln!(
         "trained {} steps on {} in {secs:.1} s; final loss {last:.4}; wrote {}",
-        out.history.len(),
+        history.len(),
         data.source,
         a.out.display()
     );
     if let Some(p) = &a.loss_plot {
-        let losses: Vec<(usize, f64)> = out.history.iter().map(|&(s, l)| (s, l as f64)).collect();
+        let losses: Vec<(usize, f64)> = history.iter().map(|&(s, l)| (s, l as f64)).collect();
         flow_matching::plot::loss_curve(p, &losses, &format!("training loss ({})", data.source))?;
     }
     Ok(())
