@@ -8,6 +8,8 @@ torch.set_num_threads(2). Prints one JSON object a line: {"figure": ..., "value"
     python3 bench/pytorch_reference.py --model m.safetensors [--cond-model c.safetensors]
         [--reps-scale 1] [--install]
     python3 bench/pytorch_reference.py --model m.safetensors --peak-rss   # one batch-4096 sample
+    python3 bench/pytorch_reference.py --model m.safetensors --device cuda
+        # sample_b1, sample_b64, sample_b4096 and train_b4096 on GPU 0, synchronised per call
 
 `--install` runs `pip install torch safetensors numpy` first (never in CI).
 """
@@ -30,6 +32,7 @@ def parse():
     p.add_argument("--reps-scale", type=float, default=1.0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--device", default="cpu", help="cpu, or cuda (GPU figures only)")
     return p.parse_args()
 
 
@@ -67,7 +70,7 @@ def build(path, torch):
             parts = [x.reshape(b, -1), torch.sin(a), torch.cos(a)]
             if self.cond_embed is not None:
                 if c is None:
-                    c = torch.full((b,), num_classes, dtype=torch.long)
+                    c = torch.full((b,), num_classes, dtype=torch.long, device=x.device)
                 parts.append(self.cond_embed(c))
             return self.net(torch.cat(parts, 1)).reshape(x.shape)
 
@@ -80,7 +83,7 @@ def build(path, torch):
 
 
 def sample(model, x0, steps, torch):
-    ts = torch.linspace(0, 1, steps + 1)
+    ts = torch.linspace(0, 1, steps + 1, device=x0.device)
     x = x0
     b = x.shape[0]
     with torch.inference_mode():
@@ -129,14 +132,56 @@ def vm_hwm_mib():
     return float("nan")
 
 
-def median_ms(fn, reps):
-    fn()
+def median_ms(fn, reps, sync=None):
+    """The median wall time of `reps` calls after one warm-up; `sync` (on a GPU,
+    torch.cuda.synchronize) ends each call, so queued kernels are counted."""
+    def call():
+        fn()
+        if sync is not None:
+            sync()
+
+    call()
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
-        fn()
+        call()
         times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
+
+
+def main_gpu(args, torch):
+    """The GPU figures: the same work as on the CPU, every tensor on args.device."""
+    dev = torch.device(args.device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else None
+    model, x_dims, _ = build(args.model, torch)
+    model = model.to(dev)
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for batch, reps in ((1, 200), (64, 50), (4096, 5)):
+        x0 = torch.randn(batch, *x_dims, generator=g).to(dev)
+        reps = max(1, int(reps * args.reps_scale))
+        ms = median_ms(lambda: sample(model, x0, args.steps, torch), reps, sync)
+        out.append({"figure": f"sample_b{batch}", "value": ms})
+    b = 4096
+    x = torch.randn(b, *x_dims, generator=g)
+    noise = torch.randn(b, *x_dims, generator=g)
+    tt = torch.rand(b, generator=g)
+    tb = tt.reshape(b, *([1] * len(x_dims)))
+    noisy = (tb * x + (1 - tb) * noise).to(dev)
+    target = (x - noise).to(dev)
+    tt = tt.to(dev)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = ((model(noisy, tt) - target) ** 2).mean()
+        loss.backward()
+        opt.step()
+
+    ms = median_ms(step, max(1, int(10 * args.reps_scale)), sync)
+    out.append({"figure": "train_b4096", "value": 1e3 / ms})
+    for o in out:
+        print(json.dumps(o), flush=True)
 
 
 def main():
@@ -146,6 +191,9 @@ def main():
     import torch
 
     torch.set_num_threads(args.threads)
+    if args.device != "cpu":
+        main_gpu(args, torch)
+        return
     model, x_dims, _ = build(args.model, torch)
     g = torch.Generator().manual_seed(0)
     if args.peak_rss:

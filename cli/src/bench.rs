@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use crate::harness::{self as bench, BenchOptions};
+use crate::harness::{self as bench, BenchDevice, BenchOptions};
 use flow_matching::{kernel, Result};
 
 /// Arguments of `bench`.
@@ -29,6 +29,10 @@ pub struct BenchArgs {
     /// Only the ONNX figures (onnx_traj_b6, onnx_traj_b6_ort), not the velocity-mlp ones.
     #[arg(long)]
     onnx_only: bool,
+    /// Where to measure: `cuda` times sample_b1, sample_b64, sample_b4096 and train_b4096 on
+    /// GPU 0 against PyTorch eager on CUDA (needs a build with `--features cuda`).
+    #[arg(long, value_enum, default_value_t = BenchDevice::Cpu)]
+    device: BenchDevice,
 }
 
 /// The most alternating rounds and the largest repetition scale `bench` accepts: beyond
@@ -73,7 +77,18 @@ pub fn run(a: BenchArgs) -> Result<()> {
         script: a.script.clone(),
         install: a.install,
         reps_scale: a.reps_scale,
+        device: a.device,
     };
+    if a.device != BenchDevice::Cpu {
+        if a.onnx_only {
+            return Err(flow_matching::Error::invalid(
+                "--onnx-only",
+                "with --device cuda",
+                "the ONNX figures are CPU figures: use --device cpu",
+            ));
+        }
+        return run_gpu(&a, &opts);
+    }
     let torch = a.install || bench::torch_available(&a.python);
     let path = kernel::kernel_path().name();
     let features = kernel::cpu_features();
@@ -130,18 +145,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             );
         }
     } else {
-        println!(
-            "{:<16} {:>12} {:>12} {:>8}  unit",
-            "figure", "ours", "pytorch", "ratio"
-        );
-        for f in &figures {
-            let p = f.pytorch.map_or("-".to_string(), |p| format!("{p:.3}"));
-            let r = f.ratio().map_or("-".to_string(), |r| format!("{r:.2}x"));
-            println!(
-                "{:<16} {:>12.3} {:>12} {:>8}  {}",
-                f.figure, f.ours, p, r, f.unit
-            );
-        }
+        print_table(&figures);
     }
     if !torch {
         eprintln!(
@@ -151,6 +155,86 @@ pub fn run(a: BenchArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// `bench --device cuda`: the GPU figures only (no peak RSS, no ONNX figures, both CPU
+/// measures), the GPU named from `nvidia-smi` in the header.
+fn run_gpu(a: &BenchArgs, opts: &BenchOptions) -> Result<()> {
+    // Opened first, so a CPU-only build or a missing GPU fails before anything runs.
+    opts.device.open()?;
+    let torch = a.install || bench::torch_available(&a.python);
+    let gpu = gpu_name();
+    let cpu = cpu_model();
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({"header": true, "device": a.device.name(), "gpu": gpu, "cpu": cpu})
+        );
+    } else {
+        println!(
+            "device: {} (GPU 0: {gpu}); host CPU: {cpu}",
+            a.device.name()
+        );
+    }
+    let figures = bench::run(opts, |m| eprintln!("{m}"))?;
+    if a.json {
+        for f in &figures {
+            println!(
+                "{}",
+                serde_json::json!({
+                    "figure": f.figure, "ours": f.ours, "pytorch": f.pytorch,
+                    "unit": f.unit, "ratio": f.ratio(), "device": a.device.name(), "gpu": gpu,
+                })
+            );
+        }
+    } else {
+        print_table(&figures);
+    }
+    if !torch {
+        eprintln!(
+            "PyTorch is not importable by {}: no PyTorch column on the GPU either",
+            a.python
+        );
+    }
+    Ok(())
+}
+
+/// GPU 0's name and driver from `nvidia-smi` ("unknown" where it does not answer).
+fn gpu_name() -> String {
+    std::process::Command::new("nvidia-smi")
+        .args([
+            "--query-gpu=name,driver_version",
+            "--format=csv,noheader",
+            "--id=0",
+        ])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| {
+            let s = String::from_utf8_lossy(&o.stdout).trim().to_string();
+            match s.split_once(", ") {
+                Some((name, driver)) => format!("{name}, driver {driver}"),
+                None => s,
+            }
+        })
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// The text table of `bench`.
+fn print_table(figures: &[bench::Figure]) {
+    println!(
+        "{:<16} {:>12} {:>12} {:>8}  unit",
+        "figure", "ours", "pytorch", "ratio"
+    );
+    for f in figures {
+        let p = f.pytorch.map_or("-".to_string(), |p| format!("{p:.3}"));
+        let r = f.ratio().map_or("-".to_string(), |r| format!("{r:.2}x"));
+        println!(
+            "{:<16} {:>12.3} {:>12} {:>8}  {}",
+            f.figure, f.ours, p, r, f.unit
+        );
+    }
 }
 
 /// The CPU's model name from /proc/cpuinfo ("unknown" elsewhere).

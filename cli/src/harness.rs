@@ -91,16 +91,32 @@ pub fn sample_method_ms(
     batch: usize,
     reps: usize,
 ) -> Result<f64> {
+    sample_method_ms_on(model, method, batch, reps, &Device::Cpu)
+}
+
+/// [`sample_method_ms`] on `device` (`model` already there): the noise is drawn on the CPU
+/// and copied over, and on a GPU each timed sample ends with the device synchronised.
+pub fn sample_method_ms_on(
+    model: &VelocityMlp,
+    method: &str,
+    batch: usize,
+    reps: usize,
+    device: &Device,
+) -> Result<f64> {
     let fm = FlowMatching::new(2)?.with_method(method)?;
     let mut rng = StdRng::seed_from_u64(batch as u64);
+    let x_init = randn(&mut rng, &[batch, 2], DType::F32, &Device::Cpu)?.to_device(device)?;
     let opts = SampleOptions {
         steps: Some(STEPS),
-        x_init: Some(randn(&mut rng, &[batch, 2], DType::F32, &Device::Cpu)?),
+        x_init: Some(x_init),
         ..Default::default()
     };
     let mut m = model.detach();
     median_ms(reps, || {
-        fm.sample(batch, &mut m, &Device::Cpu, &opts)?;
+        fm.sample(batch, &mut m, device, &opts)?;
+        if !device.is_cpu() {
+            device.synchronize()?;
+        }
         Ok(())
     })
 }
@@ -169,6 +185,37 @@ pub fn train_steps_per_s(batch: usize, reps: usize) -> Result<f64> {
         grads.sort_by(|a, b| a.0.cmp(&b.0));
         let grads: Vec<Tensor> = grads.into_iter().map(|(_, g)| g).collect();
         opt.step(&plain, &grads, 1e-4)
+    })?;
+    Ok(1e3 / ms)
+}
+
+/// [`train_steps_per_s`] on a GPU: the same model, batch and AdamW, the loss and gradients by
+/// candle's autograd (the fused backward is CPU-only), the device synchronised after each step.
+pub fn train_steps_per_s_on(device: &Device, batch: usize, reps: usize) -> Result<f64> {
+    let varmap = VarMap::new();
+    let cfg = VelocityMlpConfig::new(XDims::new(2)?);
+    let model = VelocityMlp::init(cfg, &varmap, device, 0)?;
+    let params = AdamWParams {
+        weight_decay: 0.01,
+        ..AdamWParams::default()
+    };
+    let vars = flow_matching::train::sorted_vars(&varmap)?;
+    let plain: Vec<Var> = vars.iter().map(|(_, v)| v.clone()).collect();
+    let mut opt = AdamW::new(params, &plain)?;
+    let (noisy, t, target) = training_batch(batch)?;
+    let (noisy, t, target) = (
+        noisy.to_device(device)?,
+        t.to_device(device)?,
+        target.to_device(device)?,
+    );
+    let ms = median_ms(reps, || {
+        let (_, mut grads) =
+            flow_matching::train::loss_and_grads(&model, &noisy, &t, None, &target)?;
+        grads.sort_by(|a, b| a.0.cmp(&b.0));
+        let grads: Vec<Tensor> = grads.into_iter().map(|(_, g)| g).collect();
+        opt.step(&plain, &grads, 1e-4)?;
+        device.synchronize()?;
+        Ok(())
     })?;
     Ok(1e3 / ms)
 }
@@ -277,6 +324,56 @@ pub struct BenchOptions {
     pub install: bool,
     /// Scales every repetition count (for a quick look).
     pub reps_scale: f64,
+    /// Where the figures are measured.
+    pub device: BenchDevice,
+}
+
+/// Where `bench` measures: the CPU (against PyTorch eager on the CPU), or the first CUDA GPU
+/// (against PyTorch eager on CUDA).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BenchDevice {
+    /// The CPU: every figure.
+    Cpu,
+    /// CUDA GPU 0: sample_b1, sample_b64, sample_b4096 and train_b4096.
+    Cuda,
+}
+
+impl BenchDevice {
+    /// `cpu` or `cuda`, as the reference script's `--device` takes it.
+    pub fn name(self) -> &'static str {
+        match self {
+            BenchDevice::Cpu => "cpu",
+            BenchDevice::Cuda => "cuda",
+        }
+    }
+
+    /// The candle device; a clear error where this binary has no CUDA or no GPU answers.
+    pub fn open(self) -> Result<Device> {
+        match self {
+            BenchDevice::Cpu => Ok(Device::Cpu),
+            BenchDevice::Cuda => {
+                if !candle_core::utils::cuda_is_available() {
+                    return Err(Error::invalid(
+                        "--device",
+                        "cuda",
+                        "this binary was built without the `cuda` feature; rebuild it with \
+                         `cargo build --release --features cuda` (needs nvcc and the CUDA \
+                         libraries), or use --device cpu",
+                    ));
+                }
+                Device::new_cuda(0).map_err(|e| {
+                    // candle appends a backtrace to driver errors: the first line says it.
+                    let e = e.to_string();
+                    let first = e.lines().next().unwrap_or_default();
+                    Error::invalid(
+                        "--device",
+                        "cuda",
+                        format!("no CUDA GPU 0 answered: {first}"),
+                    )
+                })
+            }
+        }
+    }
 }
 
 /// Whether `python` can import torch and safetensors.
@@ -333,6 +430,21 @@ fn our_round(model: &VelocityMlp, cond: &VelocityMlp, scale: f64) -> Result<Vec<
     Ok(v)
 }
 
+/// One round on a GPU: `model` is already on `device`.
+fn gpu_round(model: &VelocityMlp, device: &Device, scale: f64) -> Result<Vec<(String, f64)>> {
+    let reps = |n: usize| ((n as f64 * scale) as usize).max(1);
+    let mut v = Vec::new();
+    for (b, n) in SAMPLE_BATCHES.iter().zip([200, 50, 5]) {
+        let ms = sample_method_ms_on(model, "euler", *b, reps(n), device)?;
+        v.push((format!("sample_b{b}"), ms));
+    }
+    v.push((
+        "train_b4096".into(),
+        train_steps_per_s_on(device, BIG_BATCH, reps(10))?,
+    ));
+    Ok(v)
+}
+
 /// Runs the benchmark; `progress` hears a line after each half-round.
 pub fn run(opts: &BenchOptions, mut progress: impl FnMut(&str)) -> Result<Vec<Figure>> {
     let dir = std::env::temp_dir().join(format!("flow-matching-bench-{}", std::process::id()));
@@ -358,27 +470,50 @@ pub fn run(opts: &BenchOptions, mut progress: impl FnMut(&str)) -> Result<Vec<Fi
             }
         }
     };
+    let gpu = match opts.device {
+        BenchDevice::Cpu => None,
+        dev => {
+            let d = dev.open()?;
+            Some((model.to_device(&d)?, d))
+        }
+    };
     for r in 0..opts.rounds.max(1) {
-        push(&mut ours, our_round(&model, &cond, opts.reps_scale)?);
-        push(
-            &mut ours,
-            vec![("traj_b6".into(), traj_ms(&traj, traj_reps)?)],
-        );
+        match &gpu {
+            None => {
+                push(&mut ours, our_round(&model, &cond, opts.reps_scale)?);
+                push(
+                    &mut ours,
+                    vec![("traj_b6".into(), traj_ms(&traj, traj_reps)?)],
+                );
+            }
+            Some((m, d)) => push(&mut ours, gpu_round(m, d, opts.reps_scale)?),
+        }
         progress(&format!("round {}: ours done", r + 1));
         if torch {
             let cond_arg = cond_path.to_string_lossy();
             let guidance = GUIDANCE.to_string();
-            let extra = ["--cond-model", &cond_arg, "--guidance", &guidance];
+            let extra: Vec<&str> = match opts.device {
+                BenchDevice::Cpu => vec!["--cond-model", &cond_arg, "--guidance", &guidance],
+                dev => vec!["--device", dev.name()],
+            };
             push(&mut theirs, run_python(opts, &model_path, &extra)?);
-            push(
-                &mut theirs,
-                vec![(
-                    "traj_b6".into(),
-                    traj_pytorch_ms(opts, &traj_path, traj_reps)?,
-                )],
-            );
+            // The trajectory figure is a CPU control-loop latency.
+            if gpu.is_none() {
+                push(
+                    &mut theirs,
+                    vec![(
+                        "traj_b6".into(),
+                        traj_pytorch_ms(opts, &traj_path, traj_reps)?,
+                    )],
+                );
+            }
             progress(&format!("round {}: PyTorch done", r + 1));
         }
+    }
+    if gpu.is_some() {
+        // Peak RSS is a CPU-memory figure; it says nothing about a GPU run.
+        let _ = std::fs::remove_dir_all(&dir);
+        return Ok(figures(ours, &theirs));
     }
     let exe = std::env::current_exe().map_err(|e| Error::io(Path::new("current_exe"), e))?;
     let child = Command::new(&exe)
@@ -402,8 +537,12 @@ pub fn run(opts: &BenchOptions, mut progress: impl FnMut(&str)) -> Result<Vec<Fi
         push(&mut theirs, run_python(opts, &model_path, &["--peak-rss"])?);
     }
     let _ = std::fs::remove_dir_all(&dir);
-    Ok(ours
-        .into_iter()
+    Ok(figures(ours, &theirs))
+}
+
+/// The medians of both sides' rounds as table rows, in our figures' order.
+fn figures(ours: Vec<(String, Vec<f64>)>, theirs: &[(String, Vec<f64>)]) -> Vec<Figure> {
+    ours.into_iter()
         .map(|(k, xs)| {
             let unit = if k.starts_with("train") {
                 "steps/s"
@@ -423,7 +562,7 @@ pub fn run(opts: &BenchOptions, mut progress: impl FnMut(&str)) -> Result<Vec<Fi
                 unit,
             }
         })
-        .collect())
+        .collect()
 }
 
 #[cfg(test)]

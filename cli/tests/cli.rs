@@ -219,3 +219,17 @@ fn loglik_takes_named_data() {
         "error: data digits: expected shape [N, 2] with N >= 1 (the model's x_dims), got [1797, 64]"
     );
 }
+
+/// `bench --device cuda` on a build without the `cuda` feature fails at once, saying how to
+/// get one (and writes no figures).
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn bench_on_cuda_needs_a_cuda_build() {
+    let (ok, out, err) = cli(&["bench", "--device", "cuda", "--python", "/nonexistent"]);
+    assert!(!ok, "{out}");
+    assert!(out.is_empty(), "{out}");
+    assert!(
+        err.contains("built without the `cuda` feature") && err.contains("--features cuda"),
+        "{err}"
+    );
+}

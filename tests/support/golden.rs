@@ -8,14 +8,19 @@ use candle_core::{Device, Tensor};
 use flow_matching::io::read_npy;
 use serde_json::Value;
 
-/// tests/data/golden of the repository, from the library's package or the command line's.
+/// tests/data/golden of the repository, from the library's package or the command line's;
+/// a test binary carried to another machine finds it under its working directory instead.
 pub fn golden_dir() -> PathBuf {
     let here = Path::new(env!("CARGO_MANIFEST_DIR"));
     let own = here.join("tests/data/golden");
+    let parent = here.join("../tests/data/golden");
+    let cwd = Path::new("tests/data/golden");
     if own.is_dir() {
         own
+    } else if parent.is_dir() || !cwd.is_dir() {
+        parent
     } else {
-        here.join("../tests/data/golden")
+        cwd.to_path_buf()
     }
 }
 
