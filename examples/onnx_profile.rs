@@ -13,6 +13,7 @@ use std::collections::HashMap;
 use std::time::Instant;
 
 use tract_onnx::prelude::*;
+use tract_onnx::tract_core::ops::OpState;
 use tract_onnx::tract_core::plan::{eval, EvalContext};
 
 fn main() -> TractResult<()> {
