@@ -200,6 +200,15 @@ pub enum Error {
         asked: usize,
     },
 
+    /// The ONNX Runtime shared library (runtime `ort`) missing, unloadable or too old.
+    #[error("ONNX Runtime library {library}: {reason}; expected the onnxruntime shared library, version 1.17 or later (e.g. the `onnxruntime` Python wheel's onnxruntime/capi/libonnxruntime.so.<version>), given with --ort-lib PATH or ORT_DYLIB_PATH")]
+    OnnxRuntimeLibrary {
+        /// The path given (or how it was looked for).
+        library: String,
+        /// What went wrong.
+        reason: String,
+    },
+
     // --- robustness (issue 11): outputs, locks, memory bounds, non-finite weights ---
     /// An output path refused before any work starts (missing or unwritable directory, a
     /// special file, a path shared by two roles or with an input).

@@ -23,6 +23,8 @@ pub mod metrics;
 pub mod model;
 #[cfg(feature = "onnx")]
 pub mod onnx;
+#[cfg(feature = "ort")]
+mod onnx_ort;
 pub mod output;
 #[cfg(feature = "plot")]
 pub mod plot;

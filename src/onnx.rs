@@ -16,6 +16,10 @@
 //! batch size actually used, the symbolic graph is specialised to that size and optimised once
 //! (a plan fixed to one batch runs about twice as fast as the symbolic one), and the plan's run
 //! state is reused across solver steps. tract runs on one thread.
+//!
+//! With the feature `ort`, [`Runtime::Ort`] runs the same file through ONNX Runtime instead
+//! (the `ort` crate, the shared library loaded at run time from a path the user gives), with the
+//! same conventions, checks and errors.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -68,6 +72,58 @@ impl InputInfo {
     }
 }
 
+/// The runtime that executes the network.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Runtime {
+    /// The pure-Rust tract runtime (feature `onnx`): an optimised plan per batch size.
+    #[default]
+    Tract,
+    /// ONNX Runtime through the `ort` crate (feature `ort`), loaded at run time.
+    Ort(OrtOptions),
+}
+
+/// How to load and run ONNX Runtime ([`Runtime::Ort`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OrtOptions {
+    /// The ONNX Runtime shared library (`libonnxruntime.so.<version>`, 1.17 or later); `None`
+    /// reads the `ORT_DYLIB_PATH` environment variable. One library serves the whole process.
+    pub library: Option<PathBuf>,
+    /// Intra-op threads (1 suits small batches in a control loop).
+    pub threads: usize,
+}
+
+impl Default for OrtOptions {
+    fn default() -> Self {
+        OrtOptions {
+            library: None,
+            threads: 1,
+        }
+    }
+}
+
+impl std::fmt::Display for Runtime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Runtime::Tract => f.write_str("tract"),
+            Runtime::Ort(_) => f.write_str("ort"),
+        }
+    }
+}
+
+/// The engine that runs the graph.
+enum Engine {
+    Tract(tp::TypedModel),
+    #[cfg(feature = "ort")]
+    Ort(crate::onnx_ort::OrtEngine),
+}
+
+/// A plan's runner: tract's optimised plan state, or ONNX Runtime's condition values.
+enum Runner {
+    Tract(Box<tp::TypedSimpleState>),
+    #[cfg(feature = "ort")]
+    Ort(Vec<ort::value::DynValue>),
+}
+
 /// The ways a model takes the flow time.
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum TimeLayout {
@@ -75,6 +131,12 @@ enum TimeLayout {
     PerRow(usize),
     /// A scalar or `[1]`-like shape of this rank: one time for every row.
     Shared(usize),
+}
+
+/// A declared input's dimensions and element type.
+struct Fact {
+    dims: Vec<tp::TDim>,
+    datum: tp::DatumType,
 }
 
 /// A condition input of the model.
@@ -99,14 +161,14 @@ struct CondValue {
 /// One optimised plan for one batch size, with its reusable run state and the condition
 /// inputs already expanded to that batch.
 struct Plan {
-    state: tp::TypedSimpleState,
+    runner: Runner,
     conds: Vec<tp::TValue>,
 }
 
 /// An ONNX velocity network as a step function (see the module documentation).
 pub struct OnnxStep {
     path: PathBuf,
-    model: tp::TypedModel,
+    engine: Engine,
     inputs: Vec<InputInfo>,
     x_input: usize,
     x_datum: tp::DatumType,
@@ -135,6 +197,7 @@ impl std::fmt::Debug for OnnxStep {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("OnnxStep")
             .field("path", &self.path)
+            .field("runtime", &self.runtime_name())
             .field("inputs", &self.inputs)
             .field("x_dims", &self.x_dims)
             .field("fixed_batch", &self.fixed_batch)
@@ -198,11 +261,42 @@ impl OnnxStep {
     /// Loads an ONNX velocity network with explicit `x_dims` (needed when `x` has a symbolic
     /// dimension besides the batch; checked against the declared shape otherwise).
     pub fn load_with_x_dims(path: impl AsRef<Path>, x_dims: Option<XDims>) -> Result<Self> {
+        Self::load_with_runtime(path, x_dims, &Runtime::Tract)
+    }
+
+    /// Loads an ONNX velocity network with the given runtime (and explicit `x_dims` as in
+    /// [`Self::load_with_x_dims`]). [`Runtime::Ort`] needs the feature `ort` and the ONNX
+    /// Runtime library; a missing, unloadable or too old library is an
+    /// [`Error::OnnxRuntimeLibrary`].
+    pub fn load_with_runtime(
+        path: impl AsRef<Path>,
+        x_dims: Option<XDims>,
+        runtime: &Runtime,
+    ) -> Result<Self> {
         let path = path.as_ref();
         let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
         if !meta.is_file() {
             return Err(onnx_err(path, "not a file"));
         }
+        match runtime {
+            Runtime::Tract => Self::load_tract(path, x_dims),
+            #[cfg(feature = "ort")]
+            Runtime::Ort(o) => {
+                let (engine, declared) =
+                    crate::onnx_ort::OrtEngine::open(path, o.library.as_deref(), o.threads)?;
+                Self::from_declared(path, declared, x_dims, Engine::Ort(engine))
+            }
+            #[cfg(not(feature = "ort"))]
+            Runtime::Ort(_) => Err(Error::invalid(
+                "ONNX runtime",
+                "ort",
+                "tract: this build has no ONNX Runtime support (build the library with the \
+                 feature `ort`, the CLI with --features ort)",
+            )),
+        }
+    }
+
+    fn load_tract(path: &Path, x_dims: Option<XDims>) -> Result<Self> {
         let onnx = tract_onnx::onnx();
         let proto = onnx.proto_model_for_path(path).map_err(|e| {
             onnx_err(
@@ -253,23 +347,40 @@ impl OnnxStep {
             .into_typed()
             .and_then(|m| m.into_decluttered())
             .map_err(|e| onnx_err(path, format!("cannot type the graph: {}", tract_msg(&e))))?;
-        Self::from_typed(path, model, x_dims)
+        let err = |e: tp::TractError| onnx_err(path, tract_msg(&e));
+        if model.output_outlets().map_err(err)?.is_empty() {
+            return Err(onnx_err(path, "the model has no output"));
+        }
+        let outlets = model.input_outlets().map_err(err)?.to_vec();
+        let mut declared = Vec::with_capacity(outlets.len());
+        for o in &outlets {
+            let fact = model.outlet_fact(*o).map_err(err)?;
+            declared.push((
+                model.node(o.node).name.clone(),
+                fact.shape.dims().to_vec(),
+                fact.datum_type,
+            ));
+        }
+        Self::from_declared(path, declared, x_dims, Engine::Tract(model))
     }
 
-    fn from_typed(path: &Path, model: tp::TypedModel, x_dims: Option<XDims>) -> Result<Self> {
-        let err = |e: tp::TractError| onnx_err(path, tract_msg(&e));
-        let outlets = model.input_outlets().map_err(err)?.to_vec();
-        let mut facts = Vec::with_capacity(outlets.len());
-        let mut inputs = Vec::with_capacity(outlets.len());
-        for o in &outlets {
-            let fact = model.outlet_fact(*o).map_err(err)?.clone();
+    /// The step function over the declared inputs (name, dimensions, type) of either engine.
+    fn from_declared(
+        path: &Path,
+        declared: Vec<(String, Vec<tp::TDim>, tp::DatumType)>,
+        x_dims: Option<XDims>,
+        engine: Engine,
+    ) -> Result<Self> {
+        let mut facts = Vec::with_capacity(declared.len());
+        let mut inputs = Vec::with_capacity(declared.len());
+        for (name, dims, datum) in declared {
             inputs.push(InputInfo {
-                name: model.node(o.node).name.clone(),
-                shape: fact.shape.dims().iter().map(dim_of).collect(),
-                dtype: dtype_name(fact.datum_type),
+                name,
+                shape: dims.iter().map(dim_of).collect(),
+                dtype: dtype_name(datum),
                 batched: false,
             });
-            facts.push(fact);
+            facts.push(Fact { dims, datum });
         }
         let names: Vec<&str> = inputs.iter().map(|i| i.name.as_str()).collect();
         let find = |n: &str| {
@@ -286,12 +397,9 @@ impl OnnxStep {
         };
         let x_input = find("x")?;
         let t_input = find("t")?;
-        if model.output_outlets().map_err(err)?.is_empty() {
-            return Err(onnx_err(path, "the model has no output"));
-        }
         // x: [B, *x_dims]
         let x_fact = &facts[x_input];
-        let xd = x_fact.shape.dims().to_vec();
+        let xd = x_fact.dims.clone();
         if xd.len() < 2 {
             return Err(onnx_err(
                 path,
@@ -301,7 +409,7 @@ impl OnnxStep {
                 ),
             ));
         }
-        let x_datum = x_fact.datum_type;
+        let x_datum = x_fact.datum;
         if !matches!(x_datum, tp::DatumType::F32 | tp::DatumType::F64) {
             return Err(onnx_err(
                 path,
@@ -366,7 +474,7 @@ impl OnnxStep {
         }
         // t: [B], [B, 1, ..., 1], or shared
         let t_fact = &facts[t_input];
-        let td = t_fact.shape.dims();
+        let td = t_fact.dims.as_slice();
         let is_batch = |d: &tp::TDim| match (d.as_i64(), fixed_batch) {
             (Some(n), Some(f)) => n as usize == f,
             (Some(_), None) => false,
@@ -391,7 +499,7 @@ impl OnnxStep {
                 ),
             ));
         };
-        let t_datum = t_fact.datum_type;
+        let t_datum = t_fact.datum;
         if !matches!(t_datum, tp::DatumType::F32 | tp::DatumType::F64) {
             return Err(onnx_err(
                 path,
@@ -403,7 +511,7 @@ impl OnnxStep {
             if i == x_input || i == t_input {
                 continue;
             }
-            let dims = fact.shape.dims().to_vec();
+            let dims = fact.dims.clone();
             let batched = dims.first().is_some_and(|d| {
                 d.as_i64().is_none() || fixed_batch.is_some_and(|f| d.as_i64() == Some(f as i64))
             });
@@ -415,7 +523,7 @@ impl OnnxStep {
                 input: i,
                 info: inputs[i].clone(),
                 dims,
-                datum: fact.datum_type,
+                datum: fact.datum,
                 batched,
             });
         }
@@ -423,7 +531,7 @@ impl OnnxStep {
         batch_symbols.dedup();
         Ok(OnnxStep {
             path: path.to_path_buf(),
-            model,
+            engine,
             inputs,
             x_input,
             x_datum,
@@ -447,6 +555,15 @@ impl OnnxStep {
     /// The shape of one sample, from the declared `x` shape or the explicit `x_dims`.
     pub fn x_dims(&self) -> &XDims {
         &self.x_dims
+    }
+
+    /// The runtime executing the network: `"tract"` or `"ort"`.
+    pub fn runtime_name(&self) -> &'static str {
+        match self.engine {
+            Engine::Tract(_) => "tract",
+            #[cfg(feature = "ort")]
+            Engine::Ort(_) => "ort",
+        }
     }
 
     /// The file the model was loaded from.
@@ -680,6 +797,33 @@ impl OnnxStep {
                 };
                 conds.push(tp::IntoTValue::into_tvalue(v));
             }
+            let runner = match &self.engine {
+                Engine::Tract(model) => {
+                    Runner::Tract(Box::new(self.tract_plan(model, plan_batch, &conds)?))
+                }
+                #[cfg(feature = "ort")]
+                Engine::Ort(_) => Runner::Ort(
+                    conds
+                        .iter()
+                        .map(|v| crate::onnx_ort::to_ort(&self.path, v))
+                        .collect::<Result<_>>()?,
+                ),
+            };
+            self.plans.insert((batch, half), Plan { runner, conds });
+        }
+        self.plans
+            .get_mut(&(batch, half))
+            .ok_or_else(|| onnx_err(&self.path, "plan cache"))
+    }
+
+    /// tract's plan for `plan_batch` rows: every symbol substituted, optimised, state spawned.
+    fn tract_plan(
+        &self,
+        model: &tp::TypedModel,
+        plan_batch: usize,
+        conds: &[tp::TValue],
+    ) -> Result<tp::TypedSimpleState> {
+        {
             let mut subs: HashMap<tp::Symbol, tp::TDim> = HashMap::new();
             for s in &self.batch_symbols {
                 subs.insert(s.clone(), tp::TDim::Val(plan_batch as i64));
@@ -689,32 +833,25 @@ impl OnnxStep {
             }
             // Other symbols of a condition (a variable number of context tokens) take the
             // value's size.
-            for (slot, v) in self.conds.iter().zip(&conds) {
+            for (slot, v) in self.conds.iter().zip(conds) {
                 for (d, &n) in slot.dims.iter().zip(v.shape()) {
                     if let tp::TDim::Sym(s) = d {
                         subs.entry(s.clone()).or_insert(tp::TDim::Val(n as i64));
                     }
                 }
             }
-            let path = self.path.clone();
-            let plan = self
-                .model
+            model
                 .set_symbols(&subs)
                 .and_then(|m| m.into_optimized())
                 .and_then(|m| m.into_runnable())
                 .and_then(|p| p.spawn())
                 .map_err(|e| {
                     onnx_err(
-                        &path,
+                        &self.path,
                         format!("cannot plan batch {plan_batch}: {}", tract_msg(&e)),
                     )
-                })?;
-            self.plans
-                .insert((batch, half), Plan { state: plan, conds });
+                })
         }
-        self.plans
-            .get_mut(&(batch, half))
-            .ok_or_else(|| onnx_err(&self.path, "plan cache"))
     }
 
     /// Runs the network on `rows` rows of `x` (flat f32) at times `t` (one per row, or one).
@@ -728,66 +865,94 @@ impl OnnxStep {
         out: &mut [f32],
     ) -> Result<()> {
         let x_shape = self.x_dims.batched(rows);
-        let t_layout = self.t_layout;
-        let (x_datum, t_datum, x_input, t_input) =
-            (self.x_datum, self.t_datum, self.x_input, self.t_input);
-        let n_inputs = self.inputs.len();
-        let path = self.path.clone();
-        let err = |e: tp::TractError| onnx_err(&path, tract_msg(&e));
-        let x_t = make_float(&x_shape, x, x_datum).map_err(err)?;
-        let t_t = match t_layout {
+        let full: Vec<f32>;
+        let (t_shape, t_vals) = match self.t_layout {
             TimeLayout::PerRow(rank) => {
                 let mut shape = vec![1usize; rank];
                 shape[0] = rows;
-                let full: Vec<f32>;
                 let vals = if t.len() == rows {
                     t
                 } else {
                     full = vec![t[0]; rows];
                     &full
                 };
-                make_float(&shape, vals, t_datum).map_err(err)?
+                (shape, vals)
             }
             TimeLayout::Shared(rank) => {
                 if t.iter().any(|&v| v != t[0]) {
                     return Err(onnx_err(
-                        &path,
+                        &self.path,
                         "input t is declared as one time for every row, but the rows' times differ",
                     ));
                 }
-                make_float(&vec![1usize; rank], &t[..1], t_datum).map_err(err)?
+                (vec![1usize; rank], &t[..1])
             }
         };
-        let slots: Vec<usize> = self.conds.iter().map(|c| c.input).collect();
-        let plan = self.plan(batch, half)?;
-        let mut feeds: Vec<Option<tp::TValue>> = vec![None; n_inputs];
-        feeds[x_input] = Some(tp::IntoTValue::into_tvalue(x_t));
-        feeds[t_input] = Some(tp::IntoTValue::into_tvalue(t_t));
-        for (&i, v) in slots.iter().zip(&plan.conds) {
-            feeds[i] = Some(v.clone());
+        self.plan(batch, half)?;
+        let OnnxStep {
+            path,
+            engine,
+            plans,
+            conds,
+            inputs,
+            x_input,
+            t_input,
+            x_datum,
+            t_datum,
+            ..
+        } = self;
+        let plan = plans
+            .get_mut(&(batch, half))
+            .ok_or_else(|| onnx_err(path, "plan cache"))?;
+        match (&mut plan.runner, engine) {
+            (Runner::Tract(state), _) => {
+                let err = |e: tp::TractError| onnx_err(path, tract_msg(&e));
+                let x_t = make_float(&x_shape, x, *x_datum).map_err(err)?;
+                let t_t = make_float(&t_shape, t_vals, *t_datum).map_err(err)?;
+                let mut feeds: Vec<Option<tp::TValue>> = vec![None; inputs.len()];
+                feeds[*x_input] = Some(tp::IntoTValue::into_tvalue(x_t));
+                feeds[*t_input] = Some(tp::IntoTValue::into_tvalue(t_t));
+                for (slot, v) in conds.iter().zip(&plan.conds) {
+                    feeds[slot.input] = Some(v.clone());
+                }
+                let feeds: tp::TVec<tp::TValue> = feeds.into_iter().flatten().collect();
+                let outputs = state.run(feeds).map_err(|e| {
+                    onnx_err(
+                        path,
+                        format!("running the network failed: {}", tract_msg(&e)),
+                    )
+                })?;
+                let v = outputs
+                    .first()
+                    .ok_or_else(|| onnx_err(path, "the network returned no output"))?;
+                if v.shape() != x_shape.as_slice() {
+                    return Err(Error::StepShape {
+                        expected: x_shape,
+                        got: v.shape().to_vec(),
+                    });
+                }
+                let v = v.cast_to::<f32>().map_err(err)?;
+                let view = v.to_plain_array_view::<f32>().map_err(err)?;
+                for (o, &a) in out.iter_mut().zip(view.iter()) {
+                    *o = a;
+                }
+                Ok(())
+            }
+            #[cfg(feature = "ort")]
+            (Runner::Ort(values), Engine::Ort(session)) => {
+                let feeds: Vec<(usize, &ort::value::DynValue)> =
+                    conds.iter().map(|c| c.input).zip(values.iter()).collect();
+                session.run(
+                    path,
+                    (*x_input, &x_shape, x, *x_datum),
+                    (*t_input, &t_shape, t_vals, *t_datum),
+                    &feeds,
+                    out,
+                )
+            }
+            #[cfg(feature = "ort")]
+            _ => Err(onnx_err(path, "plan and engine disagree")),
         }
-        let feeds: tp::TVec<tp::TValue> = feeds.into_iter().flatten().collect();
-        let outputs = plan.state.run(feeds).map_err(|e| {
-            onnx_err(
-                &path,
-                format!("running the network failed: {}", tract_msg(&e)),
-            )
-        })?;
-        let v = outputs
-            .first()
-            .ok_or_else(|| onnx_err(&path, "the network returned no output"))?;
-        if v.shape() != x_shape.as_slice() {
-            return Err(Error::StepShape {
-                expected: x_shape,
-                got: v.shape().to_vec(),
-            });
-        }
-        let v = v.cast_to::<f32>().map_err(err)?;
-        let view = v.to_plain_array_view::<f32>().map_err(err)?;
-        for (o, &a) in out.iter_mut().zip(view.iter()) {
-            *o = a;
-        }
-        Ok(())
     }
 
     /// The (guided) velocity of `x` `[B, D]` flat at times `t` (B values, or one) into `out`.

@@ -4,7 +4,7 @@
 
 use candle_core::{DType, Device, Tensor};
 use flow_matching::io::read_npy;
-use flow_matching::onnx::OnnxStep;
+use flow_matching::onnx::{OnnxStep, OrtOptions, Runtime};
 use flow_matching::{Diffusion, Error, FlowMatching, Method, SampleOptions, Schedule, XDims};
 
 const DIR: &str = "tests/data/onnx";
@@ -16,6 +16,58 @@ fn npy(name: &str) -> Tensor {
 fn path(name: &str) -> String {
     format!("{DIR}/{name}")
 }
+
+fn load(rt: &Runtime, name: &str) -> flow_matching::Result<OnnxStep> {
+    OnnxStep::load_with_runtime(path(name), None, rt)
+}
+
+/// tract, and ONNX Runtime when the build has the feature `ort` and `ORT_DYLIB_PATH` names the
+/// library (e.g. the onnxruntime wheel's capi/libonnxruntime.so.<version>).
+fn runtimes() -> Vec<Runtime> {
+    let mut v = vec![Runtime::Tract];
+    match std::env::var_os("ORT_DYLIB_PATH").filter(|p| !p.is_empty()) {
+        Some(lib) if cfg!(feature = "ort") => v.push(Runtime::Ort(OrtOptions {
+            library: Some(lib.into()),
+            threads: 1,
+        })),
+        _ if cfg!(feature = "ort") => {
+            eprintln!("ort runtime skipped: set ORT_DYLIB_PATH to an ONNX Runtime library")
+        }
+        _ => {}
+    }
+    v
+}
+
+/// The same golden cases on every runtime the build and the environment have.
+macro_rules! on_every_runtime {
+    ($($name:ident),* $(,)?) => {
+        mod every_runtime {
+            $(
+                #[test]
+                fn $name() {
+                    for rt in super::runtimes() {
+                        eprintln!("runtime {rt}");
+                        super::$name(&rt);
+                    }
+                }
+            )*
+        }
+    };
+}
+
+on_every_runtime!(
+    mlp_matches_pytorch_across_solvers,
+    mlp_matches_pytorch_on_other_schedules_and_encode,
+    every_batch_size_gets_its_own_cached_plan,
+    transformer_with_a_condition_matches_pytorch,
+    one_condition_row_is_broadcast_to_every_sample,
+    guidance_runs_one_doubled_batch_against_the_null_condition,
+    a_fixed_batch_export_runs_at_its_batch_only,
+    a_symbolic_sample_dimension_needs_explicit_x_dims,
+    unreadable_truncated_and_foreign_files_are_errors,
+    condition_errors_name_the_input_and_the_shapes,
+    a_non_finite_velocity_stops_at_the_first_step,
+);
 
 /// Asserts |got - want| <= 1e-4 + 1e-3 |want| everywhere.
 fn assert_close(got: &Tensor, want: &Tensor, what: &str) {
@@ -67,9 +119,8 @@ fn run(
         .x
 }
 
-#[test]
-fn mlp_matches_pytorch_across_solvers() {
-    let mut v = OnnxStep::load(path("mlp.onnx")).unwrap();
+fn mlp_matches_pytorch_across_solvers(rt: &Runtime) {
+    let mut v = load(rt, "mlp.onnx").unwrap();
     assert_eq!(v.x_dims().dims(), &[3]);
     assert!(v.condition_inputs().is_empty());
     let x0 = npy("mlp_x0.npy");
@@ -102,9 +153,8 @@ fn mlp_matches_pytorch_across_solvers() {
     assert!(err < 1e-3, "dopri5 vs rk4 64: {err}");
 }
 
-#[test]
-fn mlp_matches_pytorch_on_other_schedules_and_encode() {
-    let mut v = OnnxStep::load(path("mlp.onnx")).unwrap();
+fn mlp_matches_pytorch_on_other_schedules_and_encode(rt: &Runtime) {
+    let mut v = load(rt, "mlp.onnx").unwrap();
     let x0 = npy("mlp_x0.npy");
     let got = run(&mut v, &x0, "euler", 6, Schedule::Cosine, DType::F32);
     assert_close(&got, &npy("mlp_euler_cosine6.npy"), "cosine grid");
@@ -116,9 +166,8 @@ fn mlp_matches_pytorch_on_other_schedules_and_encode() {
     assert_close(&back, &npy("mlp_encode_euler10.npy"), "encode");
 }
 
-#[test]
-fn every_batch_size_gets_its_own_cached_plan() {
-    let mut v = OnnxStep::load(path("mlp.onnx")).unwrap();
+fn every_batch_size_gets_its_own_cached_plan(rt: &Runtime) {
+    let mut v = load(rt, "mlp.onnx").unwrap();
     let x0 = npy("mlp_x0.npy");
     let want = npy("mlp_euler10.npy");
     for b in [1, 2, 5] {
@@ -137,10 +186,9 @@ fn every_batch_size_gets_its_own_cached_plan() {
     assert_eq!(v.plans_built(), 3, "a batch seen before reuses its plan");
 }
 
-#[test]
-fn transformer_with_a_condition_matches_pytorch() {
+fn transformer_with_a_condition_matches_pytorch(rt: &Runtime) {
     let ctx = npy("traj_ctx.npy");
-    let mut v = OnnxStep::load(path("traj.onnx"))
+    let mut v = load(rt, "traj.onnx")
         .unwrap()
         .with_condition("ctx", &ctx)
         .unwrap();
@@ -157,7 +205,7 @@ fn transformer_with_a_condition_matches_pytorch() {
     let got = run(&mut v, &x0, "rk4", 4, Schedule::Uniform, DType::F32);
     assert_close(&got, &npy("traj_rk4_4.npy"), "rk4, one context per row");
     // Two rows with their two contexts.
-    let mut v2 = OnnxStep::load(path("traj.onnx"))
+    let mut v2 = load(rt, "traj.onnx")
         .unwrap()
         .with_condition("ctx", &ctx.narrow(0, 0, 2).unwrap())
         .unwrap();
@@ -173,10 +221,9 @@ fn transformer_with_a_condition_matches_pytorch() {
     assert_close(&got, &want, "batch 2");
 }
 
-#[test]
-fn one_condition_row_is_broadcast_to_every_sample() {
+fn one_condition_row_is_broadcast_to_every_sample(rt: &Runtime) {
     let ctx0 = npy("traj_ctx.npy").narrow(0, 0, 1).unwrap();
-    let mut v = OnnxStep::load(path("traj.onnx"))
+    let mut v = load(rt, "traj.onnx")
         .unwrap()
         .with_condition("ctx", &ctx0)
         .unwrap();
@@ -185,11 +232,10 @@ fn one_condition_row_is_broadcast_to_every_sample() {
     assert_close(&got, &npy("traj_euler10_ctx0.npy"), "broadcast context");
 }
 
-#[test]
-fn guidance_runs_one_doubled_batch_against_the_null_condition() {
+fn guidance_runs_one_doubled_batch_against_the_null_condition(rt: &Runtime) {
     let ctx = npy("traj_ctx.npy");
     let null = npy("traj_null.npy");
-    let mut v = OnnxStep::load(path("traj.onnx"))
+    let mut v = load(rt, "traj.onnx")
         .unwrap()
         .with_condition("ctx", &ctx)
         .unwrap()
@@ -200,7 +246,7 @@ fn guidance_runs_one_doubled_batch_against_the_null_condition() {
     assert_close(&got, &npy("traj_guided_euler10.npy"), "guided, w = 2.5");
     assert_eq!(v.plans_built(), 1, "one plan, for the doubled batch");
     // w = 1 is the plain conditional field.
-    let mut v1 = OnnxStep::load(path("traj.onnx"))
+    let mut v1 = load(rt, "traj.onnx")
         .unwrap()
         .with_condition("ctx", &ctx)
         .unwrap()
@@ -210,10 +256,9 @@ fn guidance_runs_one_doubled_batch_against_the_null_condition() {
     assert_close(&got, &npy("traj_euler10.npy"), "guided, w = 1");
 }
 
-#[test]
-fn a_fixed_batch_export_runs_at_its_batch_only() {
+fn a_fixed_batch_export_runs_at_its_batch_only(rt: &Runtime) {
     let ctx = npy("traj_ctx.npy").narrow(0, 0, 2).unwrap();
-    let mut v = OnnxStep::load(path("traj_fixed2.onnx"))
+    let mut v = load(rt, "traj_fixed2.onnx")
         .unwrap()
         .with_condition("ctx", &ctx)
         .unwrap();
@@ -244,17 +289,19 @@ fn a_fixed_batch_export_runs_at_its_batch_only() {
     assert!(err.to_string().contains("fixed batch of 2"), "{err}");
 }
 
-#[test]
-fn a_symbolic_sample_dimension_needs_explicit_x_dims() {
-    let err = OnnxStep::load(path("pointwise.onnx")).unwrap_err();
+fn a_symbolic_sample_dimension_needs_explicit_x_dims(rt: &Runtime) {
+    let err = load(rt, "pointwise.onnx").unwrap_err();
     let msg = err.to_string();
     assert!(
         msg.contains("tokens") && msg.contains("x_dims"),
         "names the dimension and the fix: {msg}"
     );
-    let mut v =
-        OnnxStep::load_with_x_dims(path("pointwise.onnx"), Some(XDims::new([5, 2]).unwrap()))
-            .unwrap();
+    let mut v = OnnxStep::load_with_runtime(
+        path("pointwise.onnx"),
+        Some(XDims::new([5, 2]).unwrap()),
+        rt,
+    )
+    .unwrap();
     let got = run(
         &mut v,
         &npy("pointwise_x0.npy"),
@@ -265,8 +312,8 @@ fn a_symbolic_sample_dimension_needs_explicit_x_dims() {
     );
     assert_close(&got, &npy("pointwise_euler10.npy"), "x_dims [5, 2]");
     // Explicit x_dims that contradict a fixed declared dimension are refused.
-    let err =
-        OnnxStep::load_with_x_dims(path("mlp.onnx"), Some(XDims::new(4).unwrap())).unwrap_err();
+    let err = OnnxStep::load_with_runtime(path("mlp.onnx"), Some(XDims::new(4).unwrap()), rt)
+        .unwrap_err();
     assert!(err.to_string().contains("x_dims"), "{err}");
 }
 
@@ -283,35 +330,33 @@ fn unsupported_operators_are_named_with_their_node() {
     assert!(err.to_string().contains("Bernoulli"));
 }
 
-#[test]
-fn unreadable_truncated_and_foreign_files_are_errors() {
-    let dir = std::env::temp_dir().join(format!("fm-onnx-test-{}", std::process::id()));
+fn unreadable_truncated_and_foreign_files_are_errors(rt: &Runtime) {
+    let dir = std::env::temp_dir().join(format!("fm-onnx-test-{rt}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let err = OnnxStep::load(dir.join("missing.onnx")).unwrap_err();
+    let err = OnnxStep::load_with_runtime(dir.join("missing.onnx"), None, rt).unwrap_err();
     assert!(matches!(err, Error::Io { .. }), "{err}");
     let bytes = std::fs::read(path("traj.onnx")).unwrap();
     let cut = dir.join("cut.onnx");
     std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
-    let err = OnnxStep::load(&cut).unwrap_err();
+    let err = OnnxStep::load_with_runtime(&cut, None, rt).unwrap_err();
     assert!(matches!(err, Error::Onnx { .. }), "{err}");
     assert!(err.to_string().contains("cut.onnx"), "{err}");
     let text = dir.join("notes.onnx");
     std::fs::write(&text, "this is not a model\n").unwrap();
-    let err = OnnxStep::load(&text).unwrap_err();
+    let err = OnnxStep::load_with_runtime(&text, None, rt).unwrap_err();
     assert!(matches!(err, Error::Onnx { .. }), "{err}");
     let empty = dir.join("empty.onnx");
     std::fs::write(&empty, b"").unwrap();
-    let err = OnnxStep::load(&empty).unwrap_err();
+    let err = OnnxStep::load_with_runtime(&empty, None, rt).unwrap_err();
     assert!(matches!(err, Error::Onnx { .. }), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-#[test]
-fn condition_errors_name_the_input_and_the_shapes() {
+fn condition_errors_name_the_input_and_the_shapes(rt: &Runtime) {
     let fm = FlowMatching::new([64, 2]).unwrap();
     let opts = SampleOptions::seeded(0);
     // No value for ctx.
-    let mut v = OnnxStep::load(path("traj.onnx")).unwrap();
+    let mut v = load(rt, "traj.onnx").unwrap();
     let err = fm.sample(2, &mut v, &Device::Cpu, &opts).unwrap_err();
     assert!(
         matches!(&err, Error::OnnxMissingInput { name, .. } if name == "ctx"),
@@ -319,7 +364,7 @@ fn condition_errors_name_the_input_and_the_shapes() {
     );
     // A name the model does not have: the message lists the ones it has.
     let ctx = npy("traj_ctx.npy");
-    let err = OnnxStep::load(path("traj.onnx"))
+    let err = load(rt, "traj.onnx")
         .unwrap()
         .with_condition("scene", &ctx)
         .unwrap_err();
@@ -330,7 +375,7 @@ fn condition_errors_name_the_input_and_the_shapes() {
     );
     // A wrong trailing shape.
     let bad = Tensor::zeros((4, 4, 9), DType::F32, &Device::Cpu).unwrap();
-    let err = OnnxStep::load(path("traj.onnx"))
+    let err = load(rt, "traj.onnx")
         .unwrap()
         .with_condition("ctx", &bad)
         .unwrap_err();
@@ -340,7 +385,7 @@ fn condition_errors_name_the_input_and_the_shapes() {
         "{msg}"
     );
     // Rows that are neither 1 nor the batch.
-    let mut v = OnnxStep::load(path("traj.onnx"))
+    let mut v = load(rt, "traj.onnx")
         .unwrap()
         .with_condition("ctx", &ctx.narrow(0, 0, 3).unwrap())
         .unwrap();
@@ -349,9 +394,8 @@ fn condition_errors_name_the_input_and_the_shapes() {
     assert!(msg.contains("2 rows") && msg.contains("[3, 4, 8]"), "{msg}");
 }
 
-#[test]
-fn a_non_finite_velocity_stops_at_the_first_step() {
-    let mut v = OnnxStep::load(path("mlp.onnx")).unwrap();
+fn a_non_finite_velocity_stops_at_the_first_step(rt: &Runtime) {
+    let mut v = load(rt, "mlp.onnx").unwrap();
     let x0 = Tensor::new(&[[f32::NAN, 0.0, 0.0]], &Device::Cpu).unwrap();
     let fm = FlowMatching::new(3).unwrap();
     for m in ["euler", "rk4"] {
@@ -366,4 +410,49 @@ fn a_non_finite_velocity_stops_at_the_first_step() {
             "{m}: {err}"
         );
     }
+}
+
+#[cfg(not(feature = "ort"))]
+#[test]
+fn the_ort_runtime_needs_the_ort_feature() {
+    let err = load(&Runtime::Ort(OrtOptions::default()), "mlp.onnx").unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        matches!(err, Error::InvalidArgument { .. })
+            && msg.contains("ort")
+            && msg.contains("feature"),
+        "{msg}"
+    );
+}
+
+#[cfg(feature = "ort")]
+#[test]
+fn a_missing_or_foreign_ort_library_is_a_clear_error() {
+    let dir = std::env::temp_dir().join(format!("fm-ort-lib-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let missing = dir.join("libonnxruntime.so.1.99.0");
+    let rt = Runtime::Ort(OrtOptions {
+        library: Some(missing.clone()),
+        threads: 1,
+    });
+    let err = load(&rt, "mlp.onnx").unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, Error::OnnxRuntimeLibrary { .. }), "{msg}");
+    assert!(
+        msg.contains(&missing.display().to_string()) && msg.contains("--ort-lib"),
+        "names the path and the fix: {msg}"
+    );
+    // A file that is not a shared library: refused by the loader (or, when another test of
+    // this process loaded the real library first, refused as a second library).
+    let text = dir.join("libonnxruntime.so.1.20.0");
+    std::fs::write(&text, "not a library\n").unwrap();
+    let rt = Runtime::Ort(OrtOptions {
+        library: Some(text.clone()),
+        threads: 1,
+    });
+    let err = load(&rt, "mlp.onnx").unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, Error::OnnxRuntimeLibrary { .. }), "{msg}");
+    assert!(msg.contains(&text.display().to_string()), "{msg}");
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -24,6 +24,9 @@ pub struct EvalArgs {
     /// For an ONNX model: its sample shape, e.g. 64,2 (when x has a symbolic dimension).
     #[arg(long)]
     x_dims: Option<String>,
+    /// The ONNX runtime (--runtime, --ort-lib, --ort-threads).
+    #[command(flatten)]
+    runtime: crate::RuntimeFlags,
     /// The data to compare with: a toy name, digits, or a .csv/.npy file.
     #[arg(long)]
     data: String,
@@ -157,6 +160,7 @@ fn run_onnx(a: EvalArgs) -> Result<()> {
     let (mut step, _) = crate::onnx::prepare(
         &a.model,
         a.x_dims.as_deref(),
+        &a.runtime,
         &flags,
         &[],
         None,

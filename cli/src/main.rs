@@ -90,6 +90,22 @@ fn is_onnx(path: &std::path::Path) -> bool {
         .is_some_and(|e| e.eq_ignore_ascii_case("onnx"))
 }
 
+/// How an ONNX model runs: `--runtime tract|ort`, `--ort-lib PATH`, `--ort-threads N`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RuntimeFlags {
+    /// For an ONNX model: the runtime, tract (pure Rust, built in) or ort (ONNX Runtime, in a
+    /// build with --features ort).
+    #[arg(long, default_value = "tract", value_parser = ["tract", "ort"])]
+    pub runtime: String,
+    /// With --runtime ort: the ONNX Runtime shared library, 1.17 or later (e.g. the onnxruntime
+    /// Python wheel's onnxruntime/capi/libonnxruntime.so.<version>); default: $ORT_DYLIB_PATH.
+    #[arg(long, value_name = "PATH")]
+    pub ort_lib: Option<std::path::PathBuf>,
+    /// With --runtime ort: ONNX Runtime's intra-op threads.
+    #[arg(long, value_name = "N")]
+    pub ort_threads: Option<usize>,
+}
+
 /// Parses a comma-separated list of labels such as `0,1,2`.
 fn parse_labels(s: &str) -> Result<Vec<u32>> {
     s.split(',')

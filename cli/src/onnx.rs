@@ -6,15 +6,50 @@ use std::path::Path;
 use candle_core::{Device, Tensor};
 use flow_matching::condition::{expand_rows, repeat_per_cond};
 use flow_matching::io::read_npy;
-use flow_matching::onnx::OnnxStep;
+use flow_matching::onnx::{OnnxStep, OrtOptions, Runtime};
 use flow_matching::{Error, Result, XDims};
 
 use crate::cond::{CondArg, CondFlags};
+use crate::RuntimeFlags;
 
-/// Loads the network, with `--x-dims` when given.
-pub fn load(path: &Path, x_dims: Option<&str>) -> Result<OnnxStep> {
+/// The runtime `--runtime`, `--ort-lib` and `--ort-threads` name.
+pub fn runtime(flags: &RuntimeFlags) -> Result<Runtime> {
+    match flags.runtime.as_str() {
+        "ort" => {
+            if flags.ort_threads == Some(0) {
+                return Err(Error::invalid("--ort-threads", 0, "at least 1 thread"));
+            }
+            Ok(Runtime::Ort(OrtOptions {
+                library: flags.ort_lib.clone(),
+                threads: flags.ort_threads.unwrap_or(1),
+            }))
+        }
+        "tract" => {
+            if let Some(p) = &flags.ort_lib {
+                return Err(Error::invalid(
+                    "--ort-lib",
+                    p.display(),
+                    "--runtime ort with it (the default runtime, tract, needs no library)",
+                ));
+            }
+            if let Some(n) = flags.ort_threads {
+                return Err(Error::invalid(
+                    "--ort-threads",
+                    n,
+                    "--runtime ort with it (tract runs on one thread)",
+                ));
+            }
+            Ok(Runtime::Tract)
+        }
+        other => Err(Error::invalid("--runtime", other, "tract or ort")),
+    }
+}
+
+/// Loads the network with the chosen runtime, with `--x-dims` when given.
+pub fn load(path: &Path, x_dims: Option<&str>, flags: &RuntimeFlags) -> Result<OnnxStep> {
+    let runtime = runtime(flags)?;
     let x_dims = x_dims.map(XDims::parse).transpose()?;
-    OnnxStep::load_with_x_dims(path, x_dims)
+    OnnxStep::load_with_runtime(path, x_dims, &runtime)
 }
 
 /// One condition read from its file: the input it binds, the flag text for messages, its value.
@@ -80,9 +115,11 @@ fn read_conds(step: &OnnxStep, args: &[CondArg], flag: &str) -> Result<Vec<Cond>
 /// The batch is the rows of `--x-init` when given; else the condition rows N times `--per-cond
 /// K` (N = 1 when every condition has one row); else N when a condition has N > 1 rows; else
 /// `batch`. Conditions of one row are shared by every sample.
+#[allow(clippy::too_many_arguments)]
 pub fn prepare(
     model: &Path,
     x_dims: Option<&str>,
+    runtime: &RuntimeFlags,
     flags: &CondFlags,
     null_cond: &[CondArg],
     guidance: Option<f64>,
@@ -96,7 +133,7 @@ pub fn prepare(
             "at least 1 sample per condition",
         ));
     }
-    let mut step = load(model, x_dims)?;
+    let mut step = load(model, x_dims, runtime)?;
     let conds = read_conds(&step, &flags.cond, "--cond")?;
     let nulls = read_conds(&step, null_cond, "--null-cond")?;
     let mut rows: Option<(usize, &str)> = None;

@@ -77,6 +77,9 @@ pub struct SampleArgs {
     /// besides the batch).
     #[arg(long)]
     x_dims: Option<String>,
+    /// The ONNX runtime (--runtime, --ort-lib, --ort-threads).
+    #[command(flatten)]
+    runtime: crate::RuntimeFlags,
 }
 
 /// The integration method of `--method`, with `--rtol`/`--atol` for dopri5.
@@ -146,6 +149,7 @@ fn run_onnx(a: &SampleArgs) -> Result<()> {
     let (mut step, batch) = crate::onnx::prepare(
         &a.model,
         a.x_dims.as_deref(),
+        &a.runtime,
         &a.cond,
         &a.null_cond,
         a.guidance,

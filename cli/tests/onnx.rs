@@ -323,3 +323,148 @@ fn eval_runs_an_onnx_model_and_loglik_refuses_one() {
     let err = fails(&["loglik", "--model", &fixture("mlp.onnx"), "--data", &data]);
     assert!(err.contains("gradients"), "{err}");
 }
+
+/// `--runtime ort --ort-lib $ORT_DYLIB_PATH` gets PyTorch's results too (conditions, guidance,
+/// RK4); skipped without the feature `ort` or without a library.
+#[cfg(feature = "ort")]
+#[test]
+fn the_ort_runtime_matches_pytorch() {
+    let Some(lib) = std::env::var("ORT_DYLIB_PATH")
+        .ok()
+        .filter(|p| !p.is_empty())
+    else {
+        eprintln!("skipped: set ORT_DYLIB_PATH to an ONNX Runtime library to test --runtime ort");
+        return;
+    };
+    let ort = ["--runtime", "ort", "--ort-lib", lib.as_str()];
+    let out = tmp("ort.npy").to_string_lossy().into_owned();
+    let x0 = fixture("traj_x0.npy");
+    let cases: [(Vec<String>, &str); 3] = [
+        (
+            vec![
+                "--model".into(),
+                fixture("traj.onnx"),
+                "--x-init".into(),
+                x0.clone(),
+                "--cond".into(),
+                fixture("traj_ctx.npy"),
+            ],
+            "traj_euler10.npy",
+        ),
+        (
+            vec![
+                "--model".into(),
+                fixture("traj.onnx"),
+                "--x-init".into(),
+                x0.clone(),
+                "--cond".into(),
+                fixture("traj_ctx.npy"),
+                "--guidance".into(),
+                "2.5".into(),
+                "--null-cond".into(),
+                format!("ctx={}", fixture("traj_null.npy")),
+            ],
+            "traj_guided_euler10.npy",
+        ),
+        (
+            vec![
+                "--model".into(),
+                fixture("mlp.onnx"),
+                "--x-init".into(),
+                fixture("mlp_x0.npy"),
+                "--method".into(),
+                "rk4".into(),
+                "--steps".into(),
+                "5".into(),
+                "--ort-threads".into(),
+                "2".into(),
+            ],
+            "mlp_rk4_5.npy",
+        ),
+    ];
+    for (args, want) in cases {
+        let mut all: Vec<&str> = args.iter().map(String::as_str).collect();
+        all.extend_from_slice(&ort);
+        let got = sample_ok(&out, &all);
+        assert_close(&got, &npy(fixture(want)), want);
+    }
+}
+
+/// A missing library, a file that is not one, and no library at all: one line naming the path
+/// and the fix, nothing written.
+#[cfg(feature = "ort")]
+#[test]
+fn a_missing_ort_library_is_a_one_line_error() {
+    let mlp = fixture("mlp.onnx");
+    let missing = tmp("libonnxruntime.so.1.99.0");
+    let m = missing.to_str().unwrap();
+    let err = fails(&[
+        "sample",
+        "--model",
+        &mlp,
+        "--runtime",
+        "ort",
+        "--ort-lib",
+        m,
+    ]);
+    assert!(
+        err.contains(m) && err.contains("--ort-lib") && err.contains("1.17"),
+        "{err}"
+    );
+    let text = tmp("libonnxruntime.so.1.20.0");
+    std::fs::write(&text, "not a library\n").unwrap();
+    let t = text.to_str().unwrap();
+    let err = fails(&[
+        "sample",
+        "--model",
+        &mlp,
+        "--runtime",
+        "ort",
+        "--ort-lib",
+        t,
+    ]);
+    assert!(err.contains(t) && err.contains("failed to load"), "{err}");
+    let out = tmp("no-lib.npy");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_flow-matching"))
+        .args(["sample", "--model", &mlp, "--runtime", "ort", "--out"])
+        .arg(&out)
+        .env_remove("ORT_DYLIB_PATH")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr).trim().to_string();
+    assert!(!o.status.success() && !out.exists(), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("no library was named") && err.contains("ORT_DYLIB_PATH"),
+        "{err}"
+    );
+}
+
+/// Without the feature, `--runtime ort` says how to get it.
+#[cfg(not(feature = "ort"))]
+#[test]
+fn the_ort_runtime_needs_a_build_with_it() {
+    let err = fails(&[
+        "sample",
+        "--model",
+        &fixture("mlp.onnx"),
+        "--runtime",
+        "ort",
+    ]);
+    assert!(err.contains("--features ort"), "{err}");
+}
+
+#[test]
+fn ort_flags_need_the_ort_runtime() {
+    let err = fails(&[
+        "sample",
+        "--model",
+        &fixture("mlp.onnx"),
+        "--ort-lib",
+        "/x/libonnxruntime.so",
+    ]);
+    assert!(
+        err.contains("--ort-lib") && err.contains("--runtime ort"),
+        "{err}"
+    );
+}
