@@ -282,62 +282,28 @@ pub(crate) fn to_ort(path: &Path, t: &tp::Tensor) -> Result<DynValue> {
     };
     let te = |e: tp::TractError| err(format!("{e:#}"));
     let oe = |e: ort::Error| err(e.to_string());
+    // One arm a supported element type: copy the tract tensor's values into an ORT tensor.
+    macro_rules! value {
+        ($ty:ty) => {
+            Tensor::from_array((
+                shape,
+                t.to_plain_array_view::<$ty>()
+                    .map_err(te)?
+                    .iter()
+                    .cloned()
+                    .collect::<Vec<_>>(),
+            ))
+            .map_err(oe)?
+            .upcast()
+            .into_dyn()
+        };
+    }
     Ok(match t.datum_type() {
-        tp::DatumType::F32 => Tensor::from_array((
-            shape,
-            t.to_plain_array_view::<f32>()
-                .map_err(te)?
-                .iter()
-                .cloned()
-                .collect::<Vec<_>>(),
-        ))
-        .map_err(oe)?
-        .upcast()
-        .into_dyn(),
-        tp::DatumType::F64 => Tensor::from_array((
-            shape,
-            t.to_plain_array_view::<f64>()
-                .map_err(te)?
-                .iter()
-                .cloned()
-                .collect::<Vec<_>>(),
-        ))
-        .map_err(oe)?
-        .upcast()
-        .into_dyn(),
-        tp::DatumType::I64 => Tensor::from_array((
-            shape,
-            t.to_plain_array_view::<i64>()
-                .map_err(te)?
-                .iter()
-                .cloned()
-                .collect::<Vec<_>>(),
-        ))
-        .map_err(oe)?
-        .upcast()
-        .into_dyn(),
-        tp::DatumType::I32 => Tensor::from_array((
-            shape,
-            t.to_plain_array_view::<i32>()
-                .map_err(te)?
-                .iter()
-                .cloned()
-                .collect::<Vec<_>>(),
-        ))
-        .map_err(oe)?
-        .upcast()
-        .into_dyn(),
-        tp::DatumType::Bool => Tensor::from_array((
-            shape,
-            t.to_plain_array_view::<bool>()
-                .map_err(te)?
-                .iter()
-                .cloned()
-                .collect::<Vec<_>>(),
-        ))
-        .map_err(oe)?
-        .upcast()
-        .into_dyn(),
+        tp::DatumType::F32 => value!(f32),
+        tp::DatumType::F64 => value!(f64),
+        tp::DatumType::I64 => value!(i64),
+        tp::DatumType::I32 => value!(i32),
+        tp::DatumType::Bool => value!(bool),
         other => return Err(err(format!("element type {other:?} is not supported"))),
     })
 }

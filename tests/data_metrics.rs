@@ -1,6 +1,6 @@
 //! Datasets, file loading, quality metrics and plots.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 use flow_matching::data::{self, DataSource, Dataset, Toy};
@@ -610,7 +610,7 @@ fn nearest_centroid_accuracy_on_digits() {
 
 /// Asserts `dir` holds exactly the file `name`, a PNG.
 #[cfg(feature = "plot")]
-fn only_png(dir: &Path, name: &str) {
+fn only_png(dir: &std::path::Path, name: &str) {
     let names: Vec<String> = std::fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
