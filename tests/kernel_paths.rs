@@ -1,12 +1,12 @@
-//! Sampling and training on every kernel path this CPU supports (portable, AVX2, AVX-512),
-//! each against candle's generic path and autograd. One test in its own binary, because the
-//! path is a process-wide setting.
+//! Sampling (velocity-mlp and waypoint transformer) and training on every kernel path this CPU
+//! supports (portable, AVX2, AVX-512), each against candle's generic path and autograd. One
+//! test in its own binary, because the path is a process-wide setting.
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
 use flow_matching::guidance::Guided;
 use flow_matching::kernel::{kernel_path, set_kernel_path, KernelPath};
-use flow_matching::model::loss_and_grads;
+use flow_matching::model::{loss_and_grads, TransformerConfig, WaypointTransformer};
 use flow_matching::{
     Diffusion, FlowMatching, Result, SampleOptions, StepFn, VelocityMlp, VelocityMlpConfig, XDims,
 };
@@ -85,6 +85,36 @@ fn sampling(path: KernelPath) {
     }
 }
 
+/// The waypoint transformer's fused path against its tensor path: tokens and heads that fill
+/// the 16-wide tiles exactly (`[64, 2]`, 4 heads of 16) and ones that are padded (`[10, 3]`, 3
+/// heads of 12), one row and several (the rows split over threads).
+fn transformer(path: KernelPath) {
+    let dev = Device::Cpu;
+    for (x_dims, width, heads) in [(vec![64, 2], 64, 4), (vec![10, 3], 36, 3)] {
+        let cfg = TransformerConfig {
+            width,
+            heads,
+            depth: 2,
+            mlp_hidden: 48,
+            cond_dims: Some(XDims::new(5).unwrap()),
+            ..TransformerConfig::new(XDims::new(x_dims.clone()).unwrap())
+        };
+        let model = WaypointTransformer::init(cfg, &VarMap::new(), &dev, 7).unwrap();
+        let fm = FlowMatching::new(x_dims.clone()).unwrap();
+        for b in [1, 6] {
+            let mut rng = StdRng::seed_from_u64(b as u64);
+            let cond =
+                flow_matching::flow_matching::randn(&mut rng, &[b, 5], DType::F32, &dev).unwrap();
+            let opts = SampleOptions::seeded(b as u64);
+            let mut step = model.with_condition(&cond).unwrap();
+            let fast = fm.sample(b, &mut step, &dev, &opts).unwrap();
+            let generic = fm.sample(b, &mut Generic(&mut step), &dev, &opts).unwrap();
+            let what = format!("{path:?} transformer {x_dims:?} batch {b}");
+            assert_close(&what, &vec(&fast.x), &vec(&generic.x), 1e-5, 1e-4);
+        }
+    }
+}
+
 fn training(path: KernelPath) {
     let dev = Device::Cpu;
     for (num_classes, batch) in [(0, 70), (3, 9)] {
@@ -127,6 +157,7 @@ fn sampling_and_training_match_the_generic_path_on_every_kernel_path() {
         set_kernel_path(path).unwrap();
         assert_eq!(kernel_path(), path);
         sampling(path);
+        transformer(path);
         training(path);
     }
     // A path the CPU lacks is refused with the supported ones named.

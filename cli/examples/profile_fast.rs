@@ -1,5 +1,5 @@
 //! Runs one benchmark figure in a loop for a profiler: `cargo run --release --example
-//! profile_fast -- sample 1 2000`, `... rk4 1 500`, `... cfg 1 500` or `... train 4096 20`;
+//! profile_fast -- sample 1 2000`, `... rk4 1 500`, `... cfg 1 500`, `... traj 6 50` or `... train 4096 20`;
 //! `FLOW_MATCHING_KERNEL=avx2` (or `portable`) compares the kernel paths.
 
 #[allow(dead_code)]
@@ -15,6 +15,7 @@ fn main() -> flow_matching::Result<()> {
     let v = match what {
         "train" => harness::train_steps_per_s(batch, reps)?,
         "cfg" => harness::cfg_sample_ms(&harness::conditional_model(&varmap)?, reps)?,
+        "traj" => harness::traj_ms(&harness::traj_model()?, reps)?,
         "rk4" => harness::sample_method_ms(&harness::workload_model(&varmap)?, "rk4", batch, reps)?,
         _ => harness::sample_ms(&harness::workload_model(&varmap)?, batch, reps)?,
     };

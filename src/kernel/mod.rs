@@ -234,6 +234,9 @@ macro_rules! simd_dispatch {
     };
 }
 
+// After the macro: the module's kernels are built with it.
+pub mod attention;
+
 /// `exp(x)` for f32 without branches, so loops over it vectorize (Cephes' expf polynomial,
 /// within 2 ulp; inputs are clamped to [-88, 88]).
 #[inline(always)]
@@ -376,6 +379,49 @@ mod x86 {
             23,
         );
         _mm256_mul_ps(p, _mm256_castsi256_ps(e))
+    }
+
+    /// `x = softmax(scale * x)` over `n` elements, `scale > 0`.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn softmax(x: *mut f32, n: usize, scale: f32) {
+        let mut mx = f32::NEG_INFINITY;
+        let mut mv = _mm256_set1_ps(mx);
+        let mut i = 0;
+        while i + 8 <= n {
+            mv = _mm256_max_ps(mv, _mm256_loadu_ps(x.add(i)));
+            i += 8;
+        }
+        let mut lanes = [0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), mv);
+        for v in lanes.into_iter().chain((i..n).map(|j| *x.add(j))) {
+            mx = mx.max(v);
+        }
+        let (sc, mxs) = (scale, mx * scale);
+        let (scv, mxv) = (_mm256_set1_ps(sc), _mm256_set1_ps(mxs));
+        let mut sv = _mm256_setzero_ps();
+        i = 0;
+        while i + 8 <= n {
+            let e = exp8(_mm256_fmsub_ps(_mm256_loadu_ps(x.add(i)), scv, mxv));
+            sv = _mm256_add_ps(sv, e);
+            _mm256_storeu_ps(x.add(i), e);
+            i += 8;
+        }
+        let mut sum = hsum(sv);
+        for j in i..n {
+            let e = super::exp_approx(*x.add(j) * sc - mxs);
+            *x.add(j) = e;
+            sum += e;
+        }
+        let inv = 1.0 / sum;
+        let iv = _mm256_set1_ps(inv);
+        i = 0;
+        while i + 8 <= n {
+            _mm256_storeu_ps(x.add(i), _mm256_mul_ps(_mm256_loadu_ps(x.add(i)), iv));
+            i += 8;
+        }
+        for j in i..n {
+            *x.add(j) *= inv;
+        }
     }
 
     /// `z = silu(z)` in place (and `s = sigmoid(z)` when `s` is not null), `n` elements.
@@ -948,8 +994,10 @@ fn tile<const MR: usize>(
         };
         for r in 0..MR {
             let a = xs[r][kk];
+            // Not `mul_add`: baseline x86-64 has no FMA, and the libm call per element made
+            // this path 50x slower than a multiply and an add.
             for c in 0..TILE_N {
-                acc[r][c] = a.mul_add(b[c], acc[r][c]);
+                acc[r][c] += a * b[c];
             }
         }
     }

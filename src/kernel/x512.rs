@@ -43,6 +43,43 @@ unsafe fn exp16(x: __m512) -> __m512 {
     _mm512_mul_ps(p, _mm512_castsi512_ps(e))
 }
 
+/// `x = softmax(scale * x)` over `n` elements, `scale > 0`.
+#[target_feature(enable = "avx512f,avx2,fma")]
+pub unsafe fn softmax(x: *mut f32, n: usize, scale: f32) {
+    let ninf = _mm512_set1_ps(f32::NEG_INFINITY);
+    let mut mv = ninf;
+    let mut i = 0;
+    while i < n {
+        let m = tail_mask((n - i).min(16));
+        mv = _mm512_max_ps(mv, _mm512_mask_loadu_ps(ninf, m, x.add(i)));
+        i += 16;
+    }
+    let mxv = _mm512_set1_ps(_mm512_reduce_max_ps(mv) * scale);
+    let scv = _mm512_set1_ps(scale);
+    let mut sv = _mm512_setzero_ps();
+    i = 0;
+    while i < n {
+        let m = tail_mask((n - i).min(16));
+        let e = exp16(_mm512_fmsub_ps(
+            _mm512_maskz_loadu_ps(m, x.add(i)),
+            scv,
+            mxv,
+        ));
+        let e = _mm512_maskz_mov_ps(m, e);
+        sv = _mm512_add_ps(sv, e);
+        _mm512_mask_storeu_ps(x.add(i), m, e);
+        i += 16;
+    }
+    let iv = _mm512_set1_ps(1.0 / _mm512_reduce_add_ps(sv));
+    i = 0;
+    while i < n {
+        let m = tail_mask((n - i).min(16));
+        let v = _mm512_maskz_loadu_ps(m, x.add(i));
+        _mm512_mask_storeu_ps(x.add(i), m, _mm512_mul_ps(v, iv));
+        i += 16;
+    }
+}
+
 /// `z = silu(z)` in place (and `s = sigmoid(z)` when `s` is not null), `n` elements.
 #[target_feature(enable = "avx512f,avx2,fma")]
 pub unsafe fn silu(z: *mut f32, s: *mut f32, n: usize) {

@@ -7,6 +7,7 @@
 use candle_core::{DType, Tensor};
 
 use crate::error::{Error, Result};
+use crate::kernel::attention::{self, AttentionScratch};
 use crate::kernel::{self, TILE_N};
 use crate::model::cond::Condition;
 use crate::model::transformer::{WaypointTransformer, LN_EPS};
@@ -81,10 +82,13 @@ struct Block {
     mlp2: Lin,
 }
 
-/// Per-step buffers for `rows` samples.
+/// Per-step buffers for `rows` samples (one set per thread).
 #[derive(Debug, Default, Clone)]
 struct Buffers {
     rows: usize,
+    args: Vec<f32>,
+    sin: Vec<f32>,
+    cos: Vec<f32>,
     tok: Vec<f32>,
     h: Vec<f32>,
     a: Vec<f32>,
@@ -93,12 +97,16 @@ struct Buffers {
     f: Vec<f32>,
     s: Vec<f32>,
     m: Vec<f32>,
-    scores: Vec<f32>,
+    attn: AttentionScratch,
 }
 
-/// A [`WaypointTransformer`] prepared for CPU f32 sampling under a fixed condition.
+/// Tokens per thread below which a second thread costs more than it saves: a token is about
+/// 0.1 MFLOP per block, so 64 of them are tens of microseconds against a hand-off of a few.
+const MIN_TOKENS_PER_THREAD: usize = 64;
+
+/// The weights of a [`FastTransformer`], shared by its threads.
 #[derive(Debug, Clone)]
-pub struct FastTransformer {
+struct Net {
     l: usize,
     c: usize,
     w: usize,
@@ -115,13 +123,19 @@ pub struct FastTransformer {
     pos: Vec<f32>,
     time0: Lin,
     time2: Lin,
-    /// The condition's embedding `[rows, W]` (the null one repeated), or `None` for an
-    /// unconditional model.
-    cond: Option<Vec<f32>>,
     blocks: Vec<Block>,
     final_ada: Lin,
     final_out: Lin,
-    buf: Buffers,
+}
+
+/// A [`WaypointTransformer`] prepared for CPU f32 sampling under a fixed condition.
+#[derive(Debug, Clone)]
+pub struct FastTransformer {
+    net: Net,
+    /// The condition's embedding `[rows, W]` (the null one repeated), or `None` for an
+    /// unconditional model.
+    cond: Option<Vec<f32>>,
+    bufs: Vec<Buffers>,
 }
 
 impl FastTransformer {
@@ -177,7 +191,7 @@ impl FastTransformer {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(FastTransformer {
+        let net = Net {
             l,
             c,
             w,
@@ -191,14 +205,66 @@ impl FastTransformer {
             pos: vec("pos_embed")?,
             time0: Lin::new(model, "time_embed.0")?,
             time2: Lin::new(model, "time_embed.2")?,
-            cond,
             blocks,
             final_ada: Lin::new(model, "final_ada")?,
             final_out: Lin::new(model, "final_out")?,
-            buf: Buffers::default(),
+        };
+        Ok(FastTransformer {
+            net,
+            cond,
+            bufs: Vec::new(),
         })
     }
 
+    /// The velocity of every row of `x` `[rows, L, C]` at the shared time `t`, the rows split
+    /// over the pool's threads when each gets at least [`MIN_TOKENS_PER_THREAD`] tokens.
+    fn forward(&mut self, x: &[f32], t: f32, out: &mut [f32]) -> Result<()> {
+        let net = &self.net;
+        let (l, w) = (net.l, net.w);
+        let d = l * net.c;
+        let rows = x.len() / d;
+        if let Some(k) = &self.cond {
+            if k.len() != w && k.len() != rows * w {
+                return Err(Error::invalid(
+                    "batch",
+                    rows,
+                    format!("{} rows, one per condition row", k.len() / w),
+                ));
+            }
+        }
+        let (tterm, st) = net.time_terms(t);
+        let parts = (rows * l / MIN_TOKENS_PER_THREAD)
+            .clamp(1, kernel::available_threads().min(rows.max(1)));
+        let per = rows.div_ceil(parts).max(1);
+        if self.bufs.len() != parts {
+            self.bufs = vec![Buffers::default(); parts];
+        }
+        let cond = self.cond.as_deref();
+        let run = |i: usize, buf: &mut Buffers, xs: &[f32], os: &mut [f32]| {
+            let k = cond.map(|k| {
+                if k.len() == w {
+                    k
+                } else {
+                    &k[i * per * w..i * per * w + xs.len() / d * w]
+                }
+            });
+            net.forward_rows(buf, xs, k, &tterm, &st, os);
+        };
+        if parts == 1 {
+            run(0, &mut self.bufs[0], x, out);
+        } else {
+            use rayon::prelude::*;
+            self.bufs
+                .par_iter_mut()
+                .zip(x.par_chunks(per * d).zip(out.par_chunks_mut(per * d)))
+                .enumerate()
+                .for_each(|(i, (buf, (xs, os)))| run(i, buf, xs, os));
+        }
+        Ok(())
+    }
+}
+
+impl Net {
     fn fourier(freqs: &[f32], v: f32, out: &mut [f32]) {
         let f = freqs.len();
         out[0] = v;
@@ -210,45 +276,11 @@ impl FastTransformer {
         }
     }
 
-    fn resize(&mut self, rows: usize) {
-        if self.buf.rows == rows {
-            return;
-        }
-        let (l, w, p) = (self.l, self.w, 1 + 2 * self.freqs.len());
-        let t = rows * l;
-        let b = &mut self.buf;
-        b.rows = rows;
-        b.tok = vec![0.0; t * self.c * p];
-        b.h = vec![0.0; t * w];
-        b.a = vec![0.0; t * w.max(self.ff)];
-        b.qkv = vec![0.0; t * 3 * w];
-        b.o = vec![0.0; t * w];
-        b.f = vec![0.0; t * self.ff.max(w)];
-        b.s = vec![0.0; rows * w];
-        b.m = vec![0.0; rows * 6 * w];
-        b.scores = vec![0.0; l];
-    }
-
-    /// The velocity of every row of `x` `[rows, L, C]` at the shared time `t`.
-    fn forward(&mut self, x: &[f32], t: f32, out: &mut [f32]) -> Result<()> {
-        let (l, c, w) = (self.l, self.c, self.w);
-        let d = l * c;
-        let rows = x.len() / d;
-        if let Some(k) = &self.cond {
-            if k.len() != w && k.len() != rows * w {
-                return Err(Error::invalid(
-                    "batch",
-                    rows,
-                    format!("{} rows, one per condition row", k.len() / w),
-                ));
-            }
-        }
-        self.resize(rows);
-        let p = 1 + 2 * self.freqs.len();
-        let toks = rows * l;
-        let mut buf = std::mem::take(&mut self.buf);
-        // Time: its Fourier features, the token embedding's time term, the time embedding.
-        let mut ft = vec![0.0; p];
+    /// The time's terms shared by every row: the token embedding's time term `[W]` and the
+    /// time embedding `[W]`.
+    fn time_terms(&self, t: f32) -> (Vec<f32>, Vec<f32>) {
+        let w = self.w;
+        let mut ft = vec![0.0; 1 + 2 * self.freqs.len()];
         Self::fourier(&self.freqs, t, &mut ft);
         let mut tterm = vec![0.0; w];
         self.tok0_t.apply(&mut tterm, &ft, 1);
@@ -257,13 +289,52 @@ impl FastTransformer {
         kernel::silu_inplace(&mut s1);
         let mut st = vec![0.0; w];
         self.time2.apply(&mut st, &s1, 1);
+        (tterm, st)
+    }
+
+    fn resize(&self, b: &mut Buffers, rows: usize) {
+        if b.rows == rows {
+            return;
+        }
+        let (l, w, f) = (self.l, self.w, self.value_freqs.len());
+        let p = 1 + 2 * f;
+        let t = rows * l;
+        b.rows = rows;
+        b.args = vec![0.0; t * self.c * f];
+        b.sin = vec![0.0; t * self.c * f];
+        b.cos = vec![0.0; t * self.c * f];
+        b.tok = vec![0.0; t * self.c * p];
+        b.h = vec![0.0; t * w];
+        b.a = vec![0.0; t * w.max(self.ff)];
+        b.qkv = vec![0.0; t * 3 * w];
+        b.o = vec![0.0; t * w];
+        b.f = vec![0.0; t * self.ff.max(w)];
+        b.s = vec![0.0; rows * w];
+        b.m = vec![0.0; rows * 6 * w];
+    }
+
+    /// The velocity of the rows of `x` under their condition embeddings `cond` (one `[W]` row
+    /// for all, or one per row).
+    fn forward_rows(
+        &self,
+        buf: &mut Buffers,
+        x: &[f32],
+        cond: Option<&[f32]>,
+        tterm: &[f32],
+        st: &[f32],
+        out: &mut [f32],
+    ) {
+        let (l, c, w) = (self.l, self.c, self.w);
+        let rows = x.len() / (l * c);
+        self.resize(buf, rows);
+        let toks = rows * l;
         // s = silu(time + condition) per row.
         for r in 0..rows {
             let s = &mut buf.s[r * w..(r + 1) * w];
-            s.copy_from_slice(&st);
-            if let Some(k) = &self.cond {
+            s.copy_from_slice(st);
+            if let Some(k) = cond {
                 let kr = if k.len() == w {
-                    &k[..]
+                    k
                 } else {
                     &k[r * w..(r + 1) * w]
                 };
@@ -272,47 +343,44 @@ impl FastTransformer {
         }
         kernel::silu_inplace(&mut buf.s[..rows * w]);
         // Tokens: value features, then the token MLP and the positional embedding.
-        let cp = c * p;
-        for (i, &v) in x.iter().enumerate() {
-            let (tok, ch) = (i / c, i % c);
-            Self::fourier(
-                &self.value_freqs,
-                v,
-                &mut buf.tok[tok * cp + ch * p..tok * cp + (ch + 1) * p],
-            );
+        let (f, p) = (self.value_freqs.len(), 1 + 2 * self.value_freqs.len());
+        for (v, args) in x.iter().zip(buf.args.chunks_exact_mut(f)) {
+            let tv = TWO_PI_F32 * v;
+            for (a, fr) in args.iter_mut().zip(&self.value_freqs) {
+                *a = tv * fr;
+            }
+        }
+        attention::sin_cos_scaled(
+            &buf.args,
+            &mut buf.sin,
+            &mut buf.cos,
+            std::f32::consts::SQRT_2,
+        );
+        for (i, (&v, tok)) in x.iter().zip(buf.tok.chunks_exact_mut(p)).enumerate() {
+            tok[0] = v;
+            tok[1..1 + f].copy_from_slice(&buf.sin[i * f..(i + 1) * f]);
+            tok[1 + f..].copy_from_slice(&buf.cos[i * f..(i + 1) * f]);
         }
         let a = &mut buf.a[..toks * w];
         self.tok0_x.apply(a, &buf.tok, toks);
         for row in a.chunks_exact_mut(w) {
-            kernel::add_assign(row, &tterm);
+            kernel::add_assign(row, tterm);
         }
         kernel::silu_inplace(a);
         self.tok2.apply(&mut buf.h, a, toks);
-        for (i, row) in buf.h.chunks_exact_mut(w).enumerate() {
-            let li = i % l;
-            kernel::add_assign(row, &self.pos[li * w..(li + 1) * w]);
+        for seq in buf.h.chunks_exact_mut(l * w) {
+            kernel::add_assign(seq, &self.pos);
         }
-        let dh = w / self.heads;
-        let scale = 1.0 / (dh as f32).sqrt();
+        let ff = self.ff;
         for blk in &self.blocks {
             blk.ada.apply(&mut buf.m, &buf.s, rows);
             let m = &buf.m;
             modulate(&buf.h, &mut buf.a, m, 0, 1, rows, l, w);
             blk.qkv.apply(&mut buf.qkv, &buf.a[..toks * w], toks);
-            attention(
-                &buf.qkv,
-                &mut buf.o,
-                &mut buf.scores,
-                rows,
-                l,
-                w,
-                self.heads,
-                scale,
-            );
+            attention::attention(&buf.qkv, &mut buf.o, &mut buf.attn, rows, l, w, self.heads);
             blk.proj.apply(&mut buf.a[..toks * w], &buf.o, toks);
             gated_add(&mut buf.h, &buf.a, m, 2, rows, l, w);
             modulate(&buf.h, &mut buf.a, m, 3, 4, rows, l, w);
-            let ff = self.ff;
             blk.mlp0
                 .apply(&mut buf.f[..toks * ff], &buf.a[..toks * w], toks);
             kernel::silu_inplace(&mut buf.f[..toks * ff]);
@@ -320,17 +388,21 @@ impl FastTransformer {
                 .apply(&mut buf.a[..toks * w], &buf.f[..toks * ff], toks);
             gated_add(&mut buf.h, &buf.a, m, 5, rows, l, w);
         }
-        // Final modulation (two chunks) and the output projection.
+        // Final modulation (shift, scale: the first two chunks) and the output projection.
         let fm = &mut buf.m[..rows * 2 * w];
         self.final_ada.apply(fm, &buf.s, rows);
-        let mut m6 = vec![0.0; rows * 6 * w];
         for r in 0..rows {
-            m6[r * 6 * w..r * 6 * w + 2 * w].copy_from_slice(&fm[r * 2 * w..(r + 1) * 2 * w]);
+            let (o, hs) = ((r * l) * w, &buf.h[r * l * w..(r + 1) * l * w]);
+            let (shift, scale) = fm[r * 2 * w..(r + 1) * 2 * w].split_at(w);
+            attention::layer_norm_modulate(
+                &mut buf.a[o..o + l * w],
+                hs,
+                shift,
+                scale,
+                LN_EPS as f32,
+            );
         }
-        modulate(&buf.h, &mut buf.a, &m6, 0, 1, rows, l, w);
         self.final_out.apply(out, &buf.a[..toks * w], toks);
-        self.buf = buf;
-        Ok(())
     }
 }
 
@@ -350,16 +422,8 @@ fn modulate(
     for r in 0..rows {
         let mr = &m[r * 6 * w..(r + 1) * 6 * w];
         let (shift, scale) = (&mr[js * w..(js + 1) * w], &mr[jc * w..(jc + 1) * w]);
-        for i in 0..l {
-            let o = (r * l + i) * w;
-            let hv = &h[o..o + w];
-            let mean = hv.iter().sum::<f32>() / w as f32;
-            let var = hv.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / w as f32;
-            let inv = 1.0 / (var + LN_EPS as f32).sqrt();
-            for j in 0..w {
-                a[o + j] = (hv[j] - mean) * inv * (1.0 + scale[j]) + shift[j];
-            }
-        }
+        let seq = r * l * w..(r + 1) * l * w;
+        attention::layer_norm_modulate(&mut a[seq.clone()], &h[seq], shift, scale, LN_EPS as f32);
     }
 }
 
@@ -367,69 +431,14 @@ fn modulate(
 fn gated_add(h: &mut [f32], a: &[f32], m: &[f32], jg: usize, rows: usize, l: usize, w: usize) {
     for r in 0..rows {
         let gate = &m[r * 6 * w + jg * w..r * 6 * w + (jg + 1) * w];
-        for i in 0..l {
-            let o = (r * l + i) * w;
-            for j in 0..w {
-                h[o + j] += gate[j] * a[o + j];
-            }
-        }
-    }
-}
-
-/// Multi-head self-attention of every row: `qkv` `[rows, L, 3W]` to `o` `[rows, L, W]`.
-#[allow(clippy::too_many_arguments)]
-fn attention(
-    qkv: &[f32],
-    o: &mut [f32],
-    scores: &mut [f32],
-    rows: usize,
-    l: usize,
-    w: usize,
-    heads: usize,
-    scale: f32,
-) {
-    let dh = w / heads;
-    let stride = 3 * w;
-    for r in 0..rows {
-        let base = r * l * stride;
-        for hd in 0..heads {
-            for i in 0..l {
-                let q = &qkv[base + i * stride + hd * dh..base + i * stride + (hd + 1) * dh];
-                let mut mx = f32::NEG_INFINITY;
-                for (j, sc) in scores[..l].iter_mut().enumerate() {
-                    let k = &qkv
-                        [base + j * stride + w + hd * dh..base + j * stride + w + (hd + 1) * dh];
-                    let mut acc = 0.0;
-                    for e in 0..dh {
-                        acc += q[e] * k[e];
-                    }
-                    *sc = acc * scale;
-                    mx = mx.max(*sc);
-                }
-                let mut sum = 0.0;
-                for sc in scores[..l].iter_mut() {
-                    *sc = (*sc - mx).exp();
-                    sum += *sc;
-                }
-                let inv = 1.0 / sum;
-                let out = &mut o[(r * l + i) * w + hd * dh..(r * l + i) * w + (hd + 1) * dh];
-                out.fill(0.0);
-                for (j, sc) in scores[..l].iter().enumerate() {
-                    let v = &qkv[base + j * stride + 2 * w + hd * dh
-                        ..base + j * stride + 2 * w + (hd + 1) * dh];
-                    let p = sc * inv;
-                    for e in 0..dh {
-                        out[e] += p * v[e];
-                    }
-                }
-            }
-        }
+        let seq = r * l * w..(r + 1) * l * w;
+        attention::gated_add(&mut h[seq.clone()], &a[seq], gate);
     }
 }
 
 impl FastVelocity for FastTransformer {
     fn velocity(&mut self, x: &[f32], t: f32, out: &mut [f32]) -> Result<()> {
-        let d = self.l * self.c;
+        let d = self.net.l * self.net.c;
         if x.len() != out.len() || !x.len().is_multiple_of(d) {
             return Err(Error::invalid(
                 "fast velocity buffers",
