@@ -15,7 +15,9 @@
 //! in `torch.onnx.export`); a file exported with a fixed batch runs at that batch only. For each
 //! batch size actually used, the symbolic graph is specialised to that size and optimised once
 //! (a plan fixed to one batch runs about twice as fast as the symbolic one), and the plan's run
-//! state is reused across solver steps. tract runs on one thread.
+//! state is reused across solver steps. tract splits the rows over the pool's threads when
+//! each thread gets at least a million multiply-adds (tract's cost model of the graph), with a
+//! plan per part; smaller work runs on one thread.
 //!
 //! With the feature `ort`, [`Runtime::Ort`] runs the same file through ONNX Runtime instead
 //! (the `ort` crate, the shared library loaded at run time from a path the user gives), with the
@@ -90,6 +92,10 @@ pub struct OrtOptions {
     pub library: Option<PathBuf>,
     /// Intra-op threads (1 suits small batches in a control loop).
     pub threads: usize,
+    /// Whether idle intra-op threads spin between ops (ONNX Runtime's own default, which
+    /// Python's sessions use): lower latency with several threads, at the price of cores kept
+    /// busy while waiting. Off by default, so a service's idle cores stay idle.
+    pub spin: bool,
 }
 
 impl Default for OrtOptions {
@@ -97,6 +103,7 @@ impl Default for OrtOptions {
         OrtOptions {
             library: None,
             threads: 1,
+            spin: false,
         }
     }
 }
@@ -117,9 +124,10 @@ enum Engine {
     Ort(crate::onnx_ort::OrtEngine),
 }
 
-/// A plan's runner: tract's optimised plan state, or ONNX Runtime's condition values.
+/// A plan's runner: tract's optimised plan states (one per thread's rows), or ONNX Runtime's
+/// condition values.
 enum Runner {
-    Tract(Box<tp::TypedSimpleState>),
+    Tract(Vec<Shard>),
     #[cfg(feature = "ort")]
     Ort(Vec<ort::value::DynValue>),
 }
@@ -158,11 +166,23 @@ struct CondValue {
     rows: usize,
 }
 
+/// One thread's rows of a tract plan: their run state (of a plan specialised to their count)
+/// and their rows of the conditions.
+struct Shard {
+    rows: std::ops::Range<usize>,
+    state: Box<tp::TypedSimpleState>,
+    conds: Vec<tp::TValue>,
+}
+
+/// Multiply-adds per thread below which tract's rows are not split over threads: a million is
+/// tens of microseconds of work against a hand-off of a few; the bench's waypoint transformer
+/// has about 19 million per row, a 2-D toy MLP about 0.1 million.
+const MIN_FMA_PER_THREAD: u64 = 1 << 20;
+
 /// One optimised plan for one batch size, with its reusable run state and the condition
 /// inputs already expanded to that batch.
 struct Plan {
     runner: Runner,
-    conds: Vec<tp::TValue>,
 }
 
 /// An ONNX velocity network as a step function (see the module documentation).
@@ -283,7 +303,7 @@ impl OnnxStep {
             #[cfg(feature = "ort")]
             Runtime::Ort(o) => {
                 let (engine, declared) =
-                    crate::onnx_ort::OrtEngine::open(path, o.library.as_deref(), o.threads)?;
+                    crate::onnx_ort::OrtEngine::open(path, o)?;
                 Self::from_declared(path, declared, x_dims, Engine::Ort(engine))
             }
             #[cfg(not(feature = "ort"))]
@@ -596,6 +616,20 @@ impl OnnxStep {
         self.plans.len()
     }
 
+    /// The threads the plan for `batch` rows runs on (`None` before that batch is first
+    /// sampled): tract splits the rows when each thread gets at least a million multiply-adds;
+    /// ONNX Runtime is counted as one (its own intra-op threads aside).
+    pub fn plan_threads(&self, batch: usize) -> Option<usize> {
+        self.plans
+            .iter()
+            .find(|((b, _), _)| *b == batch)
+            .map(|(_, plan)| match &plan.runner {
+                Runner::Tract(shards) => shards.len(),
+                #[cfg(feature = "ort")]
+                Runner::Ort(_) => 1,
+            })
+    }
+
     /// The condition input called `name`; an error listing the model's condition inputs when it
     /// has none of that name.
     pub fn condition_input(&self, name: &str) -> Result<&InputInfo> {
@@ -799,7 +833,7 @@ impl OnnxStep {
             }
             let runner = match &self.engine {
                 Engine::Tract(model) => {
-                    Runner::Tract(Box::new(self.tract_plan(model, plan_batch, &conds)?))
+                    Runner::Tract(self.tract_shards(model, plan_batch, &conds)?)
                 }
                 #[cfg(feature = "ort")]
                 Engine::Ort(_) => Runner::Ort(
@@ -809,49 +843,112 @@ impl OnnxStep {
                         .collect::<Result<_>>()?,
                 ),
             };
-            self.plans.insert((batch, half), Plan { runner, conds });
+            self.plans.insert((batch, half), Plan { runner });
         }
         self.plans
             .get_mut(&(batch, half))
             .ok_or_else(|| onnx_err(&self.path, "plan cache"))
     }
 
-    /// tract's plan for `plan_batch` rows: every symbol substituted, optimised, state spawned.
-    fn tract_plan(
+    /// The model with its batch symbols set to `batch` and the other symbols to the sizes of
+    /// `x` and of the conditions' values.
+    fn specialised(
+        &self,
+        model: &tp::TypedModel,
+        batch: usize,
+        conds: &[tp::TValue],
+    ) -> tp::TractResult<tp::TypedModel> {
+        let mut subs: HashMap<tp::Symbol, tp::TDim> = HashMap::new();
+        for s in &self.batch_symbols {
+            subs.insert(s.clone(), tp::TDim::Val(batch as i64));
+        }
+        for (s, &n) in &self.x_symbols {
+            subs.insert(s.clone(), tp::TDim::Val(n as i64));
+        }
+        // Other symbols of a condition (a variable number of context tokens) take the value's
+        // size.
+        for (slot, v) in self.conds.iter().zip(conds) {
+            for (d, &n) in slot.dims.iter().zip(v.shape()) {
+                if let tp::TDim::Sym(s) = d {
+                    subs.entry(s.clone()).or_insert(tp::TDim::Val(n as i64));
+                }
+            }
+        }
+        model.set_symbols(&subs)
+    }
+
+    /// The multiply-adds of one row, from tract's cost model of the graph at batch 1 (`None`
+    /// when the graph cannot be specialised or an op's cost is symbolic).
+    fn fma_per_row(&self, model: &tp::TypedModel, conds: &[tp::TValue]) -> Option<u64> {
+        let m = self.specialised(model, 1, conds).ok()?;
+        let mut total = 0u64;
+        for node in m.nodes() {
+            let facts = m.node_input_facts(node.id).ok()?;
+            for (cost, n) in node.op.cost(&facts).ok()? {
+                if matches!(cost, tract_onnx::tract_core::ops::Cost::FMA(_)) {
+                    total = total.saturating_add(u64::try_from(n.to_i64().ok()?).ok()?);
+                }
+            }
+        }
+        Some(total)
+    }
+
+    /// tract's plans for `plan_batch` rows: the rows split over the pool's threads when each
+    /// gets at least [`MIN_FMA_PER_THREAD`] multiply-adds (never for a fixed-batch file), one
+    /// plan specialised and optimised per distinct part size, one run state per part.
+    fn tract_shards(
         &self,
         model: &tp::TypedModel,
         plan_batch: usize,
         conds: &[tp::TValue],
-    ) -> Result<tp::TypedSimpleState> {
-        {
-            let mut subs: HashMap<tp::Symbol, tp::TDim> = HashMap::new();
-            for s in &self.batch_symbols {
-                subs.insert(s.clone(), tp::TDim::Val(plan_batch as i64));
-            }
-            for (s, &n) in &self.x_symbols {
-                subs.insert(s.clone(), tp::TDim::Val(n as i64));
-            }
-            // Other symbols of a condition (a variable number of context tokens) take the
-            // value's size.
+    ) -> Result<Vec<Shard>> {
+        let threads = crate::kernel::available_threads().min(plan_batch);
+        let parts = match (self.fixed_batch, threads) {
+            (None, 2..) => self.fma_per_row(model, conds).map_or(1, |f| {
+                let by_cost = f.saturating_mul(plan_batch as u64) / MIN_FMA_PER_THREAD;
+                (by_cost.min(threads as u64) as usize).max(1)
+            }),
+            _ => 1,
+        };
+        let per = plan_batch.div_ceil(parts);
+        let fail = |n: usize, e: tp::TractError| {
+            onnx_err(
+                &self.path,
+                format!("cannot plan batch {n}: {}", tract_msg(&e)),
+            )
+        };
+        let mut plans: HashMap<usize, std::sync::Arc<tp::TypedSimplePlan>> = HashMap::new();
+        let mut shards = Vec::with_capacity(parts);
+        for start in (0..plan_batch).step_by(per) {
+            let rows = start..(start + per).min(plan_batch);
+            let n = rows.len();
+            let mut part_conds = Vec::with_capacity(conds.len());
             for (slot, v) in self.conds.iter().zip(conds) {
-                for (d, &n) in slot.dims.iter().zip(v.shape()) {
-                    if let tp::TDim::Sym(s) = d {
-                        subs.entry(s.clone()).or_insert(tp::TDim::Val(n as i64));
-                    }
-                }
+                part_conds.push(
+                    if slot.batched && n != plan_batch && v.shape()[0] == plan_batch {
+                        let t = v.slice(0, rows.start, rows.end).map_err(|e| fail(n, e))?;
+                        tp::IntoTValue::into_tvalue(t)
+                    } else {
+                        v.clone()
+                    },
+                );
             }
-            model
-                .set_symbols(&subs)
-                .and_then(|m| m.into_optimized())
-                .and_then(|m| m.into_runnable())
-                .and_then(|p| p.spawn())
-                .map_err(|e| {
-                    onnx_err(
-                        &self.path,
-                        format!("cannot plan batch {plan_batch}: {}", tract_msg(&e)),
-                    )
-                })
+            if !plans.contains_key(&n) {
+                let plan = self
+                    .specialised(model, n, conds)
+                    .and_then(|m| m.into_optimized())
+                    .and_then(|m| m.into_runnable())
+                    .map_err(|e| fail(n, e))?;
+                plans.insert(n, plan);
+            }
+            let state = plans[&n].spawn().map_err(|e| fail(n, e))?;
+            shards.push(Shard {
+                rows,
+                state: Box::new(state),
+                conds: part_conds,
+            });
         }
+        Ok(shards)
     }
 
     /// Runs the network on `rows` rows of `x` (flat f32) at times `t` (one per row, or one).
@@ -899,43 +996,51 @@ impl OnnxStep {
             t_input,
             x_datum,
             t_datum,
+            t_layout,
             ..
         } = self;
         let plan = plans
             .get_mut(&(batch, half))
             .ok_or_else(|| onnx_err(path, "plan cache"))?;
         match (&mut plan.runner, engine) {
-            (Runner::Tract(state), _) => {
-                let err = |e: tp::TractError| onnx_err(path, tract_msg(&e));
-                let x_t = make_float(&x_shape, x, *x_datum).map_err(err)?;
-                let t_t = make_float(&t_shape, t_vals, *t_datum).map_err(err)?;
-                let mut feeds: Vec<Option<tp::TValue>> = vec![None; inputs.len()];
-                feeds[*x_input] = Some(tp::IntoTValue::into_tvalue(x_t));
-                feeds[*t_input] = Some(tp::IntoTValue::into_tvalue(t_t));
-                for (slot, v) in conds.iter().zip(&plan.conds) {
-                    feeds[slot.input] = Some(v.clone());
-                }
-                let feeds: tp::TVec<tp::TValue> = feeds.into_iter().flatten().collect();
-                let outputs = state.run(feeds).map_err(|e| {
-                    onnx_err(
+            (Runner::Tract(shards), _) => {
+                let d = x.len() / rows;
+                let run = |shard: &mut Shard, out: &mut [f32]| -> Result<()> {
+                    let n = shard.rows.len();
+                    let xs = &x[shard.rows.start * d..shard.rows.end * d];
+                    let ts = if t_vals.len() == rows && n != rows {
+                        &t_vals[shard.rows.clone()]
+                    } else {
+                        t_vals
+                    };
+                    let mut x_shape = x_shape.clone();
+                    x_shape[0] = n;
+                    let mut t_shape = t_shape.clone();
+                    if matches!(t_layout, TimeLayout::PerRow(_)) {
+                        t_shape[0] = n;
+                    }
+                    let slots = conds.iter().map(|c| c.input);
+                    let feeds = (*x_input, *x_datum, xs, &x_shape[..]);
+                    run_tract(
                         path,
-                        format!("running the network failed: {}", tract_msg(&e)),
+                        shard,
+                        inputs.len(),
+                        feeds,
+                        (*t_input, *t_datum, ts, &t_shape[..]),
+                        slots,
+                        out,
                     )
-                })?;
-                let v = outputs
-                    .first()
-                    .ok_or_else(|| onnx_err(path, "the network returned no output"))?;
-                if v.shape() != x_shape.as_slice() {
-                    return Err(Error::StepShape {
-                        expected: x_shape,
-                        got: v.shape().to_vec(),
-                    });
+                };
+                if let [shard] = shards.as_mut_slice() {
+                    return run(shard, out);
                 }
-                let v = v.cast_to::<f32>().map_err(err)?;
-                let view = v.to_plain_array_view::<f32>().map_err(err)?;
-                for (o, &a) in out.iter_mut().zip(view.iter()) {
-                    *o = a;
-                }
+                use rayon::prelude::*;
+                let per = shards[0].rows.len() * d;
+                shards
+                    .par_iter_mut()
+                    .zip(out.par_chunks_mut(per))
+                    .map(|(shard, out)| run(shard, out))
+                    .collect::<Result<Vec<()>>>()?;
                 Ok(())
             }
             #[cfg(feature = "ort")]
@@ -999,6 +1104,50 @@ impl OnnxStep {
         }
         Ok(())
     }
+}
+
+/// Runs one shard's rows: `x` and `t` (input index, declared type, values, shape), the shard's
+/// condition values at `slots`, the velocity into `out`.
+fn run_tract(
+    path: &Path,
+    shard: &mut Shard,
+    n_inputs: usize,
+    x: (usize, tp::DatumType, &[f32], &[usize]),
+    t: (usize, tp::DatumType, &[f32], &[usize]),
+    slots: impl Iterator<Item = usize>,
+    out: &mut [f32],
+) -> Result<()> {
+    let err = |e: tp::TractError| onnx_err(path, tract_msg(&e));
+    let x_t = make_float(x.3, x.2, x.1).map_err(err)?;
+    let t_t = make_float(t.3, t.2, t.1).map_err(err)?;
+    let mut feeds: Vec<Option<tp::TValue>> = vec![None; n_inputs];
+    feeds[x.0] = Some(tp::IntoTValue::into_tvalue(x_t));
+    feeds[t.0] = Some(tp::IntoTValue::into_tvalue(t_t));
+    for (slot, v) in slots.zip(&shard.conds) {
+        feeds[slot] = Some(v.clone());
+    }
+    let feeds: tp::TVec<tp::TValue> = feeds.into_iter().flatten().collect();
+    let outputs = shard.state.run(feeds).map_err(|e| {
+        onnx_err(
+            path,
+            format!("running the network failed: {}", tract_msg(&e)),
+        )
+    })?;
+    let v = outputs
+        .first()
+        .ok_or_else(|| onnx_err(path, "the network returned no output"))?;
+    if v.shape() != x.3 {
+        return Err(Error::StepShape {
+            expected: x.3.to_vec(),
+            got: v.shape().to_vec(),
+        });
+    }
+    let v = v.cast_to::<f32>().map_err(err)?;
+    let view = v.to_plain_array_view::<f32>().map_err(err)?;
+    for (o, &a) in out.iter_mut().zip(view.iter()) {
+        *o = a;
+    }
+    Ok(())
 }
 
 /// Repeats a one-row tensor to `batch` rows; a tensor of `batch` rows is returned as is.

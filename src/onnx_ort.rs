@@ -109,14 +109,10 @@ fn datum_of(t: TensorElementType) -> Option<tp::DatumType> {
 }
 
 impl OrtEngine {
-    /// Opens `path` with the library `library` (or `ORT_DYLIB_PATH`), `threads` intra-op
-    /// threads, all graph optimisations; returns the engine and the declared inputs.
-    pub(crate) fn open(
-        path: &Path,
-        library: Option<&Path>,
-        threads: usize,
-    ) -> Result<(Self, Declared)> {
-        let env = environment(library)?;
+    /// Opens `path` with the options' library (or `ORT_DYLIB_PATH`), intra-op threads and
+    /// spinning, all graph optimisations; returns the engine and the declared inputs.
+    pub(crate) fn open(path: &Path, o: &crate::onnx::OrtOptions) -> Result<(Self, Declared)> {
+        let env = environment(o.library.as_deref())?;
         let err = |what: &str, e: ort::Error| Error::Onnx {
             path: path.to_path_buf(),
             reason: format!("{what}: {}", e.to_string().replace('\n', " ")),
@@ -128,11 +124,11 @@ impl OrtEngine {
             .map_err(|e| err("ONNX Runtime session", e))?
             .with_optimization_level(GraphOptimizationLevel::All)
             .map_err(opts)?
-            .with_intra_threads(threads.max(1))
+            .with_intra_threads(o.threads.max(1))
             .map_err(opts)?
             .with_inter_threads(1)
             .map_err(opts)?
-            .with_intra_op_spinning(false)
+            .with_intra_op_spinning(o.spin)
             .map_err(opts)?
             .commit_from_file(path)
             .map_err(|e| err("ONNX Runtime cannot load the model", e))?;

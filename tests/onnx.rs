@@ -26,10 +26,18 @@ fn load(rt: &Runtime, name: &str) -> flow_matching::Result<OnnxStep> {
 fn runtimes() -> Vec<Runtime> {
     let mut v = vec![Runtime::Tract];
     match std::env::var_os("ORT_DYLIB_PATH").filter(|p| !p.is_empty()) {
-        Some(lib) if cfg!(feature = "ort") => v.push(Runtime::Ort(OrtOptions {
-            library: Some(lib.into()),
-            threads: 1,
-        })),
+        Some(lib) if cfg!(feature = "ort") => {
+            v.push(Runtime::Ort(OrtOptions {
+                library: Some(lib.clone().into()),
+                ..Default::default()
+            }));
+            // Two spinning threads: Python's session settings in the bench.
+            v.push(Runtime::Ort(OrtOptions {
+                library: Some(lib.into()),
+                threads: 2,
+                spin: true,
+            }));
+        }
         _ if cfg!(feature = "ort") => {
             eprintln!("ort runtime skipped: set ORT_DYLIB_PATH to an ONNX Runtime library")
         }
@@ -219,6 +227,46 @@ fn transformer_with_a_condition_matches_pytorch(rt: &Runtime) {
     );
     let want = npy("traj_euler10.npy").narrow(0, 0, 2).unwrap();
     assert_close(&got, &want, "batch 2");
+}
+
+/// tract splits the waypoint transformer's rows over two threads (about 0.6 million
+/// multiply-adds a row, 4 rows) and keeps the 2-D MLP on one; the results are PyTorch's either
+/// way, guided (8 rows: the conditional and null halves) or not.
+#[test]
+fn tract_splits_rows_over_threads_only_where_the_work_pays_and_matches_pytorch() {
+    let pool = |n: usize| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build()
+            .unwrap()
+    };
+    for threads in [1, 2] {
+        pool(threads).install(|| {
+            let ctx = npy("traj_ctx.npy");
+            let x0 = npy("traj_x0.npy");
+            let mut v = load(&Runtime::Tract, "traj.onnx")
+                .unwrap()
+                .with_condition("ctx", &ctx)
+                .unwrap();
+            let got = run(&mut v, &x0, "euler", 10, Schedule::Uniform, DType::F32);
+            assert_close(&got, &npy("traj_euler10.npy"), "euler");
+            assert_eq!(v.plan_threads(4), Some(threads), "pool of {threads}");
+            let mut g = load(&Runtime::Tract, "traj.onnx")
+                .unwrap()
+                .with_condition("ctx", &ctx)
+                .unwrap()
+                .with_guidance(2.5, &[("ctx", &npy("traj_null.npy"))])
+                .unwrap();
+            let got = run(&mut g, &x0, "euler", 10, Schedule::Uniform, DType::F32);
+            assert_close(&got, &npy("traj_guided_euler10.npy"), "guided");
+            assert_eq!(g.plan_threads(4), Some(threads), "guided, pool of {threads}");
+            let mut m = load(&Runtime::Tract, "mlp.onnx").unwrap();
+            let x = npy("mlp_x0.npy");
+            let got = run(&mut m, &x, "euler", 10, Schedule::Uniform, DType::F32);
+            assert_close(&got, &npy("mlp_euler10.npy"), "mlp");
+            assert_eq!(m.plan_threads(x.dim(0).unwrap()), Some(1), "mlp: too little work");
+        });
+    }
 }
 
 fn one_condition_row_is_broadcast_to_every_sample(rt: &Runtime) {
@@ -433,7 +481,7 @@ fn a_missing_or_foreign_ort_library_is_a_clear_error() {
     let missing = dir.join("libonnxruntime.so.1.99.0");
     let rt = Runtime::Ort(OrtOptions {
         library: Some(missing.clone()),
-        threads: 1,
+        ..Default::default()
     });
     let err = load(&rt, "mlp.onnx").unwrap_err();
     let msg = err.to_string();
@@ -448,7 +496,7 @@ fn a_missing_or_foreign_ort_library_is_a_clear_error() {
     std::fs::write(&text, "not a library\n").unwrap();
     let rt = Runtime::Ort(OrtOptions {
         library: Some(text.clone()),
-        threads: 1,
+        ..Default::default()
     });
     let err = load(&rt, "mlp.onnx").unwrap_err();
     let msg = err.to_string();

@@ -2,9 +2,10 @@
 //! 4 heads, cross-attention to 16 context tokens), 6 trajectories for one scene, 10 Euler
 //! steps; ours (tract) against PyTorch eager on the same module and onnxruntime from Python on
 //! the same file, alternated in one run (bench/onnx_reference.py builds and times theirs).
-//! In a build with the feature `ort`, also ours through ONNX Runtime (`onnx_traj_b6_ort_rs`,
-//! 1 intra-op thread) against onnxruntime from Python, with the library the Python wheel ships
-//! (or `ORT_DYLIB_PATH`).
+//! In a build with the feature `ort`, also ours through ONNX Runtime (`onnx_traj_b6_ort_rs`)
+//! against onnxruntime from Python, with the library the Python wheel ships (or
+//! `ORT_DYLIB_PATH`). Every side runs on the same number of threads: the pool's (PyTorch's and
+//! both ONNX Runtime sessions' intra-op threads; tract's rows split over them).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -109,7 +110,9 @@ pub fn figures(
             ours_ort.push(time(s)?);
         }
         progress(&format!("onnx round {}: ours done", r + 1));
-        for line in python(py, &["--dir", &d, "--reps", &reps_s])?.lines() {
+        let threads = flow_matching::kernel::available_threads().to_string();
+        let args = ["--dir", &d, "--reps", &reps_s, "--threads", &threads];
+        for line in python(py, &args)?.lines() {
             if let Ok(j) = serde_json::from_str::<serde_json::Value>(line) {
                 match (j["figure"].as_str(), j["value"].as_f64()) {
                     (Some("onnx_traj_b6"), Some(v)) => torch.push(v),
@@ -180,7 +183,8 @@ fn ort_library(py: &str) -> Option<PathBuf> {
         })
 }
 
-/// Ours through ONNX Runtime (one intra-op thread), when the build has it and a library is found.
+/// Ours through ONNX Runtime (as many intra-op threads as the Python session), when the build
+/// has it and a library is found.
 #[cfg(feature = "ort")]
 fn ort_step(
     py: &str,
@@ -195,7 +199,9 @@ fn ort_step(
     progress(&format!("onnx: ONNX Runtime from {}", library.display()));
     let runtime = flow_matching::onnx::Runtime::Ort(flow_matching::onnx::OrtOptions {
         library: Some(library),
-        threads: 1,
+        threads: flow_matching::kernel::available_threads(),
+        // Python's sessions spin (ONNX Runtime's default); the same settings on both sides.
+        spin: true,
     });
     Ok(Some(
         OnnxStep::load_with_runtime(model, None, &runtime)?.with_condition("ctx", ctx)?,

@@ -90,7 +90,8 @@ fn is_onnx(path: &std::path::Path) -> bool {
         .is_some_and(|e| e.eq_ignore_ascii_case("onnx"))
 }
 
-/// How an ONNX model runs: `--runtime tract|ort`, `--ort-lib PATH`, `--ort-threads N`.
+/// How an ONNX model runs: `--runtime tract|ort`, `--ort-lib PATH`, `--ort-threads N`,
+/// `--ort-spin`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct RuntimeFlags {
     /// For an ONNX model: the runtime, tract (pure Rust, built in) or ort (ONNX Runtime, in a
@@ -104,6 +105,10 @@ pub struct RuntimeFlags {
     /// With --runtime ort: ONNX Runtime's intra-op threads.
     #[arg(long, value_name = "N")]
     pub ort_threads: Option<usize>,
+    /// With --runtime ort: idle intra-op threads spin between ops (ONNX Runtime's and Python's
+    /// default): lower latency on several threads, cores kept busy.
+    #[arg(long)]
+    pub ort_spin: bool,
 }
 
 /// Parses a comma-separated list of labels such as `0,1,2`.

@@ -22,6 +22,7 @@ pub fn runtime(flags: &RuntimeFlags) -> Result<Runtime> {
             Ok(Runtime::Ort(OrtOptions {
                 library: flags.ort_lib.clone(),
                 threads: flags.ort_threads.unwrap_or(1),
+                spin: flags.ort_spin,
             }))
         }
         "tract" => {
@@ -36,7 +37,14 @@ pub fn runtime(flags: &RuntimeFlags) -> Result<Runtime> {
                 return Err(Error::invalid(
                     "--ort-threads",
                     n,
-                    "--runtime ort with it (tract runs on one thread)",
+                    "--runtime ort with it (tract splits the rows over the machine's threads itself)",
+                ));
+            }
+            if flags.ort_spin {
+                return Err(Error::invalid(
+                    "--ort-spin",
+                    "given",
+                    "--runtime ort with it (tract has no spinning threads)",
                 ));
             }
             Ok(Runtime::Tract)

@@ -378,6 +378,7 @@ fn the_ort_runtime_matches_pytorch() {
                 "5".into(),
                 "--ort-threads".into(),
                 "2".into(),
+                "--ort-spin".into(),
             ],
             "mlp_rk4_5.npy",
         ),
@@ -466,5 +467,14 @@ fn ort_flags_need_the_ort_runtime() {
     assert!(
         err.contains("--ort-lib") && err.contains("--runtime ort"),
         "{err}"
-    );
+    );    let mlp = fixture("mlp.onnx");
+    for flags in [&["--ort-threads", "2"][..], &["--ort-spin"][..]] {
+        let mut args = vec!["sample", "--model", &mlp];
+        args.extend_from_slice(flags);
+        let err = fails(&args);
+        assert!(
+            err.contains(flags[0]) && err.contains("--runtime ort"),
+            "{err}"
+        );
+    }
 }
