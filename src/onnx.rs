@@ -166,12 +166,11 @@ struct CondValue {
     rows: usize,
 }
 
-/// One thread's rows of a tract plan: their run state (of a plan specialised to their count)
-/// and their rows of the conditions.
+/// One thread's rows of a tract plan: the run state of a plan specialised to their count, with
+/// their rows of the conditions folded in as constants.
 struct Shard {
     rows: std::ops::Range<usize>,
     state: Box<tp::TypedSimpleState>,
-    conds: Vec<tp::TValue>,
 }
 
 /// Multiply-adds per thread below which tract's rows are not split over threads: a million is
@@ -877,6 +876,35 @@ impl OnnxStep {
         model.set_symbols(&subs)
     }
 
+    /// [`Self::specialised`] with every condition input replaced by its value as a constant, so
+    /// that optimisation computes what depends on the conditions alone (a context encoder,
+    /// cross-attention keys and values) once per plan instead of once per step. The plan's
+    /// inputs are then `x` and `t`, in the file's order.
+    fn specialised_const(
+        &self,
+        model: &tp::TypedModel,
+        batch: usize,
+        conds: &[tp::TValue],
+    ) -> tp::TractResult<tp::TypedModel> {
+        use tract_onnx::tract_core::ops::konst::Const;
+        let mut m = self.specialised(model, batch, conds)?;
+        let inputs = m.input_outlets()?.to_vec();
+        for (slot, v) in self.conds.iter().zip(conds) {
+            let outlet = inputs[slot.input];
+            let value = std::sync::Arc::new((**v).clone());
+            m.node_mut(outlet.node).op = Box::new(Const::new(value.clone())?);
+            m.set_outlet_fact(outlet, tp::TypedFact::try_from(value)?)?;
+        }
+        let keep: Vec<tp::OutletId> = [self.x_input, self.t_input]
+            .into_iter()
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .map(|i| inputs[i])
+            .collect();
+        m.set_input_outlets(&keep)?;
+        Ok(m)
+    }
+
     /// The multiply-adds of one row, from tract's cost model of the graph at batch 1 (`None`
     /// when the graph cannot be specialised or an op's cost is symbolic).
     fn fma_per_row(&self, model: &tp::TypedModel, conds: &[tp::TValue]) -> Option<u64> {
@@ -895,7 +923,7 @@ impl OnnxStep {
 
     /// tract's plans for `plan_batch` rows: the rows split over the pool's threads when each
     /// gets at least [`MIN_FMA_PER_THREAD`] multiply-adds (never for a fixed-batch file), one
-    /// plan specialised and optimised per distinct part size, one run state per part.
+    /// plan per part, specialised to its rows and their conditions.
     fn tract_shards(
         &self,
         model: &tp::TypedModel,
@@ -917,7 +945,6 @@ impl OnnxStep {
                 format!("cannot plan batch {n}: {}", tract_msg(&e)),
             )
         };
-        let mut plans: HashMap<usize, std::sync::Arc<tp::TypedSimplePlan>> = HashMap::new();
         let mut shards = Vec::with_capacity(parts);
         for start in (0..plan_batch).step_by(per) {
             let rows = start..(start + per).min(plan_batch);
@@ -933,19 +960,15 @@ impl OnnxStep {
                     },
                 );
             }
-            if !plans.contains_key(&n) {
-                let plan = self
-                    .specialised(model, n, conds)
-                    .and_then(|m| m.into_optimized())
-                    .and_then(|m| m.into_runnable())
-                    .map_err(|e| fail(n, e))?;
-                plans.insert(n, plan);
-            }
-            let state = plans[&n].spawn().map_err(|e| fail(n, e))?;
+            let state = self
+                .specialised_const(model, n, &part_conds)
+                .and_then(|m| m.into_optimized())
+                .and_then(|m| m.into_runnable())
+                .and_then(|p| p.spawn())
+                .map_err(|e| fail(n, e))?;
             shards.push(Shard {
                 rows,
                 state: Box::new(state),
-                conds: part_conds,
             });
         }
         Ok(shards)
@@ -986,12 +1009,12 @@ impl OnnxStep {
             }
         };
         self.plan(batch, half)?;
+        #[cfg(feature = "ort")]
+        let cond_inputs: Vec<usize> = self.conds.iter().map(|c| c.input).collect();
         let OnnxStep {
             path,
             engine,
             plans,
-            conds,
-            inputs,
             x_input,
             t_input,
             x_datum,
@@ -1019,15 +1042,12 @@ impl OnnxStep {
                     if matches!(t_layout, TimeLayout::PerRow(_)) {
                         t_shape[0] = n;
                     }
-                    let slots = conds.iter().map(|c| c.input);
                     let feeds = (*x_input, *x_datum, xs, &x_shape[..]);
                     run_tract(
                         path,
                         shard,
-                        inputs.len(),
                         feeds,
                         (*t_input, *t_datum, ts, &t_shape[..]),
-                        slots,
                         out,
                     )
                 };
@@ -1046,7 +1066,7 @@ impl OnnxStep {
             #[cfg(feature = "ort")]
             (Runner::Ort(values), Engine::Ort(session)) => {
                 let feeds: Vec<(usize, &ort::value::DynValue)> =
-                    conds.iter().map(|c| c.input).zip(values.iter()).collect();
+                    cond_inputs.into_iter().zip(values.iter()).collect();
                 session.run(
                     path,
                     (*x_input, &x_shape, x, *x_datum),
@@ -1106,27 +1126,24 @@ impl OnnxStep {
     }
 }
 
-/// Runs one shard's rows: `x` and `t` (input index, declared type, values, shape), the shard's
-/// condition values at `slots`, the velocity into `out`.
+/// Runs one shard's rows: `x` and `t` (input index in the file, declared type, values, shape),
+/// the velocity into `out`.
 fn run_tract(
     path: &Path,
     shard: &mut Shard,
-    n_inputs: usize,
     x: (usize, tp::DatumType, &[f32], &[usize]),
     t: (usize, tp::DatumType, &[f32], &[usize]),
-    slots: impl Iterator<Item = usize>,
     out: &mut [f32],
 ) -> Result<()> {
     let err = |e: tp::TractError| onnx_err(path, tract_msg(&e));
-    let x_t = make_float(x.3, x.2, x.1).map_err(err)?;
-    let t_t = make_float(t.3, t.2, t.1).map_err(err)?;
-    let mut feeds: Vec<Option<tp::TValue>> = vec![None; n_inputs];
-    feeds[x.0] = Some(tp::IntoTValue::into_tvalue(x_t));
-    feeds[t.0] = Some(tp::IntoTValue::into_tvalue(t_t));
-    for (slot, v) in slots.zip(&shard.conds) {
-        feeds[slot] = Some(v.clone());
-    }
-    let feeds: tp::TVec<tp::TValue> = feeds.into_iter().flatten().collect();
+    let x_t = tp::IntoTValue::into_tvalue(make_float(x.3, x.2, x.1).map_err(err)?);
+    let t_t = tp::IntoTValue::into_tvalue(make_float(t.3, t.2, t.1).map_err(err)?);
+    // The plan's inputs are x and t in the file's order (the conditions are constants).
+    let feeds: tp::TVec<tp::TValue> = if x.0 < t.0 {
+        [x_t, t_t].into_iter().collect()
+    } else {
+        [t_t, x_t].into_iter().collect()
+    };
     let outputs = shard.state.run(feeds).map_err(|e| {
         onnx_err(
             path,
