@@ -301,8 +301,7 @@ impl OnnxStep {
             Runtime::Tract => Self::load_tract(path, x_dims),
             #[cfg(feature = "ort")]
             Runtime::Ort(o) => {
-                let (engine, declared) =
-                    crate::onnx_ort::OrtEngine::open(path, o)?;
+                let (engine, declared) = crate::onnx_ort::OrtEngine::open(path, o)?;
                 Self::from_declared(path, declared, x_dims, Engine::Ort(engine))
             }
             #[cfg(not(feature = "ort"))]

@@ -259,12 +259,20 @@ fn tract_splits_rows_over_threads_only_where_the_work_pays_and_matches_pytorch()
                 .unwrap();
             let got = run(&mut g, &x0, "euler", 10, Schedule::Uniform, DType::F32);
             assert_close(&got, &npy("traj_guided_euler10.npy"), "guided");
-            assert_eq!(g.plan_threads(4), Some(threads), "guided, pool of {threads}");
+            assert_eq!(
+                g.plan_threads(4),
+                Some(threads),
+                "guided, pool of {threads}"
+            );
             let mut m = load(&Runtime::Tract, "mlp.onnx").unwrap();
             let x = npy("mlp_x0.npy");
             let got = run(&mut m, &x, "euler", 10, Schedule::Uniform, DType::F32);
             assert_close(&got, &npy("mlp_euler10.npy"), "mlp");
-            assert_eq!(m.plan_threads(x.dim(0).unwrap()), Some(1), "mlp: too little work");
+            assert_eq!(
+                m.plan_threads(x.dim(0).unwrap()),
+                Some(1),
+                "mlp: too little work"
+            );
         });
     }
 }

@@ -354,6 +354,65 @@ fn adamw_matches_a_hand_computed_step() {
     assert_eq!(opt.step, 2);
 }
 
+/// The in-place CPU step (f32) against the tensor-op step (the same weights in f64) over
+/// several steps with weight decay, and a clone of the optimiser keeps moments of its own.
+#[test]
+fn in_place_adamw_matches_the_tensor_step_and_clones_do_not_alias() {
+    let params = AdamWParams {
+        weight_decay: 0.05,
+        ..AdamWParams::default()
+    };
+    let w0: Vec<f32> = (0..300).map(|i| (i as f32 * 0.7).sin()).collect();
+    let w32 = Var::from_tensor(&Tensor::from_vec(w0.clone(), (20, 15), &CPU).unwrap()).unwrap();
+    let w64 = Var::from_tensor(&w32.as_tensor().to_dtype(DType::F64).unwrap()).unwrap();
+    let mut fused = AdamW::new(params, std::slice::from_ref(&w32)).unwrap();
+    let mut generic = AdamW::new(params, std::slice::from_ref(&w64)).unwrap();
+    let mut snapshot = None;
+    for step in 0..6 {
+        let g: Vec<f32> = (0..300)
+            .map(|i| ((i * (step + 3)) as f32 * 0.31).cos())
+            .collect();
+        let g = Tensor::from_vec(g, (20, 15), &CPU).unwrap();
+        fused
+            .step(std::slice::from_ref(&w32), std::slice::from_ref(&g), 0.01)
+            .unwrap();
+        let g64 = g.to_dtype(DType::F64).unwrap();
+        generic
+            .step(std::slice::from_ref(&w64), &[g64], 0.01)
+            .unwrap();
+        if step == 2 {
+            snapshot = Some((
+                fused.clone(),
+                fused.m[0].flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            ));
+        }
+    }
+    let got = w32
+        .as_tensor()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let want = w64
+        .as_tensor()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap();
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert!((*g as f64 - w).abs() < 1e-5, "weight {i}: {g} vs {w}");
+    }
+    let (clone, m_then) = snapshot.unwrap();
+    assert_eq!(
+        clone.m[0].flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        m_then
+    );
+    assert_ne!(
+        fused.m[0].flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        m_then
+    );
+}
+
 #[test]
 fn clipping_scales_to_the_max_norm() {
     let g = vec![

@@ -467,7 +467,8 @@ fn ort_flags_need_the_ort_runtime() {
     assert!(
         err.contains("--ort-lib") && err.contains("--runtime ort"),
         "{err}"
-    );    let mlp = fixture("mlp.onnx");
+    );
+    let mlp = fixture("mlp.onnx");
     for flags in [&["--ort-threads", "2"][..], &["--ort-spin"][..]] {
         let mut args = vec!["sample", "--model", &mlp];
         args.extend_from_slice(flags);

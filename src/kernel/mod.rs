@@ -527,11 +527,13 @@ mod x86 {
         total
     }
 
-    /// One `MR x 16` tile: `y[r0.., j0..j0+16] += x[r0.., :] * wt[:, j0..j0+16]`.
+    /// One `MR x 16` tile: `y[r0.., j0..j0+16] += x[r0.., :] * wt[:, j0..j0+16]`, `x[r, kk]`
+    /// at `x + r * xs.0 + kk * xs.1`.
     #[inline(always)]
     unsafe fn tile<const MR: usize>(
         y: *mut f32,
         x: *const f32,
+        xs: (usize, usize),
         wt: *const f32,
         n: usize,
         k: usize,
@@ -545,7 +547,7 @@ mod x86 {
             let b0 = _mm256_loadu_ps(wt.add(kk * n));
             let b1 = _mm256_loadu_ps(wt.add(kk * n + 8));
             for (r, a) in acc.iter_mut().enumerate() {
-                let xv = _mm256_broadcast_ss(&*x.add(r * k + kk));
+                let xv = _mm256_broadcast_ss(&*x.add(r * xs.0 + kk * xs.1));
                 a[0] = _mm256_fmadd_ps(xv, b0, a[0]);
                 a[1] = _mm256_fmadd_ps(xv, b1, a[1]);
             }
@@ -556,11 +558,13 @@ mod x86 {
         }
     }
 
-    /// `y[m, n] += x[m, k] * wt[k, n]`, `n` a multiple of 16, every slice long enough.
+    /// `y[m, n] += x[m, k] * wt[k, n]`, `n` a multiple of 16, `x[r, kk]` at
+    /// `x + r * xs.0 + kk * xs.1`, every slice long enough.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn matmul_packed(
         y: *mut f32,
         x: *const f32,
+        xs: (usize, usize),
         wt: *const f32,
         m: usize,
         n: usize,
@@ -572,28 +576,36 @@ mod x86 {
         let mut b0 = 0;
         while b0 < m {
             let mb = ROWS.min(m - b0);
-            panels(y.add(b0 * n), x.add(b0 * k), wt, mb, n, k);
+            panels(y.add(b0 * n), x.add(b0 * xs.0), xs, wt, mb, n, k);
             b0 += mb;
         }
     }
 
     #[inline(always)]
-    unsafe fn panels(y: *mut f32, x: *const f32, wt: *const f32, m: usize, n: usize, k: usize) {
+    unsafe fn panels(
+        y: *mut f32,
+        x: *const f32,
+        xs: (usize, usize),
+        wt: *const f32,
+        m: usize,
+        n: usize,
+        k: usize,
+    ) {
         let mut j0 = 0;
         while j0 < n {
             let mut r0 = 0;
             let (yj, wj) = (y.add(j0), wt.add(j0));
             while r0 + 6 <= m {
-                tile::<6>(yj.add(r0 * n), x.add(r0 * k), wj, n, k);
+                tile::<6>(yj.add(r0 * n), x.add(r0 * xs.0), xs, wj, n, k);
                 r0 += 6;
             }
-            let (yr, xr) = (yj.add(r0 * n), x.add(r0 * k));
+            let (yr, xr) = (yj.add(r0 * n), x.add(r0 * xs.0));
             match m - r0 {
-                5 => tile::<5>(yr, xr, wj, n, k),
-                4 => tile::<4>(yr, xr, wj, n, k),
-                3 => tile::<3>(yr, xr, wj, n, k),
-                2 => tile::<2>(yr, xr, wj, n, k),
-                1 => tile::<1>(yr, xr, wj, n, k),
+                5 => tile::<5>(yr, xr, xs, wj, n, k),
+                4 => tile::<4>(yr, xr, xs, wj, n, k),
+                3 => tile::<3>(yr, xr, xs, wj, n, k),
+                2 => tile::<2>(yr, xr, xs, wj, n, k),
+                1 => tile::<1>(yr, xr, xs, wj, n, k),
                 _ => {}
             }
             j0 += 16;
@@ -700,14 +712,14 @@ pub fn matmul_wt(
     }
 }
 
-/// Rows of the batch per chunk of [`matmul_tn_acc`]'s packed path: the transposed gradient
-/// chunk (`n x 256`) and the input chunk (`256 x k`) stay in L2 while the kernel runs.
+/// Rows of the batch per chunk of [`matmul_tn_acc`]'s packed path: the gradient chunk
+/// (`256 x n`) and the input chunk (`256 x k`) stay in L2 while the kernel runs.
 const TN_CHUNK: usize = 256;
 
 /// `dw[n, k] += g[m, n]^T * a[m, k]`: a weight gradient summed over the rows. On the packed
 /// kernels (the path [`kernel_path`] chose, AVX-512 included) when `k` is a multiple of
-/// [`TILE_N`]: `a`'s rows are already the packed `[K, N]` layout, and `g` is transposed a
-/// chunk of rows at a time (1/k-th of the arithmetic). Otherwise through `gemm`.
+/// [`TILE_N`]: `a`'s rows are already the packed `[K, N]` layout, and `g` is read down its
+/// columns in place (a transposed copy cost 4% of a training step). Otherwise through `gemm`.
 pub fn matmul_tn_acc(dw: &mut [f32], g: &[f32], a: &[f32], m: usize, n: usize, k: usize) {
     matmul_tn_acc_on(kernel_path(), dw, g, a, m, n, k)
 }
@@ -724,16 +736,15 @@ pub(crate) fn matmul_tn_acc_on(
 ) {
     assert!(dw.len() >= n * k && g.len() >= m * n && a.len() >= m * k);
     if k.is_multiple_of(TILE_N) && m >= TILE_N {
-        let mut gt = vec![0.0f32; n * TN_CHUNK.min(m)];
         let mut r0 = 0;
         while r0 < m {
             let rows = TN_CHUNK.min(m - r0);
-            // gt[j, r] = g[r0 + r, j]: the chunk's gradient, one row per output unit.
-            transpose_into(&mut gt, &g[r0 * n..(r0 + rows) * n], rows, n);
-            matmul_packed_on(
+            // dw += g[r0.., :]^T a[r0.., :]: the chunk of g read down its columns in place.
+            matmul_strided_on(
                 path,
                 dw,
-                &gt[..n * rows],
+                &g[r0 * n..(r0 + rows) * n],
+                (1, n),
                 &a[r0 * k..(r0 + rows) * k],
                 n,
                 k,
@@ -949,15 +960,39 @@ pub(crate) fn matmul_packed_on(
     n: usize,
     k: usize,
 ) {
-    assert!(n.is_multiple_of(TILE_N) && y.len() >= m * n && x.len() >= m * k && wt.len() >= k * n);
+    assert!(x.len() >= m * k);
+    matmul_strided_on(path, y, x, (k, 1), wt, m, n, k)
+}
+
+/// [`matmul_packed`] with `x[r, kk]` read at `x[r * xs.0 + kk * xs.1]`: `xs = (1, m)` reads
+/// `x` `[k, m]` as its transpose, which a weight gradient `g^T a` needs without copying `g`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn matmul_strided_on(
+    path: KernelPath,
+    y: &mut [f32],
+    x: &[f32],
+    xs: (usize, usize),
+    wt: &[f32],
+    m: usize,
+    n: usize,
+    k: usize,
+) {
+    let x_last = match (m, k) {
+        (0, _) | (_, 0) => 0,
+        _ => (m - 1) * xs.0 + (k - 1) * xs.1 + 1,
+    };
+    assert!(n.is_multiple_of(TILE_N) && y.len() >= m * n && x.len() >= x_last && wt.len() >= k * n);
+    if m == 0 || k == 0 {
+        return;
+    }
     #[cfg(target_arch = "x86_64")]
     {
         let (yp, xp, wp) = (y.as_mut_ptr(), x.as_ptr(), wt.as_ptr());
         match path {
             // SAFETY: features detected; the assert bounds every pointer the kernel reads.
-            KernelPath::Avx512 => return unsafe { x512::matmul_packed(yp, xp, wp, m, n, k) },
+            KernelPath::Avx512 => return unsafe { x512::matmul_packed(yp, xp, xs, wp, m, n, k) },
             // SAFETY: as above.
-            KernelPath::Avx2 => return unsafe { x86::matmul_packed(yp, xp, wp, m, n, k) },
+            KernelPath::Avx2 => return unsafe { x86::matmul_packed(yp, xp, xs, wp, m, n, k) },
             KernelPath::Portable => {}
         }
     }
@@ -965,7 +1000,7 @@ pub(crate) fn matmul_packed_on(
     while r0 < m {
         let mut j0 = 0;
         while j0 < n {
-            tile::<1>(y, x, wt, r0, j0, n, k);
+            tile::<1>(y, x, xs, wt, r0, j0, n, k);
             j0 += TILE_N;
         }
         r0 += 1;
@@ -973,10 +1008,12 @@ pub(crate) fn matmul_packed_on(
 }
 
 /// One `MR x 16` tile of `y`, accumulated in registers over the whole depth `k`.
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn tile<const MR: usize>(
     y: &mut [f32],
     x: &[f32],
+    xs: (usize, usize),
     wt: &[f32],
     r0: usize,
     j0: usize,
@@ -987,14 +1024,13 @@ fn tile<const MR: usize>(
     for (r, a) in acc.iter_mut().enumerate() {
         a.copy_from_slice(&y[(r0 + r) * n + j0..(r0 + r) * n + j0 + TILE_N]);
     }
-    let xs: [&[f32]; MR] = std::array::from_fn(|r| &x[(r0 + r) * k..(r0 + r + 1) * k]);
     for kk in 0..k {
         let b: &[f32; TILE_N] = match wt[kk * n + j0..kk * n + j0 + TILE_N].try_into() {
             Ok(b) => b,
             Err(_) => return,
         };
         for r in 0..MR {
-            let a = xs[r][kk];
+            let a = x[(r0 + r) * xs.0 + kk * xs.1];
             // Not `mul_add`: baseline x86-64 has no FMA, and the libm call per element made
             // this path 50x slower than a multiply and an add.
             for c in 0..TILE_N {

@@ -160,11 +160,12 @@ pub unsafe fn matvec_bias(
 }
 
 /// One `MR x 16 NV` tile: `y[r0.., j0..] += x[r0.., :] * wt[:, j0..]`, accumulated in
-/// registers over the whole depth `k`.
+/// registers over the whole depth `k`; `x[r, kk]` is at `x + r * xs.0 + kk * xs.1`.
 #[inline(always)]
 unsafe fn tile<const MR: usize, const NV: usize>(
     y: *mut f32,
     x: *const f32,
+    xs: (usize, usize),
     wt: *const f32,
     n: usize,
     k: usize,
@@ -178,7 +179,7 @@ unsafe fn tile<const MR: usize, const NV: usize>(
     for kk in 0..k {
         let b: [__m512; NV] = std::array::from_fn(|v| _mm512_loadu_ps(wt.add(kk * n + 16 * v)));
         for (r, a) in acc.iter_mut().enumerate() {
-            let xv = _mm512_set1_ps(*x.add(r * k + kk));
+            let xv = _mm512_set1_ps(*x.add(r * xs.0 + kk * xs.1));
             for v in 0..NV {
                 a[v] = _mm512_fmadd_ps(xv, b[v], a[v]);
             }
@@ -196,6 +197,7 @@ unsafe fn tile<const MR: usize, const NV: usize>(
 unsafe fn panel<const NV: usize>(
     y: *mut f32,
     x: *const f32,
+    xs: (usize, usize),
     wt: *const f32,
     m: usize,
     n: usize,
@@ -203,28 +205,30 @@ unsafe fn panel<const NV: usize>(
 ) {
     let mut r0 = 0;
     while r0 + 8 <= m {
-        tile::<8, NV>(y.add(r0 * n), x.add(r0 * k), wt, n, k);
+        tile::<8, NV>(y.add(r0 * n), x.add(r0 * xs.0), xs, wt, n, k);
         r0 += 8;
     }
-    let (yr, xr) = (y.add(r0 * n), x.add(r0 * k));
+    let (yr, xr) = (y.add(r0 * n), x.add(r0 * xs.0));
     match m - r0 {
-        7 => tile::<7, NV>(yr, xr, wt, n, k),
-        6 => tile::<6, NV>(yr, xr, wt, n, k),
-        5 => tile::<5, NV>(yr, xr, wt, n, k),
-        4 => tile::<4, NV>(yr, xr, wt, n, k),
-        3 => tile::<3, NV>(yr, xr, wt, n, k),
-        2 => tile::<2, NV>(yr, xr, wt, n, k),
-        1 => tile::<1, NV>(yr, xr, wt, n, k),
+        7 => tile::<7, NV>(yr, xr, xs, wt, n, k),
+        6 => tile::<6, NV>(yr, xr, xs, wt, n, k),
+        5 => tile::<5, NV>(yr, xr, xs, wt, n, k),
+        4 => tile::<4, NV>(yr, xr, xs, wt, n, k),
+        3 => tile::<3, NV>(yr, xr, xs, wt, n, k),
+        2 => tile::<2, NV>(yr, xr, xs, wt, n, k),
+        1 => tile::<1, NV>(yr, xr, xs, wt, n, k),
         _ => {}
     }
 }
 
-/// `y[m, n] += x[m, k] * wt[k, n]`, `n` a multiple of 16, every slice long enough: 8 x 32
-/// register tiles (16 accumulators), a 16-wide panel for an odd sixteen.
+/// `y[m, n] += x[m, k] * wt[k, n]`, `n` a multiple of 16, `x[r, kk]` at
+/// `x + r * xs.0 + kk * xs.1`, every slice long enough: 8 x 32 register tiles (16
+/// accumulators), a 16-wide panel for an odd sixteen.
 #[target_feature(enable = "avx512f,avx2,fma")]
 pub unsafe fn matmul_packed(
     y: *mut f32,
     x: *const f32,
+    xs: (usize, usize),
     wt: *const f32,
     m: usize,
     n: usize,
@@ -236,14 +240,14 @@ pub unsafe fn matmul_packed(
     let mut b0 = 0;
     while b0 < m {
         let mb = ROWS.min(m - b0);
-        let (yb, xb) = (y.add(b0 * n), x.add(b0 * k));
+        let (yb, xb) = (y.add(b0 * n), x.add(b0 * xs.0));
         let mut j0 = 0;
         while j0 + 32 <= n {
-            panel::<2>(yb.add(j0), xb, wt.add(j0), mb, n, k);
+            panel::<2>(yb.add(j0), xb, xs, wt.add(j0), mb, n, k);
             j0 += 32;
         }
         if j0 < n {
-            panel::<1>(yb.add(j0), xb, wt.add(j0), mb, n, k);
+            panel::<1>(yb.add(j0), xb, xs, wt.add(j0), mb, n, k);
         }
         b0 += mb;
     }

@@ -2,7 +2,7 @@
 //! learning-rate schedule and the EMA of the weights. Each works on plain `(name, tensor)`
 //! lists, so any model whose weights are `Var`s can use them.
 
-use candle_core::{DType, Tensor, Var};
+use candle_core::{CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Tensor, Var};
 
 use crate::error::{Error, Result};
 
@@ -57,7 +57,7 @@ impl AdamWParams {
 }
 
 /// AdamW whose moments and step count are public, so a checkpoint can save and restore them.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct AdamW {
     /// The hyper-parameters.
     pub params: AdamWParams,
@@ -86,14 +86,16 @@ impl AdamW {
     /// ```
     pub fn new(params: AdamWParams, vars: &[Var]) -> Result<Self> {
         params.validate()?;
-        let zeros = vars
-            .iter()
-            .map(|v| Ok(v.as_tensor().zeros_like()?))
-            .collect::<Result<Vec<_>>>()?;
+        // Separate storage for every moment: the CPU step updates them in place.
+        let zeros = || {
+            vars.iter()
+                .map(|v| Ok(v.as_tensor().zeros_like()?))
+                .collect::<Result<Vec<_>>>()
+        };
         Ok(AdamW {
             params,
-            m: zeros.clone(),
-            v: zeros,
+            m: zeros()?,
+            v: zeros()?,
             step: 0,
         })
     }
@@ -123,6 +125,33 @@ impl AdamW {
                 });
             }
             let g = g.to_dtype(w.dtype())?;
+            if fused_cpu(&[w, &g, &self.m[i], &self.v[i]]) {
+                // One pass per tensor, in place, instead of fourteen allocating tensor ops
+                // (with candle's worker spinning after each, on cores the kernels need).
+                self.m[i].inplace_op2(
+                    &g,
+                    &Moment {
+                        beta: p.beta1 as f32,
+                        square: false,
+                    },
+                )?;
+                self.v[i].inplace_op2(
+                    &g,
+                    &Moment {
+                        beta: p.beta2 as f32,
+                        square: true,
+                    },
+                )?;
+                let update = Update {
+                    decay: (1.0 - lr * p.weight_decay) as f32,
+                    lr: lr as f32,
+                    inv_c1: (1.0 / c1) as f32,
+                    inv_c2: (1.0 / c2) as f32,
+                    eps: p.eps as f32,
+                };
+                w.inplace_op3(&self.m[i], &self.v[i], &update)?;
+                continue;
+            }
             let m = (self.m[i].affine(p.beta1, 0.0)? + g.affine(1.0 - p.beta1, 0.0)?)?;
             let v = (self.v[i].affine(p.beta2, 0.0)? + g.sqr()?.affine(1.0 - p.beta2, 0.0)?)?;
             let m_hat = m.affine(1.0 / c1, 0.0)?;
@@ -132,6 +161,108 @@ impl AdamW {
             var.set(&next)?;
             self.m[i] = m;
             self.v[i] = v;
+        }
+        Ok(())
+    }
+}
+
+impl Clone for AdamW {
+    /// A copy with moments of its own (the CPU step updates moments in place, so a shallow
+    /// copy would move with the original).
+    fn clone(&self) -> Self {
+        let deep = |ts: &[Tensor]| {
+            ts.iter()
+                .map(|t| t.copy())
+                .collect::<candle_core::Result<Vec<_>>>()
+        };
+        AdamW {
+            params: self.params,
+            m: deep(&self.m).unwrap_or_else(|_| self.m.clone()),
+            v: deep(&self.v).unwrap_or_else(|_| self.v.clone()),
+            step: self.step,
+        }
+    }
+}
+
+/// Whether the in-place CPU step applies: every tensor contiguous f32 on the CPU, one shape
+/// (candle refuses an in-place op whose source shares the destination's storage).
+fn fused_cpu(ts: &[&Tensor]) -> bool {
+    let shape = ts[0].dims();
+    ts.iter().all(|t| {
+        t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous() && t.dims() == shape
+    })
+}
+
+/// The contiguous f32 slice of a CPU storage under `layout`.
+fn cpu_f32<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
+    let all = s.as_slice::<f32>()?;
+    Ok(&all[l.start_offset()..l.start_offset() + l.shape().elem_count()])
+}
+
+/// A moment update in place: `m = beta m + (1 - beta) g` (`g^2` when `square`).
+struct Moment {
+    beta: f32,
+    square: bool,
+}
+
+impl InplaceOp2 for Moment {
+    fn name(&self) -> &'static str {
+        "adamw-moment"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<()> {
+        let g = cpu_f32(s2, l2)?;
+        let (o, n) = (l1.start_offset(), l1.shape().elem_count());
+        let CpuStorage::F32(m) = s1 else {
+            candle_core::bail!("adamw-moment: f32 moments only")
+        };
+        let (b, c) = (self.beta, 1.0 - self.beta);
+        for (mi, &gi) in m[o..o + n].iter_mut().zip(g) {
+            let gi = if self.square { gi * gi } else { gi };
+            *mi = *mi * b + gi * c;
+        }
+        Ok(())
+    }
+}
+
+/// The weight update in place from the new moments:
+/// `w = w decay - lr (m / c1) / (sqrt(v / c2) + eps)`.
+struct Update {
+    decay: f32,
+    lr: f32,
+    inv_c1: f32,
+    inv_c2: f32,
+    eps: f32,
+}
+
+impl InplaceOp3 for Update {
+    fn name(&self) -> &'static str {
+        "adamw-update"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<()> {
+        let (m, v) = (cpu_f32(s2, l2)?, cpu_f32(s3, l3)?);
+        let (o, n) = (l1.start_offset(), l1.shape().elem_count());
+        let CpuStorage::F32(w) = s1 else {
+            candle_core::bail!("adamw-update: f32 weights only")
+        };
+        for ((wi, &mi), &vi) in w[o..o + n].iter_mut().zip(m).zip(v) {
+            let update = (mi * self.inv_c1) / ((vi * self.inv_c2).sqrt() + self.eps);
+            *wi = *wi * self.decay - update * self.lr;
         }
         Ok(())
     }
