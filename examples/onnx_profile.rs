@@ -46,7 +46,18 @@ fn main() -> TractResult<()> {
             .collect();
         inputs.push(Tensor::from_shape(&shape, &v)?.into_tvalue());
     }
-    let plan = model.set_symbols(&subs)?.into_optimized()?;
+    let specialised = model.set_symbols(&subs)?;
+    // Multiply-adds per call from tract's cost model (what OnnxStep splits threads by).
+    let mut fma = 0i64;
+    for node in specialised.nodes() {
+        let facts = specialised.node_input_facts(node.id)?;
+        for (cost, n) in node.op.cost(&facts)? {
+            if matches!(cost, tract_onnx::tract_core::ops::Cost::FMA(_)) {
+                fma += n.to_i64()?;
+            }
+        }
+    }
+    let plan = specialised.into_optimized()?;
     let nodes = plan.nodes().len();
     let plan = plan.into_runnable()?;
     let mut state = plan.spawn()?;
@@ -79,6 +90,11 @@ fn main() -> TractResult<()> {
     }
     let timed = t.elapsed().as_secs_f64() * 1e6 / calls as f64;
     println!("µs per call: {plain:.0} (plain run), {timed:.0} (timed node by node)");
+    println!(
+        "{:.1} M multiply-adds per call (tract's cost model): {:.1} GFLOP/s in the plain run",
+        fma as f64 / 1e6,
+        2.0 * fma as f64 / plain / 1e3
+    );
     let mut rows: Vec<_> = by_op.into_iter().collect();
     rows.sort_by(|a, b| b.1 .0.total_cmp(&a.1 .0));
     let total: f64 = rows.iter().map(|r| r.1 .0).sum();
