@@ -128,20 +128,15 @@ impl AdamW {
             if fused_cpu(&[w, &g, &self.m[i], &self.v[i]]) {
                 // One pass per tensor, in place, instead of fourteen allocating tensor ops
                 // (with candle's worker spinning after each, on cores the kernels need).
-                self.m[i].inplace_op2(
-                    &g,
-                    &Moment {
-                        beta: p.beta1 as f32,
-                        square: false,
-                    },
-                )?;
-                self.v[i].inplace_op2(
-                    &g,
-                    &Moment {
-                        beta: p.beta2 as f32,
-                        square: true,
-                    },
-                )?;
+                // The constants rounded as the tensor ops round them (f64, then f32), so both
+                // paths give the same bits.
+                let moment = |beta: f64, square| Moment {
+                    beta: beta as f32,
+                    rest: (1.0 - beta) as f32,
+                    square,
+                };
+                self.m[i].inplace_op2(&g, &moment(p.beta1, false))?;
+                self.v[i].inplace_op2(&g, &moment(p.beta2, true))?;
                 let update = Update {
                     decay: (1.0 - lr * p.weight_decay) as f32,
                     lr: lr as f32,
@@ -199,9 +194,10 @@ fn cpu_f32<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> 
     Ok(&all[l.start_offset()..l.start_offset() + l.shape().elem_count()])
 }
 
-/// A moment update in place: `m = beta m + (1 - beta) g` (`g^2` when `square`).
+/// A moment update in place: `m = beta m + rest g` (`g^2` when `square`), `rest = 1 - beta`.
 struct Moment {
     beta: f32,
+    rest: f32,
     square: bool,
 }
 
@@ -222,7 +218,7 @@ impl InplaceOp2 for Moment {
         let CpuStorage::F32(m) = s1 else {
             candle_core::bail!("adamw-moment: f32 moments only")
         };
-        let (b, c) = (self.beta, 1.0 - self.beta);
+        let (b, c) = (self.beta, self.rest);
         for (mi, &gi) in m[o..o + n].iter_mut().zip(g) {
             let gi = if self.square { gi * gi } else { gi };
             *mi = *mi * b + gi * c;
