@@ -51,14 +51,33 @@ fn config(num_classes: usize) -> VelocityMlpConfig {
     }
 }
 
+/// `model` written to a file and read back: a loaded model packs its hidden weights once and
+/// runs single rows through the packed matvec.
+fn loaded(model: &VelocityMlp, name: &str) -> VelocityMlp {
+    let p = std::env::temp_dir().join(format!(
+        "kernel-paths-{}-{name}.safetensors",
+        std::process::id()
+    ));
+    model.save(&p).unwrap();
+    let m = VelocityMlp::load(&p, &Device::Cpu).unwrap();
+    std::fs::remove_file(&p).unwrap();
+    m
+}
+
 fn sampling(path: KernelPath) {
     let dev = Device::Cpu;
-    let mut model = VelocityMlp::init(config(0), &VarMap::new(), &dev, 2)
-        .unwrap()
-        .detach();
-    let cond = VelocityMlp::init(config(3), &VarMap::new(), &dev, 3)
-        .unwrap()
-        .detach();
+    let init = VelocityMlp::init(config(0), &VarMap::new(), &dev, 2).unwrap();
+    let init_cond = VelocityMlp::init(config(3), &VarMap::new(), &dev, 3).unwrap();
+    for (mut model, cond) in [
+        (init.detach(), init_cond.detach()),
+        (loaded(&init, "plain"), loaded(&init_cond, "cond")),
+    ] {
+        sampling_with(path, &mut model, &cond);
+    }
+}
+
+fn sampling_with(path: KernelPath, model: &mut VelocityMlp, cond: &VelocityMlp) {
+    let dev = Device::Cpu;
     let fm = FlowMatching::new(2).unwrap();
     for b in [1, 5, 70] {
         for method in ["euler", "rk4"] {
@@ -67,11 +86,11 @@ fn sampling(path: KernelPath) {
                 ..SampleOptions::seeded(b as u64)
             };
             let what = format!("{path:?} {method} batch {b}");
-            let fast = fm.sample(b, &mut model, &dev, &opts).unwrap();
-            let generic = fm.sample(b, &mut Generic(&mut model), &dev, &opts).unwrap();
+            let fast = fm.sample(b, model, &dev, &opts).unwrap();
+            let generic = fm.sample(b, &mut Generic(model), &dev, &opts).unwrap();
             assert_close(&what, &vec(&fast.x), &vec(&generic.x), 5e-6, 5e-5);
             let labels: Vec<u32> = (0..b as u32).map(|i| i % 4).collect();
-            let mut g = Guided::new(&cond, &labels, 2.0).unwrap();
+            let mut g = Guided::new(cond, &labels, 2.0).unwrap();
             let fast = fm.sample(b, &mut g, &dev, &opts).unwrap();
             let generic = fm.sample(b, &mut Generic(&mut g), &dev, &opts).unwrap();
             assert_close(

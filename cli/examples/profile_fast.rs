@@ -12,12 +12,24 @@ fn main() -> flow_matching::Result<()> {
     let batch: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(1);
     let reps: usize = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(100);
     let varmap = candle_nn::VarMap::new();
+    // Sampling figures load the model from a file, as the bench does.
+    let loaded = |m: flow_matching::VelocityMlp| -> flow_matching::Result<_> {
+        let p =
+            std::env::temp_dir().join(format!("profile-fast-{}.safetensors", std::process::id()));
+        m.save(&p)?;
+        let l = flow_matching::VelocityMlp::load(&p, &candle_core::Device::Cpu);
+        let _ = std::fs::remove_file(&p);
+        l
+    };
     let v = match what {
         "train" => harness::train_steps_per_s(batch, reps)?,
-        "cfg" => harness::cfg_sample_ms(&harness::conditional_model(&varmap)?, reps)?,
+        "cfg" => harness::cfg_sample_ms(&loaded(harness::conditional_model(&varmap)?)?, reps)?,
         "traj" => harness::traj_ms(&harness::traj_model()?, reps)?,
-        "rk4" => harness::sample_method_ms(&harness::workload_model(&varmap)?, "rk4", batch, reps)?,
-        _ => harness::sample_ms(&harness::workload_model(&varmap)?, batch, reps)?,
+        "rk4" => {
+            let m = loaded(harness::workload_model(&varmap)?)?;
+            harness::sample_method_ms(&m, "rk4", batch, reps)?
+        }
+        _ => harness::sample_ms(&loaded(harness::workload_model(&varmap)?)?, batch, reps)?,
     };
     println!(
         "{what} batch {batch} ({} kernels): {v:.4}",

@@ -450,11 +450,12 @@ pub fn run(opts: &BenchOptions, mut progress: impl FnMut(&str)) -> Result<Vec<Fi
     let dir = std::env::temp_dir().join(format!("flow-matching-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
     let model_path = dir.join("velocity-mlp.safetensors");
-    let model = workload_model(&VarMap::new())?;
-    model.save(&model_path)?;
+    workload_model(&VarMap::new())?.save(&model_path)?;
     let cond_path = dir.join("velocity-mlp-cond.safetensors");
-    let cond = conditional_model(&VarMap::new())?;
-    cond.save(&cond_path)?;
+    conditional_model(&VarMap::new())?.save(&cond_path)?;
+    // Ours samples the files PyTorch loads, as a deployed model would be.
+    let model = VelocityMlp::load(&model_path, &Device::Cpu)?;
+    let cond = VelocityMlp::load(&cond_path, &Device::Cpu)?;
     let traj_path = dir.join("waypoint-transformer.safetensors");
     let traj = traj_model()?;
     traj.save(&traj_path)?;

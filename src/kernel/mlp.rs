@@ -1,8 +1,10 @@
 //! The velocity-mlp forward and backward passes on f32 slices.
 
+use std::sync::{Arc, OnceLock};
+
 use super::{
     add_assign, axpy, matmul_nn, matmul_packed, matmul_tn_acc, matmul_wt, matvec_bias,
-    silu_backward, silu_inplace, silu_keep, threads_for_batch, transpose, TILE_N,
+    matvec_packed, silu_backward, silu_inplace, silu_keep, threads_for_batch, transpose, TILE_N,
 };
 use crate::schedule::TimeGrid;
 
@@ -18,8 +20,38 @@ const CHUNK: usize = 64;
 
 /// Fewer rows than this go through the hidden layers as one matvec per row: the packed matmul
 /// needs the weights transposed, which for a 2-row guided sample at batch 1 costs more than
-/// the whole run (and the per-row matvec reads each weight row once per row, from L2).
+/// the whole run (and the per-row matvec reads each weight row once per row, from L2). With
+/// a [`PackedCache`] already built, every row count uses the packed layout.
 const PACKED_MIN_ROWS: usize = 4;
+
+/// The hidden layers' weights transposed for the packed kernels, built on first use and shared
+/// by every sampling run (and clone) of a model whose weights cannot change: one read from a
+/// file. A model whose weights are training variables has none and packs once per run.
+#[derive(Clone, Default)]
+pub struct PackedCache(Arc<OnceLock<Arc<Vec<Vec<f32>>>>>);
+
+impl std::fmt::Debug for PackedCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let built = self.0.get().is_some();
+        f.debug_struct("PackedCache")
+            .field("built", &built)
+            .finish()
+    }
+}
+
+impl PackedCache {
+    /// The packed hidden weights of `w`, transposed on the first call.
+    fn get(&self, w: &MlpWeights<'_>) -> Arc<Vec<Vec<f32>>> {
+        self.0.get_or_init(|| Arc::new(pack_hidden(w))).clone()
+    }
+}
+
+/// The hidden layers' weights `[H, H]` transposed to `[H, H]` for [`matmul_packed`].
+fn pack_hidden(w: &MlpWeights<'_>) -> Vec<Vec<f32>> {
+    (1..w.depth())
+        .map(|l| transpose(w.layers[l].0, w.h, w.h))
+        .collect()
+}
 
 /// A velocity-mlp's weights as row-major f32 slices (the spec's tensors, in the spec's layout).
 #[derive(Debug, Clone)]
@@ -84,14 +116,26 @@ pub struct Sampler {
     c0: Vec<f32>,
     e: Vec<f32>,
     scratch: Vec<Scratch>,
-    /// Hidden-layer weights transposed for `matmul_packed`, built on the first multi-row call.
-    packed: Vec<Vec<f32>>,
+    /// Hidden-layer weights transposed for `matmul_packed`, built on the first multi-row call
+    /// (or taken from the model's cache).
+    packed: Arc<Vec<Vec<f32>>>,
+    cache: Option<PackedCache>,
 }
 
 impl Sampler {
     /// Prepares a run; `labels` (one per row, `num_classes` = no condition) for a conditional
     /// model, where `None` means the null class for every row.
     pub fn new(w: &MlpWeights<'_>, labels: Option<Vec<u32>>) -> Self {
+        Self::with_cache(w, labels, None)
+    }
+
+    /// [`Sampler::new`] taking the packed hidden weights from `cache` (a model whose weights
+    /// cannot change), so a run packs nothing and a single row uses the packed matvec.
+    pub fn with_cache(
+        w: &MlpWeights<'_>,
+        labels: Option<Vec<u32>>,
+        cache: Option<PackedCache>,
+    ) -> Self {
         let (d, h, in0) = (w.d, w.h, w.in0());
         let w0 = w.layers[0].0;
         let mut wx_t = Vec::new();
@@ -127,7 +171,8 @@ impl Sampler {
             c0: vec![0.0; h],
             e: vec![0.0; 2 * w.f()],
             scratch: Vec::new(),
-            packed: Vec::new(),
+            packed: Arc::default(),
+            cache,
         }
     }
 
@@ -147,10 +192,15 @@ impl Sampler {
                 s.b.resize(chunk * h, 0.0);
             }
         }
-        if rows >= PACKED_MIN_ROWS && h.is_multiple_of(TILE_N) && self.packed.is_empty() {
-            self.packed = (1..w.depth())
-                .map(|l| transpose(w.layers[l].0, h, h))
-                .collect();
+        // A model with a cache packs once for all its runs, so even a single row pays off.
+        if (rows >= PACKED_MIN_ROWS || self.cache.is_some())
+            && h.is_multiple_of(TILE_N)
+            && self.packed.is_empty()
+        {
+            self.packed = match &self.cache {
+                Some(c) => c.get(w),
+                None => Arc::new(pack_hidden(w)),
+            };
         }
         (threads, per)
     }
@@ -166,7 +216,7 @@ impl Sampler {
         let (threads, per) = self.prepare(w, rows);
         let shared = Shared {
             w,
-            packed: &self.packed,
+            packed: self.packed.as_slice(),
             wx_t: &self.wx_t,
             class_terms: &self.class_terms,
             labels: self.labels.as_deref(),
@@ -203,7 +253,7 @@ impl Sampler {
         }
         let shared = Shared {
             w,
-            packed: &self.packed,
+            packed: self.packed.as_slice(),
             wx_t: &self.wx_t,
             class_terms: &self.class_terms,
             labels: self.labels.as_deref(),
@@ -372,6 +422,14 @@ fn forward_chunk(
                     nxt[r * h..(r + 1) * h].copy_from_slice(bl);
                 }
                 matmul_packed(nxt, cur, wt, rows, h, h);
+            }
+            // Few rows with the weights already packed: one row at a time with every output
+            // column in registers, which streams the weights once per row at full width.
+            Some(wt) => {
+                for r in 0..rows {
+                    let y = &mut nxt[r * h..(r + 1) * h];
+                    matvec_packed(y, bl, &cur[r * h..(r + 1) * h], wt);
+                }
             }
             _ => linear(nxt, cur, wl, bl, rows, h, h),
         }

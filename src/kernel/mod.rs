@@ -381,6 +381,52 @@ mod x86 {
         _mm256_mul_ps(p, _mm256_castsi256_ps(e))
     }
 
+    /// `y[j] = b[j] + sum_kk x[kk] wt[kk, j]` for `n` (a multiple of 16) columns, 64 at a time
+    /// in 8 accumulators.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn matvec_packed(
+        y: *mut f32,
+        b: *const f32,
+        x: *const f32,
+        wt: *const f32,
+        n: usize,
+        k: usize,
+    ) {
+        let mut j0 = 0;
+        while j0 < n {
+            if n - j0 >= 64 {
+                matvec_cols::<8>(y, b, x, wt, n, k, j0);
+                j0 += 64;
+            } else {
+                matvec_cols::<2>(y, b, x, wt, n, k, j0);
+                j0 += 16;
+            }
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn matvec_cols<const NV: usize>(
+        y: *mut f32,
+        b: *const f32,
+        x: *const f32,
+        wt: *const f32,
+        n: usize,
+        k: usize,
+        j0: usize,
+    ) {
+        let mut acc: [__m256; NV] = std::array::from_fn(|v| _mm256_loadu_ps(b.add(j0 + 8 * v)));
+        for kk in 0..k {
+            let xv = _mm256_broadcast_ss(&*x.add(kk));
+            let row = wt.add(kk * n + j0);
+            for (v, a) in acc.iter_mut().enumerate() {
+                *a = _mm256_fmadd_ps(xv, _mm256_loadu_ps(row.add(8 * v)), *a);
+            }
+        }
+        for (v, a) in acc.iter().enumerate() {
+            _mm256_storeu_ps(y.add(j0 + 8 * v), *a);
+        }
+    }
+
     /// `x = softmax(scale * x)` over `n` elements, `scale > 0`.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn softmax(x: *mut f32, n: usize, scale: f32) {
@@ -627,6 +673,43 @@ simd_dispatch! {
     fn add_assign / add_assign_on(y: &mut [f32], x: &[f32]) {
         for (yi, xi) in y.iter_mut().zip(x) {
             *yi += *xi;
+        }
+    }
+}
+
+/// `y = bias + x wt` for one row: `x` `[k]`, the packed (transposed) weight `wt` `[k, n]`, `n`
+/// (`y.len()`) a multiple of [`TILE_N`]. Every output column stays in a register while the
+/// weight rows stream past, so one row runs at the width of the vectors (a row of dot products
+/// needs a horizontal sum per output).
+pub fn matvec_packed(y: &mut [f32], bias: &[f32], x: &[f32], wt: &[f32]) {
+    matvec_packed_on(kernel_path(), y, bias, x, wt)
+}
+
+/// [`matvec_packed`] on a given path (which the CPU must support).
+pub(crate) fn matvec_packed_on(
+    path: KernelPath,
+    y: &mut [f32],
+    bias: &[f32],
+    x: &[f32],
+    wt: &[f32],
+) {
+    let (n, k) = (y.len(), x.len());
+    assert!(n.is_multiple_of(TILE_N) && bias.len() >= n && wt.len() >= k * n);
+    #[cfg(target_arch = "x86_64")]
+    {
+        let (yp, bp, xp, wp) = (y.as_mut_ptr(), bias.as_ptr(), x.as_ptr(), wt.as_ptr());
+        match path {
+            // SAFETY: features detected; the assert bounds every pointer the kernel reads.
+            KernelPath::Avx512 => return unsafe { x512::matvec_packed(yp, bp, xp, wp, n, k) },
+            // SAFETY: as above.
+            KernelPath::Avx2 => return unsafe { x86::matvec_packed(yp, bp, xp, wp, n, k) },
+            KernelPath::Portable => {}
+        }
+    }
+    y.copy_from_slice(&bias[..n]);
+    for (kk, &xv) in x.iter().enumerate() {
+        for (yj, &w) in y.iter_mut().zip(&wt[kk * n..(kk + 1) * n]) {
+            *yj += xv * w;
         }
     }
 }

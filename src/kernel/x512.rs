@@ -43,6 +43,61 @@ unsafe fn exp16(x: __m512) -> __m512 {
     _mm512_mul_ps(p, _mm512_castsi512_ps(e))
 }
 
+/// `y[j] = b[j] + sum_kk x[kk] wt[kk, j]` for `n` (a multiple of 16) columns: up to 256
+/// columns at a time in 16 accumulators, so each weight row streams through at full width.
+#[target_feature(enable = "avx512f,avx2,fma")]
+pub unsafe fn matvec_packed(
+    y: *mut f32,
+    b: *const f32,
+    x: *const f32,
+    wt: *const f32,
+    n: usize,
+    k: usize,
+) {
+    let mut j0 = 0;
+    while j0 < n {
+        let nv = match (n - j0) / 16 {
+            16.. => 16,
+            8.. => 8,
+            4.. => 4,
+            2.. => 2,
+            _ => 1,
+        };
+        match nv {
+            16 => matvec_cols::<16>(y, b, x, wt, n, k, j0),
+            8 => matvec_cols::<8>(y, b, x, wt, n, k, j0),
+            4 => matvec_cols::<4>(y, b, x, wt, n, k, j0),
+            2 => matvec_cols::<2>(y, b, x, wt, n, k, j0),
+            _ => matvec_cols::<1>(y, b, x, wt, n, k, j0),
+        }
+        j0 += 16 * nv;
+    }
+}
+
+/// `NV * 16` columns from `j0` of [`matvec_packed`].
+#[inline(always)]
+unsafe fn matvec_cols<const NV: usize>(
+    y: *mut f32,
+    b: *const f32,
+    x: *const f32,
+    wt: *const f32,
+    n: usize,
+    k: usize,
+    j0: usize,
+) {
+    let mut acc: [__m512; NV] = std::array::from_fn(|v| _mm512_loadu_ps(b.add(j0 + 16 * v)));
+    for kk in 0..k {
+        let xv = _mm512_set1_ps(*x.add(kk));
+        let row = wt.add(kk * n + j0);
+        for (v, a) in acc.iter_mut().enumerate() {
+            *a = _mm512_fmadd_ps(xv, _mm512_loadu_ps(row.add(16 * v)), *a);
+        }
+    }
+    for (v, a) in acc.iter().enumerate() {
+        _mm512_storeu_ps(y.add(j0 + 16 * v), *a);
+    }
+}
+
 /// `x = softmax(scale * x)` over `n` elements, `scale > 0`.
 #[target_feature(enable = "avx512f,avx2,fma")]
 pub unsafe fn softmax(x: *mut f32, n: usize, scale: f32) {

@@ -86,7 +86,7 @@ impl<'a> FastMlp<'a> {
         let weights: MlpWeights<'a> =
             unsafe { std::mem::transmute::<MlpWeights<'_>, MlpWeights<'a>>(locked.weights(model)) };
         let rows = labels.as_ref().map(Vec::len);
-        let sampler = Sampler::new(&weights, labels);
+        let sampler = Sampler::with_cache(&weights, labels, model.packed_cache());
         Some(FastMlp {
             weights,
             sampler,
@@ -111,7 +111,7 @@ impl<'a> FastMlp<'a> {
         let weights: MlpWeights<'a> =
             unsafe { std::mem::transmute::<MlpWeights<'_>, MlpWeights<'a>>(w) };
         let n = index.len();
-        let sampler = Sampler::new(&weights, Some(index));
+        let sampler = Sampler::with_cache(&weights, Some(index), model.packed_cache());
         Some(FastMlp {
             weights,
             sampler,

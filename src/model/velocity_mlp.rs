@@ -286,6 +286,9 @@ pub struct VelocityMlp {
     cproj: Option<CondProj>,
     /// `(weight [out, in], bias [out])` for each of the `depth + 1` linear layers.
     layers: Vec<(Tensor, Tensor)>,
+    /// The hidden weights packed for the CPU kernels, shared by every sampling run: only for a
+    /// model read from a file, whose weights no training variable shares.
+    packed: Option<crate::kernel::mlp::PackedCache>,
 }
 
 impl VelocityMlp {
@@ -413,6 +416,7 @@ impl VelocityMlp {
             cproj,
             layers,
             config,
+            packed: None,
         })
     }
 
@@ -422,9 +426,20 @@ impl VelocityMlp {
     /// let model = flow_matching::VelocityMlp::load("model.safetensors", &candle_core::Device::Cpu)?;
     /// # Ok::<(), flow_matching::Error>(())
     /// ```
+    ///
+    /// The weights of a loaded model are read-only (they belong to no training variable), so
+    /// sampling packs its hidden layers for the CPU kernels once, on the first run, and every
+    /// later run and clone reuses them.
     pub fn load(path: impl AsRef<Path>, device: &Device) -> Result<Self> {
         let (config, tensors) = read_file(path.as_ref(), device)?;
-        Self::from_tensors(config, &tensors, path.as_ref())
+        let mut m = Self::from_tensors(config, &tensors, path.as_ref())?;
+        m.packed = Some(Default::default());
+        Ok(m)
+    }
+
+    /// The shared packed weights, for a model whose weights cannot change.
+    pub(crate) fn packed_cache(&self) -> Option<crate::kernel::mlp::PackedCache> {
+        self.packed.clone()
     }
 
     /// The hyper-parameters.
@@ -484,6 +499,8 @@ impl VelocityMlp {
                 .iter()
                 .map(|(w, b)| (w.detach(), b.detach()))
                 .collect(),
+            // The same storage: read-only exactly when this model's is.
+            packed: self.packed.clone(),
         }
     }
 
@@ -507,6 +524,7 @@ impl VelocityMlp {
                 .iter()
                 .map(|(w, b)| Ok((w.to_device(device)?, b.to_device(device)?)))
                 .collect::<Result<_>>()?,
+            packed: None,
         })
     }
 
