@@ -235,7 +235,7 @@ simd_dispatch! {
     }
 }
 
-/// Arguments beyond which [`sin_cos`] falls back to libm: the three-part reduction by `pi / 2`
+/// Arguments beyond which [`sin_cos_scaled`] falls back to libm: the three-part reduction by `pi / 2`
 /// keeps the reduced argument within an ulp up to here.
 pub const SIN_COS_RANGE: f32 = 8192.0;
 
