@@ -428,8 +428,9 @@ impl VelocityMlp {
     /// ```
     ///
     /// The weights of a loaded model are read-only (they belong to no training variable), so
-    /// sampling packs its hidden layers for the CPU kernels once, on the first run, and every
-    /// later run and clone reuses them.
+    /// sampling on the CPU packs its hidden layers once, on the first run, and every later run
+    /// and clone reuses them: a transposed copy of the hidden weights stays in memory with the
+    /// model (what a run of four rows or more allocated for its duration anyway).
     pub fn load(path: impl AsRef<Path>, device: &Device) -> Result<Self> {
         let (config, tensors) = read_file(path.as_ref(), device)?;
         let mut m = Self::from_tensors(config, &tensors, path.as_ref())?;
