@@ -169,29 +169,25 @@ pub fn training_batch(batch: usize) -> Result<(Tensor, Tensor, Tensor)> {
 
 /// Training steps per second (loss, gradients and the AdamW update) at `batch` rows.
 pub fn train_steps_per_s(batch: usize, reps: usize) -> Result<f64> {
-    let varmap = VarMap::new();
-    let model = workload_model(&varmap)?;
-    // The trainer's own AdamW, with PyTorch's settings in the reference script.
-    let params = AdamWParams {
-        weight_decay: 0.01,
-        ..AdamWParams::default()
-    };
-    let vars = flow_matching::train::sorted_vars(&varmap)?;
-    let plain: Vec<Var> = vars.iter().map(|(_, v)| v.clone()).collect();
-    let mut opt = AdamW::new(params, &plain)?;
-    let (noisy, t, target) = training_batch(batch)?;
-    let ms = median_ms(reps, || {
-        let (_, mut grads) = loss_and_grads(&model, &noisy, &t, None, &target)?;
-        grads.sort_by(|a, b| a.0.cmp(&b.0));
-        let grads: Vec<Tensor> = grads.into_iter().map(|(_, g)| g).collect();
-        opt.step(&plain, &grads, 1e-4)
-    })?;
-    Ok(1e3 / ms)
+    adamw_steps_per_s(&Device::Cpu, batch, reps, |m, x, t, target| {
+        loss_and_grads(m, x, t, None, target)
+    })
 }
 
 /// [`train_steps_per_s`] on a GPU: the same model, batch and AdamW, the loss and gradients by
 /// candle's autograd (the fused backward is CPU-only), the device synchronised after each step.
 pub fn train_steps_per_s_on(device: &Device, batch: usize, reps: usize) -> Result<f64> {
+    adamw_steps_per_s(device, batch, reps, |m, x, t, target| {
+        flow_matching::train::loss_and_grads(m, x, t, None, target)
+    })
+}
+
+/// Loss and gradients of the workload model on `device`.
+type GradsFn = fn(&VelocityMlp, &Tensor, &Tensor, &Tensor) -> Result<(f32, Vec<(String, Tensor)>)>;
+
+/// Steps per second of the workload model on `device`: `grads` then the trainer's own AdamW
+/// (PyTorch's settings in the reference script), the device synchronised after each step.
+fn adamw_steps_per_s(device: &Device, batch: usize, reps: usize, grads: GradsFn) -> Result<f64> {
     let varmap = VarMap::new();
     let cfg = VelocityMlpConfig::new(XDims::new(2)?);
     let model = VelocityMlp::init(cfg, &varmap, device, 0)?;
@@ -209,11 +205,10 @@ pub fn train_steps_per_s_on(device: &Device, batch: usize, reps: usize) -> Resul
         target.to_device(device)?,
     );
     let ms = median_ms(reps, || {
-        let (_, mut grads) =
-            flow_matching::train::loss_and_grads(&model, &noisy, &t, None, &target)?;
-        grads.sort_by(|a, b| a.0.cmp(&b.0));
-        let grads: Vec<Tensor> = grads.into_iter().map(|(_, g)| g).collect();
-        opt.step(&plain, &grads, 1e-4)?;
+        let (_, mut g) = grads(&model, &noisy, &t, &target)?;
+        g.sort_by(|a, b| a.0.cmp(&b.0));
+        let g: Vec<Tensor> = g.into_iter().map(|(_, g)| g).collect();
+        opt.step(&plain, &g, 1e-4)?;
         device.synchronize()?;
         Ok(())
     })?;
