@@ -1,25 +1,7 @@
 //! `demo --data driving` and `eval-traj` end to end (tiny runs: the pipeline, not the quality).
 
-use std::path::PathBuf;
-use std::process::Command;
-
-fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("fm-cli-driving-{}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d.join(name)
-}
-
-fn cli(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_flow-matching"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).to_string(),
-        String::from_utf8_lossy(&out.stderr).to_string(),
-    )
-}
+mod support;
+use support::{run_text as cli, tmp};
 
 #[test]
 fn driving_demo_writes_its_table_and_files_and_eval_traj_rescores_them() {

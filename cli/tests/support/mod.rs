@@ -36,6 +36,16 @@ pub fn run(args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// Runs `flow-matching` with `args`: whether it succeeded, its stdout and its stderr.
+pub fn run_text(args: &[&str]) -> (bool, String, String) {
+    let out = run(args);
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
 /// The largest absolute difference between two tensors of one shape.
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
     (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap())
