@@ -232,7 +232,7 @@ pub enum Error {
     },
 
     /// A request for more memory than is available, refused before allocating.
-    #[error("{what}: needs {}, more than the {} of memory available (set FLOW_MATCHING_MEMORY_LIMIT to change the ceiling)", crate::limits::human_bytes(*needed), crate::limits::human_bytes(Some(*available)))]
+    #[error("{what}: needs {}, more than the {} of memory available (set FLOW_MATCHING_MEMORY_LIMIT to change the ceiling)", crate::describe::human_bytes(*needed), crate::describe::human_bytes(Some(*available)))]
     TooLarge {
         /// What would be allocated, naming the flag or file behind it.
         what: String,

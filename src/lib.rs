@@ -4,12 +4,25 @@
 //! velocity field v(x, t). This crate gives the seed's sampler ([`FlowMatching`] under the
 //! [`Diffusion`] trait and the [`StepFn`] protocol), ODE solvers, time schedules, the
 //! `velocity-mlp` model shared with PyTorch, and training helpers.
+//!
+//! How the modules stack (each imports only modules below it or beside it, never back):
+//! - protocol and sampling: [`step`] (the `StepFn` protocol), [`solver`], [`schedule`],
+//!   [`diffusion`], [`flow_matching`], [`condition`], [`guidance`], [`likelihood`];
+//! - models: [`model`] (velocity-mlp, waypoint transformer, their fused CPU paths, checked
+//!   model-file reading), `onnx` (feature `onnx`: ONNX networks on tract or ONNX Runtime);
+//! - kernels: [`kernel`] (packed matmul, element-wise, attention; AVX-512, AVX2 and portable
+//!   builds chosen at run time);
+//! - training: [`train`], [`coupling`], [`reflow`], [`regression`];
+//! - data and scores: [`data`], [`io`], [`trajectory`], [`metrics`], [`evaluate`];
+//! - plumbing: [`error`], [`describe`], [`limits`], [`output`], [`progress`], `plot`
+//!   (feature `plot`).
 
 #![warn(missing_docs)]
 
 pub mod condition;
 pub mod coupling;
 pub mod data;
+pub mod describe;
 pub mod diffusion;
 pub mod error;
 pub mod evaluate;
@@ -23,8 +36,6 @@ pub mod metrics;
 pub mod model;
 #[cfg(feature = "onnx")]
 pub mod onnx;
-#[cfg(feature = "ort")]
-mod onnx_ort;
 pub mod output;
 #[cfg(feature = "plot")]
 pub mod plot;

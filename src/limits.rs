@@ -6,6 +6,7 @@
 
 use std::path::Path;
 
+pub use crate::describe::human_bytes;
 use crate::error::{Error, Result};
 
 /// Environment variable that overrides the available-memory figure (bytes), for tests and
@@ -92,27 +93,6 @@ pub fn check_memory(what: &str, bytes: Option<u64>) -> Result<()> {
     }
 }
 
-/// Renders a byte count for messages: `1.5 GiB (1610612736 bytes)`.
-pub fn human_bytes(bytes: Option<u64>) -> String {
-    let Some(b) = bytes else {
-        return "more than 2^64 bytes".to_string();
-    };
-    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
-    if b < 1024 {
-        return format!("{b} bytes");
-    }
-    let mut v = b as f64;
-    let mut unit = "bytes";
-    for u in UNITS {
-        if v < 1024.0 {
-            break;
-        }
-        v /= 1024.0;
-        unit = u;
-    }
-    format!("{v:.1} {unit} ({b} bytes)")
-}
-
 /// At most [`EXCERPT_CHARS`] characters of `value`, with the full length when it was cut, so a
 /// message about a 300 MB flag or metadata entry stays one short line.
 ///
@@ -168,7 +148,7 @@ pub fn input_len(path: &Path) -> Result<u64> {
                 std::io::ErrorKind::InvalidInput,
                 format!(
                     "{}: expected a regular file",
-                    crate::output::file_kind(&meta)
+                    crate::describe::file_kind(&meta)
                 ),
             ),
         ));
@@ -205,13 +185,6 @@ mod tests {
         let text = "MemTotal:       16000000 kB\nMemAvailable:    1000 kB\n";
         assert_eq!(parse_meminfo(text), Some(1_024_000));
         assert_eq!(parse_meminfo("MemTotal: 5 kB\n"), None);
-    }
-
-    #[test]
-    fn human_bytes_names_units() {
-        assert_eq!(human_bytes(Some(10)), "10 bytes");
-        assert_eq!(human_bytes(Some(3 << 30)), "3.0 GiB (3221225472 bytes)");
-        assert_eq!(human_bytes(None), "more than 2^64 bytes");
     }
 
     #[test]

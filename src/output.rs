@@ -17,6 +17,7 @@ use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
+use crate::describe::file_kind;
 use crate::error::{Error, Result};
 
 /// The suffix of temporary files (`.NAME.XXXXXXXX.fm-tmp`).
@@ -26,37 +27,6 @@ pub const LOCK_SUFFIX: &str = ".fm-lock";
 /// Random characters in a temporary name: fixed, so stale-file clean-up of `a` never matches
 /// the temporaries of `a.b`.
 const RAND_CHARS: usize = 8;
-
-/// Words for a file's type, for messages.
-pub(crate) fn file_kind(meta: &fs::Metadata) -> &'static str {
-    let ft = meta.file_type();
-    if ft.is_file() {
-        return "a regular file";
-    }
-    if ft.is_dir() {
-        return "a directory";
-    }
-    if ft.is_symlink() {
-        return "a symbolic link";
-    }
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::FileTypeExt;
-        if ft.is_char_device() {
-            return "a character device";
-        }
-        if ft.is_block_device() {
-            return "a block device";
-        }
-        if ft.is_fifo() {
-            return "a named pipe";
-        }
-        if ft.is_socket() {
-            return "a socket";
-        }
-    }
-    "a special file"
-}
 
 /// The directory a path's file lives in (`.` for a bare name).
 fn dir_of(path: &Path) -> &Path {

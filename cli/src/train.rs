@@ -248,7 +248,7 @@ pub struct EarlyStopArgs {
 /// 20,000 steps; 16 < D ≤ 256: hidden 256, depth 3, batch 256, 8,000 steps; larger: hidden
 /// 512, depth 4, batch 128, 8,000 steps. A data file of N rows is seen at most 300 times
 /// (steps ≤ 300 N / batch), never fewer than 2,000 steps. The same rule holds with a
-/// continuous condition (--cond; README, "Conditional trajectories").
+/// continuous condition (--cond; docs/training.md).
 #[derive(Debug, clap::Args)]
 #[command(verbatim_doc_comment)]
 pub struct TrainArgs {

@@ -2,6 +2,7 @@
 
 mod cond;
 pub mod fast;
+mod file;
 mod transformer;
 pub mod transformer_fast;
 mod velocity_mlp;

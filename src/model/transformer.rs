@@ -17,7 +17,6 @@ use crate::diffusion::XDims;
 use crate::error::{Error, Result};
 use crate::io::atomic_write;
 use crate::model::cond::{flat_features, CondNorm, Condition};
-use crate::step::{FastVelocity, StepFn};
 use crate::train::{ModelConfig, TrainableModel};
 
 /// `2 pi` rounded to float32 first, as the reference computes `((2*pi) * v) * f`.
@@ -611,17 +610,6 @@ fn modulate(h: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
     Ok(n.broadcast_mul(&(scale + 1.0)?)?.broadcast_add(shift)?)
 }
 
-impl StepFn for WaypointTransformer {
-    fn step(&mut self, x: &Tensor, t: &Tensor) -> Result<Tensor> {
-        self.forward_cond(x, t, None)
-    }
-
-    fn fast_velocity(&mut self) -> Option<Box<dyn FastVelocity + '_>> {
-        let f = crate::model::transformer_fast::FastTransformer::new(self, None)?;
-        Some(Box::new(f))
-    }
-}
-
 /// A waypoint transformer bound to one condition row per sample (or the null condition).
 #[derive(Debug, Clone)]
 pub struct TransformerConditioned<'a> {
@@ -629,18 +617,6 @@ pub struct TransformerConditioned<'a> {
     pub model: &'a WaypointTransformer,
     /// The condition of every row (`None`: the null condition).
     pub cond: Option<Condition>,
-}
-
-impl StepFn for TransformerConditioned<'_> {
-    fn step(&mut self, x: &Tensor, t: &Tensor) -> Result<Tensor> {
-        self.model.forward_cond(x, t, self.cond.as_ref())
-    }
-
-    fn fast_velocity(&mut self) -> Option<Box<dyn FastVelocity + '_>> {
-        let f =
-            crate::model::transformer_fast::FastTransformer::new(self.model, self.cond.as_ref())?;
-        Some(Box::new(f))
-    }
 }
 
 /// The `format` entry of a safetensors file's metadata (`None` when it has none), to pick
@@ -685,7 +661,7 @@ pub fn read_transformer_bytes(
         path: PathBuf::from(path),
         reason,
     };
-    let (st, meta) = crate::model::velocity_mlp::open_header(bytes, TRANSFORMER_FORMAT, path)?;
+    let (st, meta) = crate::model::file::open_header(bytes, TRANSFORMER_FORMAT, path)?;
     let x_dims = XDims::parse(meta.get("x_dims").map(String::as_str).unwrap_or(""))
         .map_err(|e| bad(format!("metadata x_dims: {e}")))?;
     let cond_dims = match meta.get("cond_dims").map(|s| s.trim()) {
@@ -703,7 +679,7 @@ pub fn read_transformer_bytes(
         .collect();
     let floats = bytes.len() / 4;
     let size = |key: &str| -> Result<usize> {
-        let v = crate::model::velocity_mlp::meta_usize(&meta, key, path)?;
+        let v = crate::model::file::meta_usize(&meta, key, path)?;
         if v > floats {
             return Err(bad(format!(
                 "metadata {key} = {v}, larger than the {floats} numbers the file holds"
@@ -760,7 +736,7 @@ pub fn read_transformer_bytes(
     config
         .validate()
         .map_err(|e| bad(format!("metadata: {e}")))?;
-    let (tensors, cond_norm) = crate::model::velocity_mlp::load_checked(
+    let (tensors, cond_norm) = crate::model::file::load_checked(
         &st,
         &shapes,
         config.expected_shapes(),

@@ -10,8 +10,8 @@ use crate::error::{Error, Result};
 use crate::kernel::attention::{self, AttentionScratch};
 use crate::kernel::{self, TILE_N};
 use crate::model::cond::Condition;
-use crate::model::transformer::{WaypointTransformer, LN_EPS};
-use crate::step::FastVelocity;
+use crate::model::transformer::{TransformerConditioned, WaypointTransformer, LN_EPS};
+use crate::step::{FastVelocity, StepFn};
 
 /// `2 pi` rounded to float32 first, as the reference computes `((2*pi) * v) * f`.
 const TWO_PI_F32: f32 = 2.0 * std::f32::consts::PI;
@@ -447,5 +447,29 @@ impl FastVelocity for FastTransformer {
             ));
         }
         self.forward(x, t, out)
+    }
+}
+
+// The step functions live here, beside the fused path they offer, so that the model module
+// (the tensor path) does not import its fast path back.
+impl StepFn for WaypointTransformer {
+    fn step(&mut self, x: &Tensor, t: &Tensor) -> Result<Tensor> {
+        self.forward_cond(x, t, None)
+    }
+
+    fn fast_velocity(&mut self) -> Option<Box<dyn FastVelocity + '_>> {
+        let f = FastTransformer::new(self, None)?;
+        Some(Box::new(f))
+    }
+}
+
+impl StepFn for TransformerConditioned<'_> {
+    fn step(&mut self, x: &Tensor, t: &Tensor) -> Result<Tensor> {
+        self.model.forward_cond(x, t, self.cond.as_ref())
+    }
+
+    fn fast_velocity(&mut self) -> Option<Box<dyn FastVelocity + '_>> {
+        let f = FastTransformer::new(self.model, self.cond.as_ref())?;
+        Some(Box::new(f))
     }
 }

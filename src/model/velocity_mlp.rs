@@ -16,6 +16,8 @@ use crate::error::{Error, Result};
 use crate::io::atomic_write;
 use crate::model::cond::{flat_features, CondNorm, Condition};
 use crate::model::fast::FastMlp;
+pub use crate::model::file::first_non_finite;
+pub(crate) use crate::model::file::{load_checked, meta_usize, open_header};
 use crate::step::{FastVelocity, StepFn};
 
 /// `2 pi` rounded to float32 first, as the reference computes `((2*pi) * t) * f`.
@@ -930,140 +932,6 @@ impl StepFn for Conditioned<'_> {
         let f = FastMlp::new(self.model, Some(labels))?;
         Some(Box::new(f))
     }
-}
-
-/// The key of the first tensor holding NaN or infinity, if any.
-pub fn first_non_finite(tensors: &[(String, Tensor)]) -> Result<Option<String>> {
-    for (k, t) in tensors {
-        if !t.dtype().is_float() {
-            continue;
-        }
-        // A finite sum proves every element finite; only otherwise look at the elements,
-        // since a sum of large finite values can overflow.
-        let sum = t.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
-        if sum.is_finite() {
-            continue;
-        }
-        let v = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
-        if v.iter().any(|x| !x.is_finite()) {
-            return Ok(Some(k.clone()));
-        }
-    }
-    Ok(None)
-}
-
-/// A metadata entry as a size, with the file named and the value quoted briefly on error.
-pub(crate) fn meta_usize(meta: &HashMap<String, String>, key: &str, path: &Path) -> Result<usize> {
-    let v = meta.get(key).ok_or_else(|| Error::ModelFile {
-        path: path.to_path_buf(),
-        reason: format!("metadata has no {key:?} entry"),
-    })?;
-    v.trim().parse().map_err(|_| Error::ModelFile {
-        path: path.to_path_buf(),
-        reason: format!(
-            "metadata {key:?} is {:?}, expected a non-negative integer that fits in 64 bits",
-            crate::limits::excerpt(v)
-        ),
-    })
-}
-
-/// Parses a model file's safetensors header and checks its `format` and `version` metadata;
-/// returns the file and its metadata (nothing allocated beyond the header).
-pub(crate) fn open_header<'a>(
-    bytes: &'a [u8],
-    format: &str,
-    path: &Path,
-) -> Result<(safetensors::SafeTensors<'a>, HashMap<String, String>)> {
-    let bad = |reason: String| Error::ModelFile {
-        path: PathBuf::from(path),
-        reason,
-    };
-    let st = safetensors::SafeTensors::deserialize(bytes)
-        .map_err(|e| bad(format!("not a valid safetensors file ({e})")))?;
-    let (_, header) = safetensors::SafeTensors::read_metadata(bytes)
-        .map_err(|e| bad(format!("not a valid safetensors file ({e})")))?;
-    let meta = header.metadata().clone().ok_or_else(|| {
-        bad(format!(
-            "no __metadata__ header; expected format = {format}"
-        ))
-    })?;
-    let quote = |key: &str| meta.get(key).map(|v| crate::limits::excerpt(v));
-    if meta.get("format").map(String::as_str) != Some(format) {
-        return Err(bad(format!(
-            "metadata format is {:?}, expected {format:?}",
-            quote("format")
-        )));
-    }
-    if meta.get("version").map(String::as_str) != Some("1") {
-        return Err(bad(format!(
-            "metadata version is {:?}, expected \"1\"",
-            quote("version")
-        )));
-    }
-    Ok((st, meta))
-}
-
-/// Checks every `expected` key and shape against the header's `shapes` (before anything is
-/// allocated), then makes the file's float32 tensors and, for a conditioned model, its
-/// condition normalisation. Shared by both model formats' readers.
-pub(crate) fn load_checked(
-    st: &safetensors::SafeTensors<'_>,
-    shapes: &HashMap<String, Vec<usize>>,
-    expected: Vec<(String, Vec<usize>)>,
-    conditioned: bool,
-    path: &Path,
-    device: &Device,
-) -> Result<(HashMap<String, Tensor>, Option<CondNorm>)> {
-    let bad = |reason: String| Error::ModelFile {
-        path: PathBuf::from(path),
-        reason,
-    };
-    for (key, shape) in expected {
-        match shapes.get(&key) {
-            None => {
-                return Err(bad(format!(
-                    "missing tensor {key:?} (expected shape {shape:?})"
-                )))
-            }
-            Some(got) if *got != shape => {
-                return Err(Error::ModelTensorShape {
-                    path: path.to_path_buf(),
-                    key,
-                    expected: shape,
-                    got: got.clone(),
-                })
-            }
-            Some(_) => {}
-        }
-    }
-    let mut tensors = HashMap::new();
-    for (name, view) in st.tensors() {
-        if view.dtype() != safetensors::Dtype::F32 {
-            return Err(bad(format!(
-                "tensor {:?} has dtype {:?}, expected F32",
-                crate::limits::excerpt(&name),
-                view.dtype()
-            )));
-        }
-        let t = Tensor::from_raw_buffer(view.data(), DType::F32, view.shape(), device)?;
-        tensors.insert(name, t);
-    }
-    let cond_norm = if conditioned {
-        let vec_of = |key: &str| -> Result<Vec<f32>> {
-            Ok(tensors
-                .get(key)
-                .ok_or_else(|| bad(format!("missing tensor {key:?}")))?
-                .flatten_all()?
-                .to_vec1::<f32>()?)
-        };
-        Some(CondNorm {
-            mean: vec_of("cond_norm.mean")?,
-            std: vec_of("cond_norm.std")?,
-        })
-    } else {
-        None
-    };
-    Ok((tensors, cond_norm))
 }
 
 /// Reads a velocity-mlp file: its config from the metadata and every tensor in it (extra keys

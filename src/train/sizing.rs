@@ -1,9 +1,9 @@
 //! Training sizes chosen from the data when the user gives none.
 //!
 //! The rule (measured on the built-in 2-D sets, a 20,000-row user set and the 8×8 digits; see
-//! the README's training section; it also holds for conditional trajectories: 20,000 futures
-//! `[64, 2]` under a 5-number condition get hidden 256, depth 3, 8,000 steps and sample
-//! within 1.23x of the data's oracle minADE_6, README "Conditional trajectories"):
+//! docs/training.md; it also holds for conditional trajectories: 20,000 futures `[64, 2]`
+//! under a 5-number condition get hidden 256, depth 3, 8,000 steps and sample within 1.23x of
+//! the data's oracle minADE_6, docs/driving-scenes.md):
 //!
 //! | data dimension D | hidden | depth | batch | steps |
 //! | --- | ---: | ---: | ---: | ---: |

@@ -111,7 +111,7 @@ fn datum_of(t: TensorElementType) -> Option<tp::DatumType> {
 impl OrtEngine {
     /// Opens `path` with the options' library (or `ORT_DYLIB_PATH`), intra-op threads and
     /// spinning, all graph optimisations; returns the engine and the declared inputs.
-    pub(crate) fn open(path: &Path, o: &crate::onnx::OrtOptions) -> Result<(Self, Declared)> {
+    pub(crate) fn open(path: &Path, o: &super::options::OrtOptions) -> Result<(Self, Declared)> {
         let env = environment(o.library.as_deref())?;
         let err = |what: &str, e: ort::Error| Error::Onnx {
             path: path.to_path_buf(),
