@@ -36,6 +36,7 @@ pub mod solver;
 pub mod step;
 pub mod train;
 pub mod trajectory;
+pub mod unicycle;
 
 pub use diffusion::{Diffusion, Sample, SampleOptions, XDims};
 pub use error::{Error, Result};
