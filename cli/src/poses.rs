@@ -111,6 +111,10 @@ pub struct ActionsToTrajArgs {
     /// Rotation matrices `[N, T, 3, 3]` (float64, yaw only).
     #[arg(long)]
     out_rot: Option<PathBuf>,
+    /// The actions are K rows per drive of --v0 or the history, drive-major (what `sample
+    /// --cond C --per-cond K` writes): each drive's start is used for its K rows.
+    #[arg(long, default_value_t = 1)]
+    per_cond: usize,
 }
 
 /// A flag's file, read as float64: its shape, values and the name errors use.
@@ -256,21 +260,41 @@ pub fn run_actions_to_traj(a: ActionsToTrajArgs) -> Result<()> {
     let _locks = prepare_outputs(&outputs, &inputs)?;
     let act_in = Input::read("--actions", &a.actions)?;
     let actions = Actions::from_array(act_in.array())?;
-    let drives: usize = actions.batch.iter().product();
-    let poses = match (&a.v0, &a.hist_xyz, &a.hist_rot) {
+    if a.per_cond == 0 {
+        return Err(Error::invalid("--per-cond", 0, "at least 1"));
+    }
+    let k = a.per_cond;
+    // The batch of the starts: the actions' own, or N of [N * K] rows with --per-cond K.
+    let start_batch = if k == 1 {
+        actions.batch.clone()
+    } else if actions.batch.len() == 1 && actions.batch[0] % k == 0 {
+        vec![actions.batch[0] / k]
+    } else {
+        return Err(Error::Shape {
+            what: act_in.name,
+            expected: format!("[N * {k}, T, 2] (K = --per-cond {k} rows per drive)"),
+            got: act_in.shape,
+        });
+    };
+    let per = if k > 1 {
+        format!(", --per-cond {k}")
+    } else {
+        String::new()
+    };
+    let (v0, z0) = match (&a.v0, &a.hist_xyz, &a.hist_rot) {
         (Some(v0_path), _, _) => {
             let v = Input::read("--v0", v0_path)?;
             // [N] or [N, 1]: one speed per drive.
-            let fits = v.shape == actions.batch
-                || (v.shape.len() == actions.batch.len() + 1
-                    && v.shape[..actions.batch.len()] == actions.batch[..]
+            let fits = v.shape == start_batch
+                || (v.shape.len() == start_batch.len() + 1
+                    && v.shape[..start_batch.len()] == start_batch[..]
                     && v.shape.last() == Some(&1));
             if !fits {
                 return Err(Error::Shape {
                     what: v.name,
                     expected: format!(
-                        "{:?} (one start speed in m/s per drive of {} {:?})",
-                        actions.batch, act_in.name, act_in.shape
+                        "{start_batch:?} (one start speed in m/s per drive of {} {:?}{per})",
+                        act_in.name, act_in.shape
                     ),
                     got: v.shape,
                 });
@@ -281,21 +305,26 @@ pub fn run_actions_to_traj(a: ActionsToTrajArgs) -> Result<()> {
                     reason: format!("found {}, expected a finite speed in m/s", v.data[i]),
                 });
             }
-            space.action_to_traj(&actions, &v.data, &vec![0.0; drives])?
+            let n = v.data.len();
+            (v.data, vec![0.0; n])
         }
         (None, Some(hx), Some(hr)) => {
             let (hist, hist_name) = read_poses(("--hist-xyz", hx), ("--hist-rot", hr))?;
-            if hist.batch != actions.batch || hist.t < 2 {
+            if hist.batch != start_batch || hist.t < 2 {
                 return Err(Error::Shape {
                     what: hist_name,
                     expected: format!(
-                        "{:?} + [H, 3] with H >= 2 (the drives of {} {:?})",
-                        actions.batch, act_in.name, act_in.shape
+                        "{start_batch:?} + [H, 3] with H >= 2 (the drives of {} {:?}{per})",
+                        act_in.name, act_in.shape
                     ),
                     got: hist.xyz_shape(),
                 });
             }
-            space.action_to_traj_from_history(&actions, &hist)?
+            let v0 = space.estimate_v0(&hist)?;
+            let z0 = (0..hist.drives())
+                .map(|d| hist.xyz[(d + 1) * hist.t - 1][2])
+                .collect();
+            (v0, z0)
         }
         _ => {
             return Err(Error::invalid(
@@ -305,6 +334,9 @@ pub fn run_actions_to_traj(a: ActionsToTrajArgs) -> Result<()> {
             ))
         }
     };
+    let rep =
+        |v: &[f64]| -> Vec<f64> { v.iter().flat_map(|&x| std::iter::repeat_n(x, k)).collect() };
+    let poses = space.action_to_traj(&actions, &rep(&v0), &rep(&z0))?;
     let mut staged = vec![stage_npy_f64(
         &a.out_xyz,
         &poses.xyz_shape(),
