@@ -80,6 +80,16 @@ pub enum Error {
         got: Vec<usize>,
     },
 
+    /// A value inside an input (a file or an argument) that cannot be used: where it is and
+    /// what was expected, e.g. a NaN pose or a matrix that is not a rotation.
+    #[error("{what}: {reason}")]
+    BadValue {
+        /// The input and the place in it (`--fut-xyz F.npy at [3, 12]`).
+        what: String,
+        /// What was found and what was expected.
+        reason: String,
+    },
+
     /// An argument outside its allowed range.
     #[error("invalid {name} {value}: {expected}")]
     InvalidArgument {

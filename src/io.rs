@@ -44,6 +44,11 @@ pub fn with_temp(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result
 
 /// The `.npy` (version 1.0, little-endian float32, C order) header for `shape`.
 fn npy_header(shape: &[usize]) -> Vec<u8> {
+    npy_header_of(shape, "<f4")
+}
+
+/// The `.npy` (version 1.0, C order) header for `shape` and a dtype string such as `<f8`.
+fn npy_header_of(shape: &[usize], descr: &str) -> Vec<u8> {
     let dims = match shape {
         [one] => format!("({one},)"),
         _ => format!(
@@ -55,7 +60,7 @@ fn npy_header(shape: &[usize]) -> Vec<u8> {
                 .join(", ")
         ),
     };
-    let mut dict = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {dims}, }}");
+    let mut dict = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {dims}, }}");
     // Magic (6) + version (2) + length (2) + dict + newline, padded to a multiple of 64.
     let unpadded = 10 + dict.len() + 1;
     dict.push_str(&" ".repeat((64 - unpadded % 64) % 64));
@@ -83,6 +88,76 @@ pub fn stage_npy(path: impl AsRef<Path>, t: &Tensor) -> Result<Staged> {
         }
         Ok(())
     })
+}
+
+/// Writes `values` (C order) of `shape` as float64 `.npy` into its temporary file; [`commit`]
+/// puts it in place. Poses and actions keep their full precision this way (a float32 position
+/// 60 m out is only good to 4 µm).
+pub fn stage_npy_f64(path: impl AsRef<Path>, shape: &[usize], values: &[f64]) -> Result<Staged> {
+    let path = path.as_ref();
+    let count: usize = shape.iter().product();
+    if count != values.len() {
+        return Err(Error::Shape {
+            what: format!("values written to {}", path.display()),
+            expected: format!("{count} values for the shape"),
+            got: vec![values.len()],
+        });
+    }
+    stage(path, |w| {
+        let io = |e| Error::io(path, e);
+        w.write_all(&npy_header_of(shape, "<f8")).map_err(io)?;
+        for chunk in values.chunks(1 << 13) {
+            let bytes: Vec<u8> = chunk.iter().flat_map(|v| v.to_le_bytes()).collect();
+            w.write_all(&bytes).map_err(io)?;
+        }
+        Ok(())
+    })
+}
+
+/// Reads a `.npy` file (float, integer or boolean; C order) as its shape and float64 values,
+/// without the float32 rounding of [`read_npy`].
+///
+/// ```
+/// let dir = tempfile::tempdir().unwrap();
+/// let p = dir.path().join("x.npy");
+/// let staged = flow_matching::io::stage_npy_f64(&p, &[2], &[0.1, 1e-300]).unwrap();
+/// flow_matching::output::commit(vec![staged]).unwrap();
+/// let (shape, v) = flow_matching::io::read_npy_f64(&p).unwrap();
+/// assert_eq!((shape, v), (vec![2], vec![0.1, 1e-300]));
+/// ```
+pub fn read_npy_f64(path: impl AsRef<Path>) -> Result<(Vec<usize>, Vec<f64>)> {
+    let path = path.as_ref();
+    let bytes = crate::limits::read_input(path)?;
+    decode_npy_f64(&bytes).map_err(|reason| Error::DataFile {
+        path: path.to_path_buf(),
+        reason: format!("not a readable .npy array: {reason}"),
+    })
+}
+
+/// Decodes a whole `.npy` file into its shape and float64 values; a reason on error.
+pub fn decode_npy_f64(bytes: &[u8]) -> std::result::Result<(Vec<usize>, Vec<f64>), String> {
+    let h = parse_npy_header(bytes)?;
+    let data = &bytes[h.data_offset..];
+    let conv = |c: &[u8]| -> f64 {
+        let mut b = [0u8; 8];
+        b[..c.len()].copy_from_slice(c);
+        if h.big_endian {
+            b[..c.len()].reverse();
+        }
+        match (h.kind, c.len()) {
+            (Kind::Float, 4) => f64::from(f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+            (Kind::Float, _) => f64::from_le_bytes(b),
+            (Kind::Bool, _) => f64::from(u8::from(b[0] != 0)),
+            (Kind::Uint, _) => u64::from_le_bytes(b) as f64,
+            (Kind::Int, n) => {
+                // Sign-extend from n bytes.
+                let shift = 64 - 8 * n as u32;
+                ((i64::from_le_bytes(b) << shift) >> shift) as f64
+            }
+        }
+    };
+    let values = data.chunks_exact(h.item_size).map(conv).collect();
+    Ok((h.shape, values))
 }
 
 /// Writes a tensor as a float32 `.npy` file, atomically.

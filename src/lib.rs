@@ -47,6 +47,7 @@ pub mod solver;
 pub mod step;
 pub mod train;
 pub mod trajectory;
+pub mod unicycle;
 
 pub use diffusion::{Diffusion, Sample, SampleOptions, XDims};
 pub use error::{Error, Result};

@@ -11,11 +11,16 @@
 //! x[k+1] = x[k] + (v[k] cos θ[k] + v[k+1] cos θ[k+1]) dt / 2     (the same with sin for y)
 //! ```
 //!
-//! [`min_ade_fde`] scores K samples per scene against the true future: for each scene and
-//! horizon of n waypoints, ADE is the mean L2 distance over waypoints 1..=n and FDE the
-//! distance at waypoint n; minADE_K keeps the best of the K samples for that horizon (each
-//! horizon picks its own best sample, as the seed's per-horizon report does), and the report
-//! is the mean over scenes.
+//! minADE is scored as the seed scores it ([`seed_min_ade`], [`min_ade_fde`]): for each scene
+//! (and each set of K samples) ONE sample is kept, the one with the lowest mean ground-plane
+//! (x, y) distance to the truth over the WHOLE horizon, and that sample's mean distance over
+//! waypoints 1..=n is reported at every horizon n (0.5, 1, 3, 5 s and the whole); with several
+//! sets, the mean over sets and its spread `_std`; then the mean over scenes. minFDE is, as in
+//! the seed, each horizon's own best distance at waypoint n. The convention this crate used
+//! before (each horizon picking its own best sample, 13-37% lower at the short horizons) is
+//! kept as an extra under its own name, `min_ade_per_horizon` / `minADE_ph`.
+//!
+//! Logged poses to actions and back, with the seed's smoothing, are in [`crate::unicycle`].
 
 use candle_core::{DType, Device, Tensor};
 
@@ -143,11 +148,16 @@ pub struct MinAde {
     pub k: usize,
     /// Scenes averaged over.
     pub scenes: usize,
+    /// Waypoints per trajectory (the whole horizon, which picks the sample).
+    pub t: usize,
     /// Horizons, in waypoints.
     pub horizons: Vec<usize>,
-    /// minADE_K at each horizon.
+    /// minADE_K at each horizon, the seed's way: the error of the one sample per scene with
+    /// the lowest whole-horizon mean.
     pub ade: Vec<f64>,
-    /// minFDE_K at each horizon.
+    /// minADE_K at each horizon with each horizon's own best sample (not the seed's; lower).
+    pub ade_per_horizon: Vec<f64>,
+    /// minFDE_K at each horizon (each horizon's own best sample, as the seed's minFDE).
     pub fde: Vec<f64>,
 }
 
@@ -165,17 +175,23 @@ impl MinAde {
 
 /// minADE_K / minFDE_K of `samples` `[N * K, T, 2]` (condition-major: row `n * K + j` is
 /// sample j of scene n) against `truth` `[N, T, 2]`, both positions in metres, at each
-/// horizon in `horizons` (waypoint counts, 1..=T). A non-finite sample counts as infinitely
-/// far, so a scene whose samples all diverged makes the report infinite, not NaN.
+/// horizon in `horizons` (waypoint counts, 1..=T); minADE the seed's way (see the module
+/// docs), with the per-horizon best as [`MinAde::ade_per_horizon`]. A non-finite sample
+/// counts as infinitely far, so a scene whose samples all diverged makes the report
+/// infinite, not NaN.
 ///
 /// ```
 /// use candle_core::{Device, Tensor};
 /// use flow_matching::trajectory::min_ade_fde;
-/// // One scene, one waypoint at (0, 0); samples at distance 3 and 1: minADE = minFDE = 1.
-/// let truth = Tensor::new(&[[[0f32, 0.0]]], &Device::Cpu).unwrap();
-/// let samples = Tensor::new(&[[[3f32, 0.0]], [[0.0, 1.0]]], &Device::Cpu).unwrap();
-/// let m = min_ade_fde(&samples, &truth, 2, &[1]).unwrap();
-/// assert_eq!((m.ade[0], m.fde[0]), (1.0, 1.0));
+/// // One scene, two waypoints at the origin; sample a is off by (0, 4), sample b by (1, 1).
+/// let truth = Tensor::new(&[[[0f32, 0.0], [0.0, 0.0]]], &Device::Cpu).unwrap();
+/// let samples =
+///     Tensor::new(&[[[0f32, 0.0], [0.0, 4.0]], [[1.0, 0.0], [1.0, 0.0]]], &Device::Cpu).unwrap();
+/// let m = min_ade_fde(&samples, &truth, 2, &[1, 2]).unwrap();
+/// // b has the lower whole-horizon mean (1 against 2), so the seed reports b at both horizons.
+/// assert_eq!(m.ade, vec![1.0, 1.0]);
+/// // Each horizon's own best: a at one waypoint.
+/// assert_eq!(m.ade_per_horizon, vec![0.0, 1.0]);
 /// ```
 pub fn min_ade_fde(
     samples: &Tensor,
@@ -207,10 +223,13 @@ pub fn min_ade_fde(
         ));
     }
     let mut ade = vec![0.0; horizons.len()];
+    let mut ade_ph = vec![0.0; horizons.len()];
     let mut fde = vec![0.0; horizons.len()];
     for (scene, gt) in truth.iter().enumerate() {
-        let mut best_ade = vec![f64::INFINITY; horizons.len()];
+        let mut best_ph = vec![f64::INFINITY; horizons.len()];
         let mut best_fde = vec![f64::INFINITY; horizons.len()];
+        // The seed's pick: the lowest whole-horizon mean (the first such sample on a tie).
+        let mut pick: Option<(f64, Vec<(f64, f64)>)> = None;
         for s in &samples[scene * k..(scene + 1) * k] {
             // Distances per waypoint, with a running sum for every horizon at once.
             let mut cum = 0.0;
@@ -223,21 +242,32 @@ pub fn min_ade_fde(
             }
             for (i, &h) in horizons.iter().enumerate() {
                 let (d, c) = dists[h - 1];
-                best_ade[i] = best_ade[i].min(c / h as f64);
+                best_ph[i] = best_ph[i].min(c / h as f64);
                 best_fde[i] = best_fde[i].min(d);
             }
+            let whole = cum / t as f64;
+            if pick.as_ref().is_none_or(|(m, _)| whole < *m) {
+                pick = Some((whole, dists));
+            }
         }
-        for i in 0..horizons.len() {
-            ade[i] += best_ade[i];
+        let picked = pick.map(|(_, d)| d).unwrap_or_default();
+        for (i, &h) in horizons.iter().enumerate() {
+            ade[i] += picked
+                .get(h - 1)
+                .map_or(f64::INFINITY, |&(_, c)| c / h as f64);
+            ade_ph[i] += best_ph[i];
             fde[i] += best_fde[i];
         }
     }
+    let mean = |v: Vec<f64>| v.into_iter().map(|x| x / n as f64).collect();
     Ok(MinAde {
         k,
         scenes: n,
+        t,
         horizons: horizons.to_vec(),
-        ade: ade.into_iter().map(|x| x / n as f64).collect(),
-        fde: fde.into_iter().map(|x| x / n as f64).collect(),
+        ade: mean(ade),
+        ade_per_horizon: mean(ade_ph),
+        fde: mean(fde),
     })
 }
 
@@ -262,15 +292,18 @@ pub fn score_actions(
 }
 
 /// A Markdown table of minADE/minFDE reports, one row per `(name, report)`; the horizon
-/// columns are the first report's, labelled in seconds.
+/// columns are the first report's, labelled in seconds: minADE the seed's way, minFDE, then
+/// `minADE_ph` (each horizon's own best sample) at the horizons shorter than the whole, and a
+/// line saying so.
 pub fn minade_table(rows: &[(String, MinAde)]) -> String {
     let Some((_, first)) = rows.first() else {
         return String::new();
     };
-    let secs: Vec<String> = first
-        .horizons
-        .iter()
-        .map(|&h| format!("{}s", (h as f64 * DT * 10.0).round() / 10.0))
+    let label = |h: usize| format!("{}s", (h as f64 * DT * 10.0).round() / 10.0);
+    let secs: Vec<String> = first.horizons.iter().map(|&h| label(h)).collect();
+    // The per-horizon best equals the seed's minADE at the whole horizon: not repeated.
+    let short: Vec<usize> = (0..first.horizons.len())
+        .filter(|&i| first.horizons[i] < first.t)
         .collect();
     let mut s = String::from("| model |");
     for h in &secs {
@@ -279,15 +312,247 @@ pub fn minade_table(rows: &[(String, MinAde)]) -> String {
     for h in &secs {
         s.push_str(&format!(" minFDE@{h} |"));
     }
+    for &i in &short {
+        s.push_str(&format!(" minADE_ph@{} |", secs[i]));
+    }
     s.push_str("\n| --- |");
-    s.push_str(&" ---: |".repeat(2 * secs.len()));
+    s.push_str(&" ---: |".repeat(2 * secs.len() + short.len()));
     s.push('\n');
     for (name, m) in rows {
         s.push_str(&format!("| {name} |"));
-        for v in m.ade.iter().chain(&m.fde) {
+        let ph = short.iter().filter_map(|&i| m.ade_per_horizon.get(i));
+        for v in m.ade.iter().chain(&m.fde).chain(ph) {
             s.push_str(&format!(" {v:.3} |"));
         }
         s.push('\n');
     }
+    s.push_str(
+        "\nminADE as the seed scores it: per scene, the one sample with the lowest mean distance over the whole horizon, its error at each horizon. minADE_ph: each horizon's own best sample (not the seed's convention; lower). minFDE: each horizon's own best.\n",
+    );
     s
+}
+
+/// The horizons of the seed's `compute_minade`, in waypoints (0.5, 1, 3, 5 s at 0.1 s);
+/// those longer than the trajectory are left out, as the seed does.
+pub const SEED_HORIZONS: [usize; 4] = [5, 10, 30, 50];
+
+/// minADE as the seed's `compute_minade` reports it, with extras under names of their own.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SeedMinAde {
+    /// Scenes B.
+    pub scenes: usize,
+    /// Sets N of K samples per scene.
+    pub sets: usize,
+    /// Samples per set K.
+    pub k: usize,
+    /// Waypoints T.
+    pub t: usize,
+    /// The seed's keys in its order (`min_ade`, `min_ade_std`, `min_ade/by_t=0.5`, ...; the
+    /// `_std` keys only with more than one set), each with its mean over scenes.
+    pub keys: Vec<(String, f64)>,
+    /// Each scene's values of [`Self::keys`], scene-major.
+    pub per_scene: Vec<Vec<f64>>,
+    /// Not the seed's `compute_minade`: `min_fde` and `min_fde/by_t=..` (the seed's
+    /// `compute_minfde`: each horizon's own best sample), `min_ade_per_horizon/by_t=..` (each
+    /// horizon's own best sample for the mean distance), with `_std` over sets likewise;
+    /// means over scenes.
+    pub extra: Vec<(String, f64)>,
+}
+
+impl SeedMinAde {
+    /// The mean over scenes of one of the seed's keys or of an extra.
+    pub fn get(&self, key: &str) -> Option<f64> {
+        self.keys
+            .iter()
+            .chain(&self.extra)
+            .find(|(k, _)| k == key)
+            .map(|&(_, v)| v)
+    }
+}
+
+/// The seed's `summarize_metric` for one scene: each metric's mean over the sets and, with
+/// more than one set, its spread `sqrt(mean(x²) - mean(x)²)` (clamped at 0 where rounding
+/// makes the difference negative: the seed would print NaN for identical sets).
+fn summarize(names: &[String], per_set: &[Vec<f64>], out_names: &mut Vec<String>) -> Vec<f64> {
+    let sets = per_set.len() as f64;
+    let mut values = Vec::new();
+    out_names.clear();
+    for (i, name) in names.iter().enumerate() {
+        let mean = per_set.iter().map(|s| s[i]).sum::<f64>() / sets;
+        out_names.push(name.clone());
+        values.push(mean);
+        if per_set.len() > 1 {
+            let mean_sq = per_set.iter().map(|s| s[i].powi(2)).sum::<f64>() / sets;
+            out_names.push(format!("{name}_std"));
+            values.push((mean_sq - mean.powi(2)).max(0.0).sqrt());
+        }
+    }
+    values
+}
+
+/// The seed's minADE of predictions `pred` `[B, N, K, T, 2|3]` (B scenes, N sets of K
+/// samples) against `gt` `[B, T, 2|3]`, in the ground plane (x, y), at `dt` seconds a
+/// waypoint (the seed: 0.1, which labels the keys `min_ade/by_t=0.5` ...). A non-finite
+/// prediction counts as infinitely far; the truth must be finite.
+///
+/// ```
+/// use flow_matching::trajectory::seed_min_ade;
+/// use flow_matching::unicycle::NamedArray;
+/// // One scene, 2 sets of 2 samples, 10 waypoints at the origin; samples off by a constant.
+/// let offs = [1.0, 3.0, 2.0, 0.5];
+/// let pred: Vec<f64> = offs.iter().flat_map(|&o| [o, 0.0].repeat(10)).collect();
+/// let gt = vec![0.0; 20];
+/// let m = seed_min_ade(
+///     NamedArray { name: "pred", shape: &[1, 2, 2, 10, 2], data: &pred },
+///     NamedArray { name: "gt", shape: &[1, 10, 2], data: &gt },
+///     0.1,
+/// )
+/// .unwrap();
+/// assert_eq!(m.get("min_ade"), Some(0.75)); // sets pick 1.0 and 0.5
+/// assert_eq!(m.get("min_ade_std"), Some(0.25));
+/// assert_eq!(m.get("min_ade/by_t=0.5"), Some(0.75));
+/// ```
+pub fn seed_min_ade(
+    pred: crate::unicycle::NamedArray<'_>,
+    gt: crate::unicycle::NamedArray<'_>,
+    dt: f64,
+) -> Result<SeedMinAde> {
+    let g = gt.shape;
+    if g.len() != 3 || !matches!(g[2], 2 | 3) || g[0] == 0 || g[1] == 0 {
+        return Err(Error::Shape {
+            what: gt.name.into(),
+            expected: "[B, T, 2|3] (true positions in metres), no dimension 0".into(),
+            got: g.to_vec(),
+        });
+    }
+    let (b, t, gc) = (g[0], g[1], g[2]);
+    let p = pred.shape;
+    if p.len() != 5 || p[0] != b || p[1] == 0 || p[2] == 0 || p[3] != t || !matches!(p[4], 2 | 3) {
+        return Err(Error::Shape {
+            what: pred.name.into(),
+            expected: format!(
+                "[{b}, N, K, {t}, 2|3] (the scenes and waypoints of {} {g:?}, N sets of K samples)",
+                gt.name
+            ),
+            got: p.to_vec(),
+        });
+    }
+    let (n, k, pc) = (p[1], p[2], p[4]);
+    if gt.data.len() != b * t * gc || pred.data.len() != b * n * k * t * pc {
+        return Err(Error::Shape {
+            what: format!("{} / {}", pred.name, gt.name),
+            expected: "as many values as their shapes declare".into(),
+            got: vec![pred.data.len(), gt.data.len()],
+        });
+    }
+    if let Some(i) = gt.data.iter().position(|v| !v.is_finite()) {
+        return Err(Error::BadValue {
+            what: format!(
+                "{} at [{}, {}, {}]",
+                gt.name,
+                i / (t * gc),
+                i / gc % t,
+                i % gc
+            ),
+            reason: format!("found {}, expected a finite position in metres", gt.data[i]),
+        });
+    }
+    let horizons: Vec<usize> = SEED_HORIZONS.iter().copied().filter(|&h| h <= t).collect();
+    let label = |h: usize| format!("{:.1}", h as f64 * dt);
+    let mut names = vec!["min_ade".to_string()];
+    names.extend(
+        horizons
+            .iter()
+            .map(|&h| format!("min_ade/by_t={}", label(h))),
+    );
+    let mut extra_names = vec!["min_fde".to_string()];
+    extra_names.extend(
+        horizons
+            .iter()
+            .map(|&h| format!("min_fde/by_t={}", label(h))),
+    );
+    extra_names.extend(
+        horizons
+            .iter()
+            .map(|&h| format!("min_ade_per_horizon/by_t={}", label(h))),
+    );
+    let (mut keys, mut extra_keys) = (Vec::new(), Vec::new());
+    let mut per_scene = Vec::with_capacity(b);
+    let mut extra_sum: Vec<f64> = Vec::new();
+    for scene in 0..b {
+        let truth = &gt.data[scene * t * gc..(scene + 1) * t * gc];
+        let mut seed_sets = Vec::with_capacity(n);
+        let mut extra_sets = Vec::with_capacity(n);
+        for set in 0..n {
+            // l2[j][i]: ground-plane distance of sample j at waypoint i.
+            let l2: Vec<Vec<f64>> = (0..k)
+                .map(|j| {
+                    let base = ((scene * n + set) * k + j) * t * pc;
+                    (0..t)
+                        .map(|i| {
+                            let q = &pred.data[base + i * pc..];
+                            let r = &truth[i * gc..];
+                            let d = ((q[0] - r[0]).powi(2) + (q[1] - r[1]).powi(2)).sqrt();
+                            if d.is_finite() {
+                                d
+                            } else {
+                                f64::INFINITY
+                            }
+                        })
+                        .collect()
+                })
+                .collect();
+            let mean_to = |row: &[f64], h: usize| row[..h].iter().sum::<f64>() / h as f64;
+            // The seed's argmin over K of the whole-horizon mean: the first lowest.
+            let mut best = 0;
+            let mut best_mean = f64::INFINITY;
+            for (j, row) in l2.iter().enumerate() {
+                let m = mean_to(row, t);
+                if m < best_mean {
+                    (best, best_mean) = (j, m);
+                }
+            }
+            let chosen = &l2[best];
+            let mut vals = vec![mean_to(chosen, t)];
+            vals.extend(horizons.iter().map(|&h| mean_to(chosen, h)));
+            seed_sets.push(vals);
+            let min_at = |i: usize| l2.iter().map(|r| r[i]).fold(f64::INFINITY, f64::min);
+            let mut ex = vec![min_at(t - 1)];
+            ex.extend(horizons.iter().map(|&h| min_at(h - 1)));
+            ex.extend(horizons.iter().map(|&h| {
+                l2.iter()
+                    .map(|r| mean_to(r, h))
+                    .fold(f64::INFINITY, f64::min)
+            }));
+            extra_sets.push(ex);
+        }
+        per_scene.push(summarize(&names, &seed_sets, &mut keys));
+        let ex = summarize(&extra_names, &extra_sets, &mut extra_keys);
+        if extra_sum.is_empty() {
+            extra_sum = vec![0.0; ex.len()];
+        }
+        for (s, v) in extra_sum.iter_mut().zip(ex) {
+            *s += v;
+        }
+    }
+    let mean_over = |i: usize| per_scene.iter().map(|s| s[i]).sum::<f64>() / b as f64;
+    let keys = keys
+        .iter()
+        .enumerate()
+        .map(|(i, name)| (name.clone(), mean_over(i)))
+        .collect();
+    let extra = extra_keys
+        .into_iter()
+        .zip(extra_sum)
+        .map(|(name, s)| (name, s / b as f64))
+        .collect();
+    Ok(SeedMinAde {
+        scenes: b,
+        sets: n,
+        k,
+        t,
+        keys,
+        per_scene,
+        extra,
+    })
 }

@@ -96,9 +96,12 @@ fn hand_computed_min_ade() {
     )
     .unwrap();
     let m = min_ade_fde(&samples, &truth, 2, &[1, 2]).unwrap();
-    // Scene 0: minADE@1 0, minADE@2 1, minFDE@1 0, minFDE@2 1.
-    // Scene 1: minADE@1 3, minADE@2 min(3.5, 2.5) = 2.5, minFDE@1 3, minFDE@2 0.
-    assert_eq!(m.ade, vec![1.5, 1.75]);
+    // The seed's minADE: per scene the sample with the lowest whole-horizon mean (b, then d),
+    // its error at every horizon. Scene 0: b, ADE@1 1, ADE@2 1. Scene 1: d, ADE@1 5, ADE@2 2.5.
+    assert_eq!(m.ade, vec![3.0, 1.75]);
+    // Each horizon's own best (the old convention): scene 0 a at @1 (0), scene 1 c at @1 (3).
+    assert_eq!(m.ade_per_horizon, vec![1.5, 1.75]);
+    // minFDE, each horizon's own best: scene 0 0 and 1, scene 1 3 and 0.
     assert_eq!(m.fde, vec![1.5, 0.5]);
     assert_eq!((m.k, m.scenes), (2, 2));
 }

@@ -15,6 +15,7 @@ mod harness;
 mod loglik;
 #[cfg(feature = "onnx")]
 mod onnx;
+mod poses;
 mod progress;
 mod reflow;
 mod sample;
@@ -40,8 +41,13 @@ enum Command {
     Train(train::TrainArgs),
     /// Sample quality against data for several solvers, grids and step counts.
     Eval(eval::EvalArgs),
-    /// minADE/minFDE (metres) of sampled trajectories against the true futures.
+    /// minADE/minFDE (metres) of sampled trajectories against the true futures, as the seed
+    /// scores them.
     EvalTraj(eval_traj::EvalTrajArgs),
+    /// Logged poses (history and future) to the seed's normalised actions and start speeds.
+    TrajToActions(poses::TrajToActionsArgs),
+    /// Normalised actions to poses (positions and rotation matrices) from v0 or the history.
+    ActionsToTraj(poses::ActionsToTrajArgs),
     /// Draw samples from a velocity-mlp model and write them as .npy files.
     Sample(sample::SampleArgs),
     /// Log-likelihoods (nats, bits/dim) of data rows under a velocity-mlp model.
@@ -75,6 +81,8 @@ where
         Command::Train(a) => train::run(a),
         Command::Eval(a) => eval::run(a),
         Command::EvalTraj(a) => eval_traj::run(a),
+        Command::TrajToActions(a) => poses::run_traj_to_actions(a),
+        Command::ActionsToTraj(a) => poses::run_actions_to_traj(a),
         Command::Sample(a) => sample::run(a),
         Command::Loglik(a) => loglik::run(a),
         Command::Reflow(a) => reflow::run(a),
