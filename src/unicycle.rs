@@ -452,7 +452,7 @@ fn solve_xs_eq_y(s: &[f64], y: &[f64], sm: Smoothing, dt: f64, what: &str) -> Re
     let mut ata = smoothness(n, 2, sm.lambda, dt);
     let mut rhs = DVector::zeros(n);
     for i in 0..n {
-        ata[(i, i)] = s[i] * s[i] + ata[(i, i)];
+        ata[(i, i)] += s[i] * s[i];
         rhs[i] = s[i] * y[i];
     }
     let mut ridge = sm.ridge;
@@ -573,7 +573,7 @@ impl UnicycleActionSpace {
         let (t, dt) = (fut.t, self.dt);
         let scales = self.applied_scales();
         let mut values = Vec::with_capacity(n * t);
-        for d in 0..n {
+        for (d, &v0) in v0.iter().enumerate() {
             let what = format!("future of drive {d}");
             let start = hist.xyz[(d + 1) * hist.t - 1];
             let xyz = &fut.xyz[d * t..(d + 1) * t];
@@ -604,14 +604,14 @@ impl UnicycleActionSpace {
             let mut rhs = DVector::zeros(t);
             let mut lhs = DMatrix::zeros(t, t);
             for i in 0..t {
-                rhs[i] = atb[i + 1] - ata[(i + 1, 0)] * v0[d] - dtd[(i + 1, 0)] * v0[d];
+                rhs[i] = atb[i + 1] - ata[(i + 1, 0)] * v0 - dtd[(i + 1, 0)] * v0;
                 for j in 0..t {
                     lhs[(i, j)] = ata[(i + 1, j + 1)] + dtd[(i + 1, j + 1)];
                 }
                 lhs[(i, i)] += self.v.ridge;
             }
             let vs = cholesky_solve(lhs, &rhs, &what)?;
-            let v: Vec<f64> = std::iter::once(v0[d]).chain(vs.iter().copied()).collect();
+            let v: Vec<f64> = std::iter::once(v0).chain(vs.iter().copied()).collect();
             // 3. The acceleration from the speed steps.
             let dv: Vec<f64> = v.windows(2).map(|w| (w[1] - w[0]) / dt).collect();
             let accel = solve_xs_eq_y(&vec![1.0; t], &dv, self.accel, dt, &what)?;

@@ -404,9 +404,7 @@ fn bad_poses_are_one_line_errors_naming_the_file() {
         ),
         "{e}"
     );
-    for e in [e] {
-        assert_eq!(e.lines().count(), 1);
-    }
+    assert_eq!(e.lines().count(), 1);
     // NaN yaw.
     let e = err(
         arr("--fut-xyz F.npy", &[2, 4, 3], &xyz),
