@@ -26,6 +26,17 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
 
+/// An array read from a file or given by a caller, with the name its errors use.
+#[derive(Debug, Clone, Copy)]
+pub struct NamedArray<'a> {
+    /// How errors name it, e.g. `--hist-xyz H.npy`.
+    pub name: &'a str,
+    /// Its shape.
+    pub shape: &'a [usize],
+    /// Its values in C order.
+    pub data: &'a [f64],
+}
+
 /// Time between waypoints, seconds.
 pub const DT: f64 = 0.1;
 
@@ -412,11 +423,7 @@ fn summarize(names: &[String], per_set: &[Vec<f64>], out_names: &mut Vec<String>
 /// assert_eq!(m.get("min_ade_std"), Some(0.25));
 /// assert_eq!(m.get("min_ade/by_t=0.5"), Some(0.75));
 /// ```
-pub fn seed_min_ade(
-    pred: crate::unicycle::NamedArray<'_>,
-    gt: crate::unicycle::NamedArray<'_>,
-    dt: f64,
-) -> Result<SeedMinAde> {
+pub fn seed_min_ade(pred: NamedArray<'_>, gt: NamedArray<'_>, dt: f64) -> Result<SeedMinAde> {
     let g = gt.shape;
     if g.len() != 3 || !matches!(g[2], 2 | 3) || g[0] == 0 || g[1] == 0 {
         return Err(Error::Shape {

@@ -59,6 +59,7 @@ use nalgebra::{Cholesky, DMatrix, DVector};
 
 use crate::error::{Error, Result};
 use crate::trajectory::ActionScales;
+pub use crate::trajectory::NamedArray;
 
 /// The largest entry of `|RᵀR - I|` accepted for a rotation matrix: logs stored in float32
 /// are good to about 1e-7, a matrix that is not a rotation is off by far more.
@@ -129,17 +130,6 @@ impl Default for UnicycleActionSpace {
             f32_stats: true,
         }
     }
-}
-
-/// An array read from a file or given by a caller, with the name its errors use.
-#[derive(Debug, Clone, Copy)]
-pub struct NamedArray<'a> {
-    /// How errors name it, e.g. `--hist-xyz H.npy`.
-    pub name: &'a str,
-    /// Its shape.
-    pub shape: &'a [usize],
-    /// Its values in C order.
-    pub data: &'a [f64],
 }
 
 /// Pose sequences: `drives` drives of `t` poses each, positions and headings.
