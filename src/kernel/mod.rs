@@ -234,8 +234,9 @@ macro_rules! simd_dispatch {
     };
 }
 
-// After the macro: the module's kernels are built with it.
+// After the macro: the modules' kernels are built with it.
 pub mod attention;
+pub mod decoder;
 
 /// `exp(x)` for f32 without branches, so loops over it vectorize (Cephes' expf polynomial,
 /// within 2 ulp; inputs are clamped to [-88, 88]).
