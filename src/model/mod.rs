@@ -1,12 +1,14 @@
 //! Velocity networks.
 
 mod cond;
+pub mod expert;
 pub mod fast;
 mod transformer;
 pub mod transformer_fast;
 mod velocity_mlp;
 
 pub use cond::{CondNorm, Condition, IntoCondition};
+pub use expert::{ActionExpert, PrefixCache};
 pub use fast::{loss_and_grads, loss_and_grads_cond, FastMlp};
 
 pub use transformer::{
