@@ -309,15 +309,20 @@ fn caches_that_disagree_with_the_config_are_refused_naming_expected_and_got() {
     // Keys and values of different batches within one cache.
     let k = Tensor::zeros((2, 2, 8, 64), DType::F32, &Device::Cpu).unwrap();
     let v = Tensor::zeros((1, 2, 8, 64), DType::F32, &Device::Cpu).unwrap();
-    let e = err_text(PrefixCache::from_tensors(&[k.clone()], &[v], None, None));
+    let e = err_text(PrefixCache::from_tensors(
+        std::slice::from_ref(&k),
+        &[v],
+        None,
+        None,
+    ));
     assert!(
         e.contains("past_key_values.0.value shape is [1, 2, 8, 64], expected [2, 2, 8, 64]"),
         "{e}"
     );
     let m = Tensor::zeros((3, 8), DType::F32, &Device::Cpu).unwrap();
     let e = err_text(PrefixCache::from_tensors(
-        &[k.clone()],
-        &[k],
+        std::slice::from_ref(&k),
+        std::slice::from_ref(&k),
         None,
         Some(&m),
     ));

@@ -132,11 +132,7 @@ pub(crate) fn softmax_joint_on(
 ) {
     #[inline(always)]
     fn body(sp: &mut [f32], so: &mut [f32], s: &JointShape<'_>) {
-        let rows = if s.o_stride == 0 {
-            0
-        } else {
-            so.len() / s.o_stride
-        };
+        let rows = so.len().checked_div(s.o_stride).unwrap_or(0);
         for r in 0..rows {
             let i = r % s.own.max(1);
             let ov = if s.causal { i + 1 } else { s.own };

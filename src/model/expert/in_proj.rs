@@ -157,11 +157,11 @@ mod tests {
     fn log_freqs_are_torch_logspace() {
         // torch.logspace(0, 1, 10) in float32, printed with 9 digits.
         let want = [
-            1.0f32, 1.29154967, 1.66810054, 2.15443469, 2.78255940, 3.59381366, 4.64158883,
+            1.0f64, 1.29154967, 1.66810054, 2.15443469, 2.78255940, 3.59381366, 4.64158883,
             5.99484250, 7.74263683, 10.0,
         ];
         for (g, w) in log_freqs(10.0, 10).iter().zip(want) {
-            assert!((g - w).abs() <= 1e-6 * w, "{g} vs {w}");
+            assert!((*g as f64 - w).abs() <= 1e-6 * w, "{g} vs {w}");
         }
     }
 
