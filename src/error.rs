@@ -262,6 +262,18 @@ pub enum Error {
         /// What was refused and what is left untouched.
         action: String,
     },
+
+    // --- action experts (issue 20) ---
+    /// A prefix KV cache that disagrees with the expert's config or with itself.
+    #[error("prefix cache: {what} is {got}, expected {expected}")]
+    PrefixCache {
+        /// What was compared (layer count, kv heads, head_dim, batch, a tensor's shape).
+        what: String,
+        /// What the config (or the rest of the cache) implies.
+        expected: String,
+        /// What the cache holds.
+        got: String,
+    },
 }
 
 /// The crate's result type.

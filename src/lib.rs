@@ -20,6 +20,7 @@
 #![warn(missing_docs)]
 
 pub mod condition;
+pub mod convention;
 pub mod coupling;
 pub mod data;
 pub mod describe;

@@ -23,7 +23,8 @@ use crate::cond::{CondArg, CondFlags};
 /// Arguments of `sample`.
 #[derive(Debug, clap::Args)]
 pub struct SampleArgs {
-    /// A velocity-mlp or waypoint-transformer safetensors file, or an ONNX velocity network (.onnx).
+    /// A velocity-mlp or waypoint-transformer safetensors file, an ONNX velocity network
+    /// (.onnx), or an action expert's directory (config.json, model.safetensors).
     #[arg(long)]
     model: PathBuf,
     /// Number of samples (ignored with --x-init, whose first dimension is the batch, and with
@@ -225,6 +226,100 @@ fn builtin_condition(
     Ok(Some(repeat_per_cond(&c, k)?))
 }
 
+/// `sample` for an action expert: `--model DIR` (config.json, model.safetensors) and `--cond
+/// kv.safetensors`, the prefix cache; `--per-cond K` draws K samples for each cache row.
+fn run_expert(a: &SampleArgs) -> Result<()> {
+    use flow_matching::model::expert::{ActionExpert, PrefixCache};
+    let device = Device::Cpu;
+    for (given, flag) in [
+        (a.labels.is_some(), "--labels"),
+        (a.guidance.is_some(), "--guidance"),
+        (!a.null_cond.is_empty(), "--null-cond"),
+        (a.x_dims.is_some(), "--x-dims"),
+    ] {
+        if given {
+            return Err(Error::invalid(
+                flag,
+                a.model.display(),
+                "a velocity-mlp, transformer or ONNX model; an action expert (a model directory) takes --cond kv.safetensors and --per-cond K",
+            ));
+        }
+    }
+    let cond = match a.cond.cond.as_slice() {
+        [one] if one.name.is_none() => &one.path,
+        [] => {
+            return Err(Error::invalid(
+                "--cond",
+                "none",
+                format!(
+                    "the prefix KV cache of {} (--cond kv.safetensors)",
+                    a.model.display()
+                ),
+            ))
+        }
+        other => {
+            return Err(Error::invalid(
+                "--cond",
+                other
+                    .iter()
+                    .map(|c| c.path.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                "one prefix cache file (--cond kv.safetensors) for an action expert",
+            ))
+        }
+    };
+    let method = parse_method(a)?;
+    let schedule: Schedule = a.schedule.parse()?;
+    let mut expert = ActionExpert::load(&a.model, &device)?;
+    let cache = PrefixCache::load(cond)?;
+    let rows = cache.batch();
+    expert.set_condition(cache)?;
+    let x_init = a
+        .x_init
+        .as_ref()
+        .map(|p| read_npy(p, &device))
+        .transpose()?;
+    let batch = match (&x_init, a.cond.per_cond) {
+        (Some(x), _) => x.dims().first().copied().unwrap_or(0),
+        (None, Some(k)) => {
+            bounds::at_least_one("--per-cond", k)?;
+            rows * k
+        }
+        (None, None) if rows == 1 => a.batch,
+        (None, None) => rows,
+    };
+    bounds::at_least_one("--x-init rows", batch)?;
+    if let (Some(k), Some(_)) = (a.cond.per_cond, &x_init) {
+        if batch != rows * k {
+            return Err(Error::invalid(
+                "--per-cond",
+                k,
+                format!("{batch} / {rows} (the --x-init rows over the cache rows)"),
+            ));
+        }
+    }
+    let x_dims = expert.x_dims();
+    bounds::sampling(
+        batch,
+        x_dims.iter().product(),
+        a.steps,
+        a.trajectory.is_some(),
+    )?;
+    let mut fm = FlowMatching::new(x_dims)?;
+    fm.method = method;
+    fm.schedule = schedule;
+    let options = SampleOptions {
+        return_all_steps: a.trajectory.is_some() || a.times.is_some(),
+        steps: Some(a.steps),
+        x_init,
+        seed: Some(a.seed),
+        ..Default::default()
+    };
+    let out = fm.sample(batch, &mut expert, &device, &options)?;
+    write_outputs(a, &out, batch, &fm)
+}
+
 /// Runs `sample`.
 pub fn run(a: SampleArgs) -> Result<()> {
     let device = Device::Cpu;
@@ -250,6 +345,9 @@ pub fn run(a: SampleArgs) -> Result<()> {
     }
     if super::is_onnx(&a.model) {
         return run_onnx(&a);
+    }
+    if a.model.is_dir() {
+        return run_expert(&a);
     }
     if let Some(flag) = [
         (!a.null_cond.is_empty(), "--null-cond"),

@@ -237,8 +237,9 @@ macro_rules! simd_dispatch {
     };
 }
 
-// After the macro: the module's kernels are built with it.
+// After the macro: the modules' kernels are built with it.
 pub mod attention;
+pub mod decoder;
 mod elementwise;
 mod matmul;
 #[cfg(target_arch = "x86_64")]

@@ -1,6 +1,7 @@
 //! Velocity networks.
 
 mod cond;
+pub mod expert;
 pub mod fast;
 mod file;
 mod transformer;
@@ -8,6 +9,7 @@ pub mod transformer_fast;
 mod velocity_mlp;
 
 pub use cond::{CondNorm, Condition, IntoCondition};
+pub use expert::{ActionExpert, PrefixCache};
 pub use fast::{loss_and_grads, loss_and_grads_cond, FastMlp};
 
 pub use transformer::{

@@ -30,12 +30,11 @@ pub fn cases() -> Vec<PathBuf> {
         .unwrap()
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.join("case.json").exists())
-        // The waypoint transformer's cases have their own test file (tests/transformer.rs).
+        // The waypoint transformer's and the action experts' cases have their own test files
+        // (tests/transformer.rs, tests/expert.rs).
         .filter(|p| {
-            !p.file_name()
-                .unwrap()
-                .to_string_lossy()
-                .starts_with("transformer-")
+            let name = p.file_name().unwrap().to_string_lossy().into_owned();
+            !name.starts_with("transformer-") && !name.starts_with("expert-")
         })
         .collect();
     v.sort();
