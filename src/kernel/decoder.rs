@@ -174,7 +174,11 @@ pub(crate) fn softmax_joint_on(
                 acc[0] -= removed;
             }
             let inv = 1.0 / acc.iter().sum::<f32>();
-            for v in p.iter_mut().chain(o.iter_mut()) {
+            // Two loops, not a chained iterator: a chain does not vectorise.
+            for v in p.iter_mut() {
+                *v *= inv;
+            }
+            for v in o.iter_mut() {
                 *v *= inv;
             }
         }

@@ -17,7 +17,11 @@ pub fn exp_approx(x: f32) -> f32 {
     p = p * r + 0.166_666_65;
     p = p * r + 0.5;
     p = p * r * r + r + 1.0;
-    let bits = ((n as i32 + 127) as u32) << 23;
+    // 2^n from the float's own bits: adding 1.5 * 2^23 leaves n + 127 (0..=254 after the clamp)
+    // in the low mantissa bits, and shifting them into the exponent field is a pure bit
+    // operation. (`n as i32` is a saturating cast whose NaN and range checks kept the loops
+    // that call this scalar.)
+    let bits = (n + (12_582_912.0 + 127.0)).to_bits() << 23;
     p * f32::from_bits(bits)
 }
 
