@@ -186,5 +186,52 @@ fn main() {
         (10_000_000, Some(1.0), Some(0.0))
     );
     assert!(used < 1024, "a 10^7-step grid asked for {used} bytes");
+    expert();
     println!("sampling allocations do not grow with steps: ok");
+}
+
+/// The action expert: a new prefix cache of the shape of the one before allocates nothing
+/// (no re-packing, no new buffers), and its steps allocate nothing either.
+fn expert() {
+    use flow_matching::model::expert::{ActionExpert, PrefixCache};
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/golden");
+    let mut e = ActionExpert::load(root.join("expert-qwen3/model"), &Device::Cpu).unwrap();
+    let cache = |seed: u64| {
+        let mut k = Vec::new();
+        let mut v = Vec::new();
+        for i in 0..4 {
+            let t = |j: u64| {
+                let n = 2 * 96 * 64;
+                let vals: Vec<f32> = (0..n)
+                    .map(|x| ((x as u64 * 31 + seed * 7 + i * 3 + j) % 17) as f32 / 17.0 - 0.5)
+                    .collect();
+                candle_core::Tensor::from_vec(vals, (1, 2, 96, 64), &Device::Cpu).unwrap()
+            };
+            k.push(t(0));
+            v.push(t(1));
+        }
+        PrefixCache::from_tensors(&k, &v, None, None).unwrap()
+    };
+    let fm = FlowMatching::new(e.x_dims()).unwrap();
+    let euler = |steps| SampleOptions {
+        steps: Some(steps),
+        ..SampleOptions::seeded(3)
+    };
+    e.set_condition(cache(0)).unwrap();
+    allocations(&fm, &mut e, 6, &euler(2));
+    let (one, _) = allocations(&fm, &mut e, 6, &euler(1));
+    let (ten, _) = allocations(&fm, &mut e, 6, &euler(10));
+    assert!(
+        ten <= one + 1,
+        "expert: {one} allocations for 1 step, {ten} for 10"
+    );
+    // The caches are made before counting: only set_condition's own work is counted.
+    let next = cache(1);
+    let before = ALLOCS.load(Ordering::SeqCst);
+    e.set_condition(next).unwrap();
+    let made = ALLOCS.load(Ordering::SeqCst) - before;
+    assert_eq!(
+        made, 0,
+        "set_condition with a cache of the same shape allocated {made} times"
+    );
 }

@@ -29,6 +29,10 @@ pub struct BenchArgs {
     /// Only the ONNX figures (onnx_traj_b6, onnx_traj_b6_ort), not the velocity-mlp ones.
     #[arg(long)]
     onnx_only: bool,
+    /// Only the named figures, comma-separated (e.g. `expert_b6_p1024,traj_b6`); every figure
+    /// when not given.
+    #[arg(long, value_delimiter = ',', value_name = "NAME[,NAME]")]
+    figures: Vec<String>,
     /// Where to measure: `cuda` times sample_b1, sample_b64, sample_b4096 and train_b4096 on
     /// GPU 0 against PyTorch eager on CUDA (needs a build with `--features cuda`).
     #[arg(long, value_enum, default_value_t = BenchDevice::Cpu)]
@@ -40,9 +44,34 @@ pub struct BenchArgs {
 const MAX_ROUNDS: usize = 100;
 const MAX_REPS_SCALE: f64 = 100.0;
 
+/// Every figure `bench` can make on the CPU, in the table's order.
+fn known_figures() -> Vec<String> {
+    let mut v: Vec<String> = bench::FIGURES.iter().map(|s| s.to_string()).collect();
+    #[cfg(feature = "onnx")]
+    v.extend(crate::bench_onnx::NAMES.iter().map(|s| s.to_string()));
+    v.extend(crate::bench_expert::names());
+    v
+}
+
+/// Refuses a `--figures` name this build cannot make (listing the known ones).
+fn check_figures(names: &[String]) -> Result<()> {
+    let known = known_figures();
+    for n in names {
+        if !known.contains(n) {
+            return Err(flow_matching::Error::invalid(
+                "--figures",
+                n,
+                format!("one of {}", known.join(", ")),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Refuses a round count or repetition scale that is zero, negative, not a number, or would
 /// run for hours (each repetition count is scaled, then rounded, per figure).
 fn check_flags(a: &BenchArgs) -> Result<()> {
+    check_figures(&a.figures)?;
     if !(1..=MAX_ROUNDS).contains(&a.rounds) {
         return Err(flow_matching::Error::invalid(
             "--rounds",
@@ -71,6 +100,14 @@ pub struct PeakRssArgs {
 /// Runs `bench`.
 pub fn run(a: BenchArgs) -> Result<()> {
     check_flags(&a)?;
+    let picked = a.figures.clone();
+    let onnx_only = a.onnx_only;
+    let wants = move |name: &str| {
+        if !picked.is_empty() {
+            return picked.iter().any(|p| p == name);
+        }
+        !onnx_only || name.starts_with("onnx_")
+    };
     let opts = BenchOptions {
         rounds: a.rounds,
         python: a.python.clone(),
@@ -121,17 +158,20 @@ pub fn run(a: BenchArgs) -> Result<()> {
             "kernel path: {path} ({requested}); {threads} threads; load average at start: {load}"
         );
     }
-    #[allow(unused_mut)]
-    let mut figures = if a.onnx_only {
-        Vec::new()
-    } else {
-        bench::run(&opts, |m| eprintln!("{m}"))?
-    };
+    let mut figures = bench::run(&opts, &wants, |m| eprintln!("{m}"))?;
     #[cfg(feature = "onnx")]
     figures.extend(crate::bench_onnx::figures(
         &a.python,
         a.rounds,
         a.reps_scale,
+        &wants,
+        &mut |m| eprintln!("{m}"),
+    )?);
+    figures.extend(crate::bench_expert::figures(
+        &a.python,
+        a.rounds,
+        a.reps_scale,
+        &wants,
         &mut |m| eprintln!("{m}"),
     )?);
     if a.json {
@@ -176,7 +216,9 @@ fn run_gpu(a: &BenchArgs, opts: &BenchOptions) -> Result<()> {
             a.device.name()
         );
     }
-    let figures = bench::run(opts, |m| eprintln!("{m}"))?;
+    let picked = a.figures.clone();
+    let wants = move |name: &str| picked.is_empty() || picked.iter().any(|p| p == name);
+    let figures = bench::run(opts, &wants, |m| eprintln!("{m}"))?;
     if a.json {
         for f in &figures {
             println!(
@@ -224,14 +266,14 @@ fn gpu_name() -> String {
 /// The text table of `bench`.
 fn print_table(figures: &[bench::Figure]) {
     println!(
-        "{:<16} {:>12} {:>12} {:>8}  unit",
-        "figure", "ours", "pytorch", "ratio"
+        "{:<20} {:>12} {:>12} {:>8}  unit",
+        "figure", "ours", "theirs", "ratio"
     );
     for f in figures {
         let p = f.pytorch.map_or("-".to_string(), |p| format!("{p:.3}"));
         let r = f.ratio().map_or("-".to_string(), |r| format!("{r:.2}x"));
         println!(
-            "{:<16} {:>12.3} {:>12} {:>8}  {}",
+            "{:<20} {:>12.3} {:>12} {:>8}  {}",
             f.figure, f.ours, p, r, f.unit
         );
     }

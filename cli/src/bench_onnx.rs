@@ -18,6 +18,9 @@ use flow_matching::{Diffusion, Error, FlowMatching, Result, SampleOptions};
 
 use crate::harness::{torch_available, Figure};
 
+/// The figures this module makes.
+pub const NAMES: [&str; 3] = ["onnx_traj_b6", "onnx_traj_b6_ort", "onnx_traj_b6_ort_rs"];
+
 /// Trajectories per scene.
 pub const BATCH: usize = 6;
 /// Euler steps.
@@ -60,8 +63,12 @@ pub fn figures(
     py: &str,
     rounds: usize,
     reps_scale: f64,
+    wants: &dyn Fn(&str) -> bool,
     progress: &mut dyn FnMut(&str),
 ) -> Result<Vec<Figure>> {
+    if !NAMES.iter().any(|n| wants(n)) {
+        return Ok(Vec::new());
+    }
     if !torch_available(py) {
         progress("onnx_traj_b6 skipped: PyTorch is not importable");
         return Ok(Vec::new());
@@ -152,6 +159,7 @@ pub fn figures(
     if !ours_ort.is_empty() {
         figs.push(fig("onnx_traj_b6_ort_rs", &ours_ort, &ort));
     }
+    figs.retain(|f| wants(&f.figure));
     Ok(figs)
 }
 

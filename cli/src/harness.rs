@@ -26,6 +26,21 @@ pub const BIG_BATCH: usize = 4096;
 /// Euler steps per sample.
 pub const STEPS: usize = 10;
 
+/// The velocity-mlp and waypoint-transformer figures this module makes, in the table's order.
+pub const FIGURES: [&str; 8] = [
+    "sample_b1",
+    "sample_rk4_b1",
+    "sample_cfg_b1",
+    "sample_b64",
+    "sample_b4096",
+    "train_b4096",
+    "traj_b6",
+    "peak_rss_b4096",
+];
+
+/// A choice of figures by name (`bench --figures`).
+pub type Wants<'a> = &'a dyn Fn(&str) -> bool;
+
 /// One row of the result table.
 #[derive(Debug, Clone)]
 pub struct Figure {
@@ -407,41 +422,71 @@ fn run_python(opts: &BenchOptions, model: &Path, extra: &[&str]) -> Result<Vec<(
     Ok(v)
 }
 
-fn our_round(model: &VelocityMlp, cond: &VelocityMlp, scale: f64) -> Result<Vec<(String, f64)>> {
+fn our_round(
+    model: &VelocityMlp,
+    cond: &VelocityMlp,
+    scale: f64,
+    wants: Wants,
+) -> Result<Vec<(String, f64)>> {
     let reps = |n: usize| ((n as f64 * scale) as usize).max(1);
     let mut v = Vec::new();
     for (b, n) in SAMPLE_BATCHES.iter().zip([200, 50, 5]) {
-        v.push((format!("sample_b{b}"), sample_ms(model, *b, reps(n))?));
-        if *b == 1 {
+        let name = format!("sample_b{b}");
+        if wants(&name) {
+            v.push((name, sample_ms(model, *b, reps(n))?));
+        }
+        if *b == 1 && wants("sample_rk4_b1") {
             let rk4 = sample_method_ms(model, "rk4", 1, reps(100))?;
             v.push(("sample_rk4_b1".into(), rk4));
+        }
+        if *b == 1 && wants("sample_cfg_b1") {
             v.push(("sample_cfg_b1".into(), cfg_sample_ms(cond, reps(n))?));
         }
     }
-    v.push((
-        "train_b4096".into(),
-        train_steps_per_s(BIG_BATCH, reps(10))?,
-    ));
+    if wants("train_b4096") {
+        v.push((
+            "train_b4096".into(),
+            train_steps_per_s(BIG_BATCH, reps(10))?,
+        ));
+    }
     Ok(v)
 }
 
 /// One round on a GPU: `model` is already on `device`.
-fn gpu_round(model: &VelocityMlp, device: &Device, scale: f64) -> Result<Vec<(String, f64)>> {
+fn gpu_round(
+    model: &VelocityMlp,
+    device: &Device,
+    scale: f64,
+    wants: Wants,
+) -> Result<Vec<(String, f64)>> {
     let reps = |n: usize| ((n as f64 * scale) as usize).max(1);
     let mut v = Vec::new();
     for (b, n) in SAMPLE_BATCHES.iter().zip([200, 50, 5]) {
-        let ms = sample_method_ms_on(model, "euler", *b, reps(n), device)?;
-        v.push((format!("sample_b{b}"), ms));
+        let name = format!("sample_b{b}");
+        if wants(&name) {
+            let ms = sample_method_ms_on(model, "euler", *b, reps(n), device)?;
+            v.push((name, ms));
+        }
     }
-    v.push((
-        "train_b4096".into(),
-        train_steps_per_s_on(device, BIG_BATCH, reps(10))?,
-    ));
+    if wants("train_b4096") {
+        v.push((
+            "train_b4096".into(),
+            train_steps_per_s_on(device, BIG_BATCH, reps(10))?,
+        ));
+    }
     Ok(v)
 }
 
-/// Runs the benchmark; `progress` hears a line after each half-round.
-pub fn run(opts: &BenchOptions, mut progress: impl FnMut(&str)) -> Result<Vec<Figure>> {
+/// Runs the benchmark's figures that `wants` names (nothing when it names none of
+/// [`FIGURES`]); `progress` hears a line after each half-round.
+pub fn run(
+    opts: &BenchOptions,
+    wants: Wants,
+    mut progress: impl FnMut(&str),
+) -> Result<Vec<Figure>> {
+    if !FIGURES.iter().any(|f| wants(f)) {
+        return Ok(Vec::new());
+    }
     let dir = std::env::temp_dir().join(format!("flow-matching-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
     let model_path = dir.join("velocity-mlp.safetensors");
@@ -476,16 +521,20 @@ pub fn run(opts: &BenchOptions, mut progress: impl FnMut(&str)) -> Result<Vec<Fi
     for r in 0..opts.rounds.max(1) {
         match &gpu {
             None => {
-                push(&mut ours, our_round(&model, &cond, opts.reps_scale)?);
-                push(
-                    &mut ours,
-                    vec![("traj_b6".into(), traj_ms(&traj, traj_reps)?)],
-                );
+                push(&mut ours, our_round(&model, &cond, opts.reps_scale, wants)?);
+                if wants("traj_b6") {
+                    push(
+                        &mut ours,
+                        vec![("traj_b6".into(), traj_ms(&traj, traj_reps)?)],
+                    );
+                }
             }
-            Some((m, d)) => push(&mut ours, gpu_round(m, d, opts.reps_scale)?),
+            Some((m, d)) => push(&mut ours, gpu_round(m, d, opts.reps_scale, wants)?),
         }
         progress(&format!("round {}: ours done", r + 1));
-        if torch {
+        // PyTorch's script times all its sampling and training figures at once.
+        let script_figures = FIGURES[..6].iter().any(|f| wants(f));
+        if torch && script_figures {
             let cond_arg = cond_path.to_string_lossy();
             let guidance = GUIDANCE.to_string();
             let extra: Vec<&str> = match opts.device {
@@ -493,8 +542,10 @@ pub fn run(opts: &BenchOptions, mut progress: impl FnMut(&str)) -> Result<Vec<Fi
                 dev => vec!["--device", dev.name()],
             };
             push(&mut theirs, run_python(opts, &model_path, &extra)?);
+        }
+        if torch {
             // The trajectory figure is a CPU control-loop latency.
-            if gpu.is_none() {
+            if gpu.is_none() && wants("traj_b6") {
                 push(
                     &mut theirs,
                     vec![(
@@ -506,7 +557,7 @@ pub fn run(opts: &BenchOptions, mut progress: impl FnMut(&str)) -> Result<Vec<Fi
             progress(&format!("round {}: PyTorch done", r + 1));
         }
     }
-    if gpu.is_some() {
+    if gpu.is_some() || !wants("peak_rss_b4096") {
         // Peak RSS is a CPU-memory figure; it says nothing about a GPU run.
         let _ = std::fs::remove_dir_all(&dir);
         return Ok(figures(ours, &theirs));

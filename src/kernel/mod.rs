@@ -10,6 +10,7 @@
 
 pub mod euler;
 pub mod mlp;
+pub mod peak;
 
 /// Rows per thread below which splitting a batch costs more than it saves. Measured on the
 /// 2-core reference machine (examples/profile_fast.rs, 10-step samples): 16 rows take 0.76 ms

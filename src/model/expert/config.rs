@@ -397,3 +397,50 @@ impl ExpertConfig {
         Self::parse(&text, &path)
     }
 }
+
+impl ExpertConfig {
+    /// The floating-point operations (2 per multiply-add) of one velocity evaluation of
+    /// `batch` samples over a prefix of `prefix` tokens: every projection, the attention
+    /// scores and their weighted sum (the elementwise work is left out).
+    ///
+    /// ```
+    /// use flow_matching::model::expert::ExpertConfig;
+    /// let text = r#"{"format": "flow-expert", "version": 1, "action_dims": [64, 2],
+    ///   "time_convention": "noise_at_0", "non_causal": true,
+    ///   "expert": {"family": "qwen3", "hidden_size": 256, "num_hidden_layers": 4,
+    ///     "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64,
+    ///     "intermediate_size": 512},
+    ///   "action_in_proj": {"kind": "linear"}, "action_out_proj": {"kind": "linear"}}"#;
+    /// let cfg = ExpertConfig::parse(text, "config.json".as_ref()).unwrap();
+    /// // 6 x 64 tokens over 1,024 prefix tokens: about 3.5 GFLOP a step.
+    /// assert!((cfg.step_flops(6, 1024) / 1e9 - 3.52).abs() < 0.01);
+    /// ```
+    pub fn step_flops(&self, batch: usize, prefix: usize) -> f64 {
+        let [l, c] = self.action_dims;
+        let d = &self.decoder;
+        let (w, hd, nh, nkv) = (
+            d.hidden_size as f64,
+            d.head_dim as f64,
+            d.num_attention_heads as f64,
+            d.num_key_value_heads as f64,
+        );
+        let ff = d.intermediate_size as f64;
+        let toks = (batch * l) as f64;
+        let inp = match &self.in_proj {
+            InProjConfig::Linear => c as f64 * w,
+            InProjConfig::AlpamayoPerWaypointV2 {
+                hidden_size,
+                num_enc_layers,
+                num_fourier_feats,
+                ..
+            } => {
+                let h = *hidden_size as f64;
+                let first = (c * num_fourier_feats) as f64 * h;
+                first + (*num_enc_layers as f64 - 1.0).max(0.0) * h * h + h * w
+            }
+        };
+        let keys = (prefix + l) as f64;
+        let layer = w * (nh + 2.0 * nkv) * hd + nh * hd * w + 3.0 * w * ff + 2.0 * nh * keys * hd;
+        2.0 * toks * (inp + d.num_hidden_layers as f64 * layer + w * c as f64)
+    }
+}
