@@ -2,6 +2,7 @@
 //! renders its results and progress.
 
 mod bench;
+mod bench_expert;
 #[cfg(feature = "onnx")]
 mod bench_onnx;
 mod bounds;
@@ -37,9 +38,10 @@ pub struct Cli {
 enum Command {
     /// Train on built-in data, sample, plot, and print quality against step count.
     Demo(demo::DemoArgs),
-    /// Train a velocity-mlp on a dataset.
+    /// Train a velocity-mlp or a waypoint transformer (--arch) on a data file or built-in data.
     Train(train::TrainArgs),
-    /// Sample quality against data for several solvers, grids and step counts.
+    /// Sample quality of a velocity-mlp or ONNX model against data, for several solvers, grids
+    /// and step counts.
     Eval(eval::EvalArgs),
     /// minADE/minFDE (metres) of sampled trajectories against the true futures, as the seed
     /// scores them.
@@ -48,15 +50,17 @@ enum Command {
     TrajToActions(poses::TrajToActionsArgs),
     /// Normalised actions to poses (positions and rotation matrices) from v0 or the history.
     ActionsToTraj(poses::ActionsToTrajArgs),
-    /// Draw samples from a velocity-mlp model and write them as .npy files.
+    /// Draw samples from a model (velocity-mlp, waypoint transformer, ONNX network, or an
+    /// action-expert directory over a KV cache) and write them as .npy files.
     Sample(sample::SampleArgs),
     /// Log-likelihoods (nats, bits/dim) of data rows under a velocity-mlp model.
     Loglik(loglik::LoglikArgs),
-    /// Retrain a model on its own (noise, sample) pairs so that 1-2 Euler steps sample well.
+    /// Retrain a velocity-mlp on its own (noise, sample) pairs so that 1-2 Euler steps sample
+    /// well.
     Reflow(reflow::ReflowArgs),
-    /// Map data to noise by integrating the model's flow backwards.
+    /// Map data to noise by integrating a velocity-mlp's flow backwards.
     Encode(encode::EncodeArgs),
-    /// Time sampling and training against PyTorch eager, side by side.
+    /// Time sampling and training against PyTorch eager (and ONNX Runtime), side by side.
     Bench(bench::BenchArgs),
     /// One batch-4096 sample, then the peak RSS in MiB (the benchmark's child process).
     #[command(hide = true)]
