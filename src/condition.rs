@@ -10,7 +10,10 @@ use crate::limits::{check_memory, checked_bytes};
 /// for (`--per-cond 2^40`) must be an error, not an abort inside the allocator.
 fn check_rows(what: &str, shape: &[usize], cond: &Tensor) -> Result<()> {
     check_memory(
-        &format!("{what} repeated to {} rows", shape.first().copied().unwrap_or(0)),
+        &format!(
+            "{what} repeated to {} rows",
+            shape.first().copied().unwrap_or(0)
+        ),
         checked_bytes(shape, cond.dtype().size_in_bytes()),
     )
 }

@@ -18,7 +18,6 @@ pub const MEMORY_LIMIT_ENV: &str = "FLOW_MATCHING_MEMORY_LIMIT";
 /// The figure used when the platform does not say how much memory is free (4 GiB).
 pub const FALLBACK_MEMORY: u64 = 4 << 30;
 
-
 /// The memory a single run may ask for, in bytes: [`MEMORY_LIMIT_ENV`] when set, else the
 /// smaller of Linux's `MemAvailable` and the cgroup limit, else [`FALLBACK_MEMORY`]. A value
 /// of [`MEMORY_LIMIT_ENV`] that is not a number of bytes counts as unset here; [`memory_limit`]

@@ -16,11 +16,11 @@
 //! - Names near `NAME_MAX` (255 bytes) get temporary and lock names shortened with a hash of the
 //!   full name, so any name the file system takes can be written.
 
+use std::cell::RefCell;
 use std::ffi::OsStr;
 use std::fs::{self, File};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
-use std::cell::RefCell;
 use std::sync::Mutex;
 
 use crate::describe::file_kind;

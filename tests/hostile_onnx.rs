@@ -81,16 +81,32 @@ fn size_ops_from_constants_are_refused_by_node() {
 #[test]
 fn declared_shapes_bound_the_load_and_every_plan() {
     let d = dir("plans");
-    let e = OnnxStep::load(write(&d, "tile.onnx", &size_op("Tile", &[1_000_000, 1_000])))
-        .unwrap_err();
+    let e = OnnxStep::load(write(
+        &d,
+        "tile.onnx",
+        &size_op("Tile", &[1_000_000, 1_000]),
+    ))
+    .unwrap_err();
     assert!(matches!(e, Error::TooLarge { .. }), "{e}");
     assert!(e.to_string().contains("batch 1"), "{e}");
     // Small at batch 1, 2 * 10^18 bytes at batch 10^6: refused when that plan is built.
-    let mut step =
-        OnnxStep::load(write(&d, "tile_b.onnx", &size_op("Tile", &[16_000, 16_000]))).unwrap();
-    let fm = FlowMatching::new(step.x_dims()).unwrap().with_steps(1).unwrap();
+    let mut step = OnnxStep::load(write(
+        &d,
+        "tile_b.onnx",
+        &size_op("Tile", &[16_000, 16_000]),
+    ))
+    .unwrap();
+    let fm = FlowMatching::new(step.x_dims())
+        .unwrap()
+        .with_steps(1)
+        .unwrap();
     let e = fm
-        .sample(1_000_000, &mut step, &Device::Cpu, &SampleOptions::seeded(0))
+        .sample(
+            1_000_000,
+            &mut step,
+            &Device::Cpu,
+            &SampleOptions::seeded(0),
+        )
         .unwrap_err();
     assert!(matches!(e, Error::TooLarge { .. }), "{e}");
     assert!(e.to_string().contains("batch 1000000"), "{e}");

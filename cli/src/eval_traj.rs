@@ -91,7 +91,9 @@ fn rows_for(scenes: usize, sets: usize, k: usize) -> Result<usize> {
             Error::invalid(
                 "--per-cond",
                 k,
-                format!("a count whose product with {scenes} scenes and --sets {sets} fits in 64 bits"),
+                format!(
+                    "a count whose product with {scenes} scenes and --sets {sets} fits in 64 bits"
+                ),
             )
         })
 }

@@ -77,7 +77,10 @@ pub(crate) fn load_rows(
         // A toy's --n rows, with the solver's state and stages, bounded before they are drawn.
         crate::bounds::at_least_one("--n", n)?;
         crate::bounds::memory(
-            format!("drawing --n {n} rows of {} values from {data}", x_dims.numel()),
+            format!(
+                "drawing --n {n} rows of {} values from {data}",
+                x_dims.numel()
+            ),
             &[crate::bounds::floats(&[n, x_dims.numel(), 10])],
         )?;
         DataSource::parse(data)?.load(n, seed)?.x

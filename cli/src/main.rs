@@ -112,10 +112,7 @@ static WROTE: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
 
 /// Says `line` (a "wrote ..." report) after the command's outputs are in place, never before.
 fn wrote(line: String) {
-    WROTE
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .push(line);
+    WROTE.lock().unwrap_or_else(|p| p.into_inner()).push(line);
 }
 
 /// Renames every output staged so far, then prints the deferred [`wrote`] lines (called at the

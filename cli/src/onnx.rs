@@ -161,12 +161,8 @@ pub fn prepare(
             _ => rows = Some((r, &c.what)),
         }
     }
-    let batch = crate::bounds::implied_batch(
-        batch,
-        x_init_rows,
-        rows.map(|(r, _)| r),
-        flags.per_cond,
-    )?;
+    let batch =
+        crate::bounds::implied_batch(batch, x_init_rows, rows.map(|(r, _)| r), flags.per_cond)?;
     // Every condition expanded to the batch, and the state, bounded before any is built.
     let cond_values: usize = conds
         .iter()

@@ -72,7 +72,11 @@ fn check_refusal(args: &[&str], out: &Output, expect: &str) -> String {
     );
     assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
     assert!(err.starts_with("error:"), "{args:?}: {err}");
-    assert_eq!(err.trim().lines().count(), 1, "{args:?}: not one line: {err}");
+    assert_eq!(
+        err.trim().lines().count(),
+        1,
+        "{args:?}: not one line: {err}"
+    );
     assert!(err.len() < 1000, "{args:?}: message of {} bytes", err.len());
     assert!(
         err.to_lowercase().contains(&expect.to_lowercase()),
@@ -141,31 +145,75 @@ fn per_cond_batches_are_bounded_and_one_row_conditions_broadcast() {
         let start = Instant::now();
         refused(
             &[
-                "sample", "--model", s(&m), "--cond", s(&one), "--per-cond", k, "--out", s(&out),
+                "sample",
+                "--model",
+                s(&m),
+                "--cond",
+                s(&one),
+                "--per-cond",
+                k,
+                "--out",
+                s(&out),
             ],
             "--per-cond",
         );
-        assert!(start.elapsed() < Duration::from_secs(20), "--per-cond {k} took {:?}", start.elapsed());
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "--per-cond {k} took {:?}",
+            start.elapsed()
+        );
     }
     refused(
         &[
-            "sample", "--model", s(&m), "--cond", s(&one), "--per-cond", "1000000", "--steps",
-            "1000", "--trajectory", s(&traj), "--out", s(&out),
+            "sample",
+            "--model",
+            s(&m),
+            "--cond",
+            s(&one),
+            "--per-cond",
+            "1000000",
+            "--steps",
+            "1000",
+            "--trajectory",
+            s(&traj),
+            "--out",
+            s(&out),
         ],
         "--trajectory",
     );
     refused(
         &[
-            "sample", "--model", s(&m), "--cond", s(&one), "--batch", "1000000000", "--out",
+            "sample",
+            "--model",
+            s(&m),
+            "--cond",
+            s(&one),
+            "--batch",
+            "1000000000",
+            "--out",
             s(&out),
         ],
         "--batch 1000000000",
     );
     assert!(!out.exists() && !traj.exists());
     // Cause 10: one condition row, --batch 5: five samples, as --help says.
-    ok(&["sample", "--model", s(&m), "--cond", s(&one), "--batch", "5", "--out", s(&out)]);
+    ok(&[
+        "sample",
+        "--model",
+        s(&m),
+        "--cond",
+        s(&one),
+        "--batch",
+        "5",
+        "--out",
+        s(&out),
+    ]);
     let x = read_npy(&out, &Device::Cpu).unwrap();
-    assert_eq!(x.dims(), &[5, 2], "a one-row --cond is broadcast to --batch");
+    assert_eq!(
+        x.dims(),
+        &[5, 2],
+        "a one-row --cond is broadcast to --batch"
+    );
 }
 
 /// Cause 2: `encode --n`, `reflow --pairs`, `--batch`, `--rounds` are bounded.
@@ -177,10 +225,24 @@ fn encode_and_reflow_counts_are_bounded() {
     let m2 = d.join("m2.safetensors");
     let huge = "4611686018427387904";
     refused(
-        &["encode", "--model", s(&m), "--data", "moons", "--n", huge, "--out", s(&out)],
+        &[
+            "encode",
+            "--model",
+            s(&m),
+            "--data",
+            "moons",
+            "--n",
+            huge,
+            "--out",
+            s(&out),
+        ],
         "--n",
     );
-    for (flag, expect) in [("--pairs", "--pairs"), ("--rounds", "--rounds"), ("--batch", "--batch")] {
+    for (flag, expect) in [
+        ("--pairs", "--pairs"),
+        ("--rounds", "--rounds"),
+        ("--batch", "--batch"),
+    ] {
         refused(
             &["reflow", "--model", s(&m), "--out", s(&m2), flag, huge],
             expect,
@@ -196,9 +258,17 @@ fn write_f32(p: &Path, dims: &[usize], v: Vec<f32>) {
 /// Files for eval-traj: 4 scenes of 8 waypoints, 6 samples each.
 fn traj_files(d: &Path) -> (PathBuf, PathBuf, PathBuf) {
     let (truth, v0, samples) = (d.join("truth.npy"), d.join("v0.npy"), d.join("samples.npy"));
-    write_f32(&truth, &[4, 8, 2], (0..64).map(|i| (i as f32 * 0.1).sin()).collect());
+    write_f32(
+        &truth,
+        &[4, 8, 2],
+        (0..64).map(|i| (i as f32 * 0.1).sin()).collect(),
+    );
     write_f32(&v0, &[4], vec![5.0, 6.0, 7.0, 8.0]);
-    write_f32(&samples, &[24, 8, 2], (0..384).map(|i| (i as f32 * 0.07).cos()).collect());
+    write_f32(
+        &samples,
+        &[24, 8, 2],
+        (0..384).map(|i| (i as f32 * 0.07).cos()).collect(),
+    );
     (truth, v0, samples)
 }
 
@@ -211,8 +281,15 @@ fn eval_traj_products_are_checked() {
     let k = "4611686018427387910";
     let e = refused(
         &[
-            "eval-traj", "--samples", s(&samples), "--truth", s(&truth), "--v0", s(&v0),
-            "--per-cond", k,
+            "eval-traj",
+            "--samples",
+            s(&samples),
+            "--truth",
+            s(&truth),
+            "--v0",
+            s(&v0),
+            "--per-cond",
+            k,
         ],
         "--per-cond",
     );
@@ -222,7 +299,15 @@ fn eval_traj_products_are_checked() {
     write_f32(&xyz, &[24, 8, 3], vec![0.5; 576]);
     write_f32(&gt, &[4, 8, 3], vec![0.0; 96]);
     refused(
-        &["eval-traj", "--pred-xyz", s(&xyz), "--truth-xyz", s(&gt), "--per-cond", k],
+        &[
+            "eval-traj",
+            "--pred-xyz",
+            s(&xyz),
+            "--truth-xyz",
+            s(&gt),
+            "--per-cond",
+            k,
+        ],
         "--per-cond",
     );
 }
@@ -234,7 +319,13 @@ fn eval_traj_refuses_non_finite_inputs() {
     let (truth, v0, samples) = traj_files(&d);
     let run = |truth: &Path, v0: &Path, samples: &Path, extra: &[&str], expect: &str| {
         let mut args = vec![
-            "eval-traj", "--samples", s(samples), "--truth", s(truth), "--v0", s(v0),
+            "eval-traj",
+            "--samples",
+            s(samples),
+            "--truth",
+            s(truth),
+            "--v0",
+            s(v0),
         ];
         args.extend_from_slice(extra);
         refused(&args, expect);
@@ -262,17 +353,34 @@ fn eval_traj_refuses_non_finite_inputs() {
     let scene = d.join("scene_nan.npy");
     write_f32(&scene, &[24, 8, 2], sv);
     run(&truth, &v0, &scene, &["--json"], "--samples");
-    run(&truth, &v0, &samples, &["--curv-mean", "inf"], "--curv-mean");
+    run(
+        &truth,
+        &v0,
+        &samples,
+        &["--curv-mean", "inf"],
+        "--curv-mean",
+    );
     let xyz = d.join("xyz.npy");
     let gt = d.join("gt.npy");
     let mut p = vec![0.5f32; 576];
     p[7] = f32::NAN;
     write_f32(&xyz, &[24, 8, 3], p);
     write_f32(&gt, &[4, 8, 3], vec![0.0; 96]);
-    refused(&["eval-traj", "--pred-xyz", s(&xyz), "--truth-xyz", s(&gt)], "--pred-xyz");
+    refused(
+        &["eval-traj", "--pred-xyz", s(&xyz), "--truth-xyz", s(&gt)],
+        "--pred-xyz",
+    );
     write_f32(&xyz, &[24, 8, 3], vec![0.5; 576]);
     refused(
-        &["eval-traj", "--pred-xyz", s(&xyz), "--truth-xyz", s(&gt), "--curv-mean", "inf"],
+        &[
+            "eval-traj",
+            "--pred-xyz",
+            s(&xyz),
+            "--truth-xyz",
+            s(&gt),
+            "--curv-mean",
+            "inf",
+        ],
         "--curv-mean",
     );
 }
@@ -284,10 +392,18 @@ fn write_onnx(d: &Path, name: &str, bytes: &[u8]) -> PathBuf {
 }
 
 fn sample_onnx(model: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
-    let mut v: Vec<String> = ["sample", "--model", s(model), "--out", s(out), "--steps", "2"]
-        .iter()
-        .map(|a| a.to_string())
-        .collect();
+    let mut v: Vec<String> = [
+        "sample",
+        "--model",
+        s(model),
+        "--out",
+        s(out),
+        "--steps",
+        "2",
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect();
     v.extend(extra.iter().map(|a| a.to_string()));
     v
 }
@@ -340,26 +456,52 @@ fn small_onnx_files_cannot_allocate_without_limit() {
     let d = dir("onnx-alloc");
     let out = d.join("out.npy");
     let cases: Vec<(&str, Vec<u8>, Vec<&str>, &str)> = vec![
-        ("cos.onnx", size_op("ConstantOfShape", &[1_000_000, 1_000_000, 2]), vec![], "grow"),
-        ("expand.onnx", size_op("Expand", &[100_000, 12_000, 2]), vec![], "grow"),
+        (
+            "cos.onnx",
+            size_op("ConstantOfShape", &[1_000_000, 1_000_000, 2]),
+            vec![],
+            "grow",
+        ),
+        (
+            "expand.onnx",
+            size_op("Expand", &[100_000, 12_000, 2]),
+            vec![],
+            "grow",
+        ),
         // At batch 1 this Tile is 8 GB of declared shapes: refused at load.
-        ("tile.onnx", size_op("Tile", &[1_000_000, 1_000]), vec![], "memory"),
+        (
+            "tile.onnx",
+            size_op("Tile", &[1_000_000, 1_000]),
+            vec![],
+            "memory",
+        ),
         // 8 MB at batch 1, 2 * 10^18 bytes at --batch 10^6: refused when that plan is built.
-        ("tile_batch.onnx", size_op("Tile", &[16_000, 16_000]), vec!["--batch", "1000000"], "batch 1000000"),
+        (
+            "tile_batch.onnx",
+            size_op("Tile", &[16_000, 16_000]),
+            vec!["--batch", "1000000"],
+            "batch 1000000",
+        ),
     ];
     for (name, bytes, extra, expect) in cases {
         assert!(bytes.len() < 400, "{name}: {} bytes", bytes.len());
         let p = write_onnx(&d, name, &bytes);
         let start = Instant::now();
         refused_owned(&sample_onnx(&p, &out, &extra), expect);
-        assert!(start.elapsed() < Duration::from_secs(30), "{name}: {:?}", start.elapsed());
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "{name}: {:?}",
+            start.elapsed()
+        );
     }
     // Range from constants.
     let mut g = Graph::velocity();
     g.initializers.push(int64_tensor("a", &[], &[0]));
-    g.initializers.push(int64_tensor("b", &[], &[1_000_000_000_000]));
+    g.initializers
+        .push(int64_tensor("b", &[], &[1_000_000_000_000]));
     g.initializers.push(int64_tensor("c", &[], &[1]));
-    g.nodes.push(node("Range", "range", &["a", "b", "c"], &["v"]));
+    g.nodes
+        .push(node("Range", "range", &["a", "b", "c"], &["v"]));
     let p = write_onnx(&d, "range.onnx", &g.bytes());
     refused_owned(&sample_onnx(&p, &out, &[]), "range");
     assert!(!out.exists());
@@ -426,7 +568,8 @@ fn a_long_identity_chain_loads_in_linear_time() {
     for i in 0..n {
         let input = if i == 0 { "x" } else { names[i - 1].as_str() };
         let output = if i == n - 1 { "v" } else { names[i].as_str() };
-        g.nodes.push(node("Identity", &format!("id{i}"), &[input], &[output]));
+        g.nodes
+            .push(node("Identity", &format!("id{i}"), &[input], &[output]));
     }
     let p = write_onnx(&d, "chain.onnx", &g.bytes());
     let out = d.join("out.npy");
@@ -435,7 +578,11 @@ fn a_long_identity_chain_loads_in_linear_time() {
     let start = Instant::now();
     let o = fm_timeout(&a, &[], Duration::from_secs(60));
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    assert!(start.elapsed() < Duration::from_secs(30), "took {:?}", start.elapsed());
+    assert!(
+        start.elapsed() < Duration::from_secs(30),
+        "took {:?}",
+        start.elapsed()
+    );
     assert_eq!(read_npy(&out, &Device::Cpu).unwrap().dims(), &[3, 2]);
 }
 
@@ -468,14 +615,26 @@ fn a_full_disk_under_one_output_keeps_every_output() {
         filler.push(f);
     }
     let plot = mnt.join("loss.png");
-    let mut args = vec!["train", "--data", "moons", "--out", s(&m), "--loss-plot", s(&plot)];
+    let mut args = vec![
+        "train",
+        "--data",
+        "moons",
+        "--out",
+        s(&m),
+        "--loss-plot",
+        s(&plot),
+    ];
     args.extend_from_slice(&TINY);
     let o = fm(&args);
     let _ = Command::new("umount").arg(&mnt).status();
     let err = String::from_utf8_lossy(&o.stderr).to_string();
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(!err.contains("wrote"), "said wrote before failing: {err}");
-    assert_eq!(std::fs::read(&m).unwrap(), before, "the previous --out is kept");
+    assert_eq!(
+        std::fs::read(&m).unwrap(),
+        before,
+        "the previous --out is kept"
+    );
     let left: Vec<_> = std::fs::read_dir(&d)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
@@ -493,41 +652,102 @@ fn smaller_items_of_issue_19() {
     let out = d.join("out.npy");
     let long_value = "x".repeat(100_000);
     refused(
-        &["sample", "--model", s(&m), "--method", &long_value, "--out", s(&out)],
+        &[
+            "sample",
+            "--model",
+            s(&m),
+            "--method",
+            &long_value,
+            "--out",
+            s(&out),
+        ],
         "characters in all",
     );
     let long_path = d.join("p".repeat(200)).join("q".repeat(10_000));
-    let e = refused(&["sample", "--model", s(&long_path), "--out", s(&out)], "characters in all");
+    let e = refused(
+        &["sample", "--model", s(&long_path), "--out", s(&out)],
+        "characters in all",
+    );
     assert!(e.len() < 600, "{e}");
     let e = refused(
-        &["sample", "--model", s(&m), "--x-init", s(&long_path), "--out", s(&out)],
+        &[
+            "sample",
+            "--model",
+            s(&m),
+            "--x-init",
+            s(&long_path),
+            "--out",
+            s(&out),
+        ],
         "characters in all",
     );
     assert!(e.len() < 600, "{e}");
     // A base name of 250 bytes (NAME_MAX is 255).
     let long_name = d.join(format!("{}.npy", "n".repeat(246)));
-    ok(&["sample", "--model", s(&m), "--batch", "3", "--out", s(&long_name)]);
+    ok(&[
+        "sample",
+        "--model",
+        s(&m),
+        "--batch",
+        "3",
+        "--out",
+        s(&long_name),
+    ]);
     assert_eq!(read_npy(&long_name, &Device::Cpu).unwrap().dims(), &[3, 2]);
     let o = fm_timeout(
         &["sample", "--model", s(&m), "--out", s(&out)],
         &[("FLOW_MATCHING_MEMORY_LIMIT", "abc")],
         Duration::from_secs(60),
     );
-    check_refusal(&["FLOW_MATCHING_MEMORY_LIMIT=abc"], &o, "FLOW_MATCHING_MEMORY_LIMIT");
+    check_refusal(
+        &["FLOW_MATCHING_MEMORY_LIMIT=abc"],
+        &o,
+        "FLOW_MATCHING_MEMORY_LIMIT",
+    );
     let ck = d.join("ck.safetensors");
-    let mut args = vec!["train", "--data", "moons", "--out", s(&ck), "--checkpoint-every", "0"];
+    let mut args = vec![
+        "train",
+        "--data",
+        "moons",
+        "--out",
+        s(&ck),
+        "--checkpoint-every",
+        "0",
+    ];
     args.extend_from_slice(&TINY);
     refused(&args, "--checkpoint-every");
     let onnx = write_onnx(&d, "net.onnx", &onnx_proto::identity_velocity());
     refused(
-        &["encode", "--model", s(&onnx), "--data", "moons", "--out", s(&out)],
+        &[
+            "encode",
+            "--model",
+            s(&onnx),
+            "--data",
+            "moons",
+            "--out",
+            s(&out),
+        ],
         "ONNX model",
     );
     refused(
-        &["reflow", "--model", s(&onnx), "--out", s(&d.join("r.safetensors"))],
+        &[
+            "reflow",
+            "--model",
+            s(&onnx),
+            "--out",
+            s(&d.join("r.safetensors")),
+        ],
         "ONNX model",
     );
     // The same graph runs through sample (the builder's files are real ONNX).
-    ok(&["sample", "--model", s(&onnx), "--batch", "2", "--out", s(&out)]);
+    ok(&[
+        "sample",
+        "--model",
+        s(&onnx),
+        "--batch",
+        "2",
+        "--out",
+        s(&out),
+    ]);
     let _ = (D::N(1), FLOAT, float_tensor("unused", &[1], &[0.0]));
 }

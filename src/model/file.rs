@@ -39,7 +39,9 @@ pub(crate) fn not_safetensors(bytes: &[u8], path: &Path, e: impl std::fmt::Displ
         .is_some_and(|x| x.eq_ignore_ascii_case("onnx"));
     // An ONNX file is a protobuf ModelProto; exporters write `ir_version` (field 1, a varint:
     // byte 0x08) first.
-    if onnx_ext || (bytes.first() == Some(&0x08) && bytes.windows(4).take(4096).any(|w| w == b"onnx")) {
+    if onnx_ext
+        || (bytes.first() == Some(&0x08) && bytes.windows(4).take(4096).any(|w| w == b"onnx"))
+    {
         return "is an ONNX model, not a safetensors file: this command takes a velocity-mlp or \
                 waypoint-transformer safetensors file (ONNX models run with sample and eval \
                 --model F.onnx)"

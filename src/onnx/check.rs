@@ -52,7 +52,9 @@ pub(crate) fn guarded<T>(path: &Path, doing: &str, f: impl FnOnce() -> Result<T>
         let previous = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
             if QUIET.with(Cell::get) > 0 {
-                let at = info.location().map(|l| format!("{}:{}", l.file(), l.line()));
+                let at = info
+                    .location()
+                    .map(|l| format!("{}:{}", l.file(), l.line()));
                 WHERE.with(|w| *w.borrow_mut() = at);
                 return;
             }
@@ -87,17 +89,19 @@ pub(crate) fn guarded<T>(path: &Path, doing: &str, f: impl FnOnce() -> Result<T>
 /// types it cannot (strings, complex numbers, bfloat16, undefined).
 fn elem_bytes(data_type: i32) -> Option<u64> {
     Some(match data_type {
-        2 | 3 | 9 => 1,      // uint8, int8, bool
-        4 | 5 | 10 => 2,     // uint16, int16, float16
-        1 | 6 | 12 => 4,     // float, int32, uint32
-        7 | 11 | 13 => 8,    // int64, double, uint64
+        2 | 3 | 9 => 1,   // uint8, int8, bool
+        4 | 5 | 10 => 2,  // uint16, int16, float16
+        1 | 6 | 12 => 4,  // float, int32, uint32
+        7 | 11 | 13 => 8, // int64, double, uint64
         _ => return None,
     })
 }
 
 fn type_name(data_type: i32) -> String {
-    pb::tensor_proto::DataType::try_from(data_type)
-        .map_or_else(|_| format!("type {data_type}"), |t| t.as_str_name().to_string())
+    pb::tensor_proto::DataType::try_from(data_type).map_or_else(
+        |_| format!("type {data_type}"),
+        |t| t.as_str_name().to_string(),
+    )
 }
 
 /// The declared element count of a tensor, refusing negative dimensions and overflow.
@@ -105,8 +109,12 @@ fn declared_elems(path: &Path, t: &pb::TensorProto, what: &str) -> Result<u64> {
     t.dims.iter().try_fold(1u64, |acc, &d| {
         let d = u64::try_from(d)
             .map_err(|_| err(path, format!("{what} has the negative dimension {d}")))?;
-        acc.checked_mul(d)
-            .ok_or_else(|| err(path, format!("{what}: its dimensions {:?} overflow 64 bits", t.dims)))
+        acc.checked_mul(d).ok_or_else(|| {
+            err(
+                path,
+                format!("{what}: its dimensions {:?} overflow 64 bits", t.dims),
+            )
+        })
     })
 }
 
@@ -138,7 +146,12 @@ pub(crate) fn prepare_proto(path: &Path, dir: &Path, proto: &mut pb::ModelProto)
 }
 
 /// Every tensor of `graph` and its subgraphs: its type checked, external data inlined.
-fn prepare_graph(path: &Path, dir: &Path, graph: &mut pb::GraphProto, budget: &mut u64) -> Result<()> {
+fn prepare_graph(
+    path: &Path,
+    dir: &Path,
+    graph: &mut pb::GraphProto,
+    budget: &mut u64,
+) -> Result<()> {
     for t in &mut graph.initializer {
         prepare_tensor(path, dir, t, budget)?;
     }
@@ -164,7 +177,12 @@ fn prepare_graph(path: &Path, dir: &Path, graph: &mut pb::GraphProto, budget: &m
 
 /// One tensor: a type tract builds (strings only as string data, never raw bytes), its
 /// declared size within what is left of the memory limit, external data read and inlined.
-fn prepare_tensor(path: &Path, dir: &Path, t: &mut pb::TensorProto, budget: &mut u64) -> Result<()> {
+fn prepare_tensor(
+    path: &Path,
+    dir: &Path,
+    t: &mut pb::TensorProto,
+    budget: &mut u64,
+) -> Result<()> {
     let what = format!("tensor {:?}", crate::describe::excerpt(&t.name));
     let elems = declared_elems(path, t, &what)?;
     let Some(size) = elem_bytes(t.data_type) else {
@@ -177,7 +195,10 @@ fn prepare_tensor(path: &Path, dir: &Path, t: &mut pb::TensorProto, budget: &mut
         ));
     };
     let bytes = elems.checked_mul(size);
-    check_memory(&format!("ONNX model {}: {what} {:?}", path.display(), t.dims), bytes)?;
+    check_memory(
+        &format!("ONNX model {}: {what} {:?}", path.display(), t.dims),
+        bytes,
+    )?;
     let bytes = bytes.unwrap_or(u64::MAX);
     // Tensors stay in memory for the model's life: together they must fit too.
     *budget = budget.checked_sub(bytes).ok_or_else(|| Error::TooLarge {
@@ -208,16 +229,33 @@ fn prepare_tensor(path: &Path, dir: &Path, t: &mut pb::TensorProto, budget: &mut
 
 /// The external data of `t`: `location` must name a regular file inside `dir` (no link out of
 /// it, no FIFO or device), and exactly the tensor's declared `bytes` are read from `offset`.
-fn read_external(path: &Path, dir: &Path, t: &pb::TensorProto, what: &str, bytes: u64) -> Result<Vec<u8>> {
+fn read_external(
+    path: &Path,
+    dir: &Path,
+    t: &pb::TensorProto,
+    what: &str,
+    bytes: u64,
+) -> Result<Vec<u8>> {
     use std::io::{Read, Seek};
-    let entry = |k: &str| t.external_data.iter().find(|e| e.key == k).map(|e| e.value.as_str());
+    let entry = |k: &str| {
+        t.external_data
+            .iter()
+            .find(|e| e.key == k)
+            .map(|e| e.value.as_str())
+    };
     let location = entry("location")
         .ok_or_else(|| err(path, format!("{what} is external but names no location")))?;
     let number = |k: &str| -> Result<Option<u64>> {
         entry(k)
             .map(|v| {
                 v.trim().parse::<u64>().map_err(|_| {
-                    err(path, format!("{what}: external data {k} {:?} is not a byte count", crate::describe::excerpt(v)))
+                    err(
+                        path,
+                        format!(
+                            "{what}: external data {k} {:?} is not a byte count",
+                            crate::describe::excerpt(v)
+                        ),
+                    )
                 })
             })
             .transpose()
@@ -232,17 +270,36 @@ fn read_external(path: &Path, dir: &Path, t: &pb::TensorProto, what: &str, bytes
         }
     }
     let rel = Path::new(location);
-    if rel.components().any(|c| !matches!(c, std::path::Component::Normal(_) | std::path::Component::CurDir)) {
+    if rel.components().any(|c| {
+        !matches!(
+            c,
+            std::path::Component::Normal(_) | std::path::Component::CurDir
+        )
+    }) {
         return Err(err(
             path,
             format!("{what}: external data location {:?} must be a relative path inside the model's folder", crate::describe::excerpt(location)),
         ));
     }
-    let file_err = |e: std::io::Error| err(path, format!("{what}: external data {}: {e}", crate::describe::excerpt(location)));
+    let file_err = |e: std::io::Error| {
+        err(
+            path,
+            format!(
+                "{what}: external data {}: {e}",
+                crate::describe::excerpt(location)
+            ),
+        )
+    };
     let root = std::fs::canonicalize(dir).map_err(file_err)?;
     let data_path = std::fs::canonicalize(root.join(rel)).map_err(file_err)?;
     if !data_path.starts_with(&root) {
-        return Err(err(path, format!("{what}: external data {:?} resolves outside the model's folder", crate::describe::excerpt(location))));
+        return Err(err(
+            path,
+            format!(
+                "{what}: external data {:?} resolves outside the model's folder",
+                crate::describe::excerpt(location)
+            ),
+        ));
     }
     // Opened without blocking (a FIFO would wait for a writer forever), then checked to be a
     // regular file on the open handle itself, so a file swapped in after a check is caught.
@@ -272,12 +329,25 @@ fn read_external(path: &Path, dir: &Path, t: &pb::TensorProto, what: &str, bytes
             format!("{what} {:?}: external data {} holds {} bytes, fewer than offset {offset} + {bytes}", t.dims, crate::describe::excerpt(location), meta.len()),
         ));
     }
-    let cap = usize::try_from(bytes).map_err(|_| err(path, format!("{what}: larger than this platform's address space")))?;
-    file.seek(std::io::SeekFrom::Start(offset)).map_err(file_err)?;
+    let cap = usize::try_from(bytes).map_err(|_| {
+        err(
+            path,
+            format!("{what}: larger than this platform's address space"),
+        )
+    })?;
+    file.seek(std::io::SeekFrom::Start(offset))
+        .map_err(file_err)?;
     let mut data = Vec::with_capacity(cap);
     file.take(bytes).read_to_end(&mut data).map_err(file_err)?;
     if data.len() != cap {
-        return Err(err(path, format!("{what}: external data {} ended after {} of {bytes} bytes", crate::describe::excerpt(location), data.len())));
+        return Err(err(
+            path,
+            format!(
+                "{what}: external data {} ended after {} of {bytes} bytes",
+                crate::describe::excerpt(location),
+                data.len()
+            ),
+        ));
     }
     Ok(data)
 }
@@ -296,10 +366,11 @@ fn libc_o_nonblock() -> i32 {
 /// is a graph output (one stays per output). Linear: each name is resolved once, memoised.
 /// Skipped for graphs with subgraphs, whose bodies may name outer values.
 fn collapse_identities(graph: &mut pb::GraphProto) {
-    let has_subgraphs = graph
-        .node
-        .iter()
-        .any(|n| n.attribute.iter().any(|a| a.g.is_some() || !a.graphs.is_empty()));
+    let has_subgraphs = graph.node.iter().any(|n| {
+        n.attribute
+            .iter()
+            .any(|a| a.g.is_some() || !a.graphs.is_empty())
+    });
     if has_subgraphs {
         return;
     }
@@ -343,7 +414,9 @@ fn collapse_identities(graph: &mut pb::GraphProto) {
     let nodes = std::mem::take(&mut graph.node);
     graph.node = nodes
         .into_iter()
-        .filter(|n| !(n.output.len() == 1 && alias.contains_key(&n.output[0]) && n.op_type == "Identity"))
+        .filter(|n| {
+            !(n.output.len() == 1 && alias.contains_key(&n.output[0]) && n.op_type == "Identity")
+        })
         .map(|mut n| {
             for i in &mut n.input {
                 if !i.is_empty() {
@@ -357,7 +430,10 @@ fn collapse_identities(graph: &mut pb::GraphProto) {
 
 /// The integer values of a small constant (an initializer or a `Constant` node's value).
 fn int_values(t: &pb::TensorProto) -> Option<Vec<i64>> {
-    let n = t.dims.iter().try_fold(1usize, |a, &d| a.checked_mul(usize::try_from(d).ok()?))?;
+    let n = t
+        .dims
+        .iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(usize::try_from(d).ok()?))?;
     if n > 64 {
         return None;
     }
@@ -388,20 +464,28 @@ fn int_values(t: &pb::TensorProto) -> Option<Vec<i64>> {
 /// Refuses size ops whose constant inputs ask for a tensor beyond the memory limit, naming the
 /// node: tract evaluates constant subgraphs while loading, before any shape is checked.
 fn check_size_ops(path: &Path, graph: &pb::GraphProto) -> Result<()> {
-    let mut consts: HashMap<&str, &pb::TensorProto> =
-        graph.initializer.iter().map(|t| (t.name.as_str(), t)).collect();
+    let mut consts: HashMap<&str, &pb::TensorProto> = graph
+        .initializer
+        .iter()
+        .map(|t| (t.name.as_str(), t))
+        .collect();
     // Values computed from constants alone: tract folds them while loading too.
     let mut derived: HashSet<&str> = HashSet::new();
     let graph_inputs: HashSet<&str> = graph.input.iter().map(|i| i.name.as_str()).collect();
     for n in &graph.node {
         if n.op_type == "Constant" {
-            if let (Some(out), Some(t)) = (n.output.first(), n.attribute.iter().find_map(|a| a.t.as_ref())) {
+            if let (Some(out), Some(t)) = (
+                n.output.first(),
+                n.attribute.iter().find_map(|a| a.t.as_ref()),
+            ) {
                 consts.insert(out.as_str(), t);
             }
             continue;
         }
         let known = |i: &str| -> bool {
-            i.is_empty() || (consts.contains_key(i) && !graph_inputs.contains(i)) || derived.contains(i)
+            i.is_empty()
+                || (consts.contains_key(i) && !graph_inputs.contains(i))
+                || derived.contains(i)
         };
         let size_input = match n.op_type.as_str() {
             "ConstantOfShape" => Some(0),
@@ -432,7 +516,9 @@ fn check_size_ops(path: &Path, graph: &pb::GraphProto) -> Result<()> {
                     .and_then(|x| consts.get(x.as_str()))
                     .and_then(|t| int_values(t))
                     .map(|v| {
-                        v.iter().try_fold(1u64, |a, &d| a.checked_mul(d.max(0) as u64)).unwrap_or(u64::MAX)
+                        v.iter()
+                            .try_fold(1u64, |a, &d| a.checked_mul(d.max(0) as u64))
+                            .unwrap_or(u64::MAX)
                     }),
             };
             let name = crate::describe::excerpt(&n.name);
@@ -491,7 +577,10 @@ fn fact_bytes(fact: &tp::TypedFact, values: &tp::SymbolValues) -> Option<u64> {
 /// every symbol of its shapes at `symbol_value` (`None`: only sizes already fixed count) and
 /// releasing a tensor after its last consumer; constants are held throughout. Returns the
 /// bytes and the node at the peak.
-pub(crate) fn peak_bytes(model: &tp::TypedModel, symbol_value: Option<i64>) -> tp::TractResult<(u64, String)> {
+pub(crate) fn peak_bytes(
+    model: &tp::TypedModel,
+    symbol_value: Option<i64>,
+) -> tp::TractResult<(u64, String)> {
     let mut values = tp::SymbolValues::default();
     if let Some(v) = symbol_value {
         for node in model.nodes() {
@@ -540,9 +629,18 @@ pub(crate) fn peak_bytes(model: &tp::TypedModel, symbol_value: Option<i64>) -> t
 
 /// Refuses `model` when [`peak_bytes`] exceeds the memory limit; `what` says which graph (the
 /// load, a plan for a batch) in the message.
-pub(crate) fn check_facts(path: &Path, model: &tp::TypedModel, symbol_value: Option<i64>, what: &str) -> Result<()> {
-    let (peak, at) = peak_bytes(model, symbol_value)
-        .map_err(|e| err(path, format!("cannot order the graph: {}", super::tract_msg(&e))))?;
+pub(crate) fn check_facts(
+    path: &Path,
+    model: &tp::TypedModel,
+    symbol_value: Option<i64>,
+    what: &str,
+) -> Result<()> {
+    let (peak, at) = peak_bytes(model, symbol_value).map_err(|e| {
+        err(
+            path,
+            format!("cannot order the graph: {}", super::tract_msg(&e)),
+        )
+    })?;
     check_memory(
         &format!(
             "ONNX model {}: {what}: the tensors its declared shapes imply (peak at node {:?})",
@@ -559,12 +657,17 @@ mod tests {
 
     #[test]
     fn a_panic_in_a_guarded_call_is_an_error_naming_the_model() {
-        let e = guarded(Path::new("m.onnx"), "running the network", || -> Result<()> {
-            panic!("index out of bounds")
-        })
+        let e = guarded(
+            Path::new("m.onnx"),
+            "running the network",
+            || -> Result<()> { panic!("index out of bounds") },
+        )
         .unwrap_err()
         .to_string();
-        assert!(e.contains("m.onnx") && e.contains("index out of bounds"), "{e}");
+        assert!(
+            e.contains("m.onnx") && e.contains("index out of bounds"),
+            "{e}"
+        );
         assert!(e.contains("running the network"), "{e}");
         // The guard leaves later panics to the previous hook and calls that succeed alone.
         assert_eq!(guarded(Path::new("m.onnx"), "x", || Ok(3)).unwrap(), 3);

@@ -65,7 +65,9 @@ pub fn value_info(name: &str, elem: i64, dims: &[D]) -> Msg {
         );
     }
     let tensor = Msg::default().int(1, elem).msg(2, shape);
-    Msg::default().str(1, name).msg(2, Msg::default().msg(1, tensor))
+    Msg::default()
+        .str(1, name)
+        .msg(2, Msg::default().msg(1, tensor))
 }
 
 /// `TensorProto` of int64 values.
