@@ -4,6 +4,19 @@
 use candle_core::Tensor;
 
 use crate::error::{Error, Result};
+use crate::limits::{check_memory, checked_bytes};
+
+/// Refuses to materialise a condition of `shape` beyond the memory limit: the rows a flag asks
+/// for (`--per-cond 2^40`) must be an error, not an abort inside the allocator.
+fn check_rows(what: &str, shape: &[usize], cond: &Tensor) -> Result<()> {
+    check_memory(
+        &format!(
+            "{what} repeated to {} rows",
+            shape.first().copied().unwrap_or(0)
+        ),
+        checked_bytes(shape, cond.dtype().size_in_bytes()),
+    )
+}
 
 /// A condition `[1, ...]` repeated to `[batch, ...]`; one of `[batch, ...]` is returned as is.
 /// `what` names the condition (a flag or a file) in the error for any other first dimension.
@@ -23,6 +36,7 @@ pub fn expand_rows(cond: &Tensor, batch: usize, what: &str) -> Result<Tensor> {
         Some(1) => {
             let mut shape = dims.to_vec();
             shape[0] = batch;
+            check_rows(what, &shape, cond)?;
             Ok(cond.broadcast_as(shape)?.contiguous()?)
         }
         _ => Err(Error::Shape {
@@ -69,6 +83,7 @@ pub fn repeat_per_cond(cond: &Tensor, k: usize) -> Result<Tensor> {
     expanded.extend_from_slice(&dims[1..]);
     let mut out = vec![rows];
     out.extend_from_slice(&dims[1..]);
+    check_rows(&format!("condition with --per-cond {k}"), &out, cond)?;
     Ok(cond
         .unsqueeze(1)?
         .broadcast_as(expanded)?

@@ -55,6 +55,57 @@ pub fn file_kind(meta: &fs::Metadata) -> &'static str {
     "a special file"
 }
 
+/// The longest excerpt of a value an error message quotes, in characters.
+pub const EXCERPT_CHARS: usize = 80;
+
+/// At most [`EXCERPT_CHARS`] characters of `value`, with the full length when it was cut, so a
+/// message about a 300 MB flag or metadata entry stays one short line.
+///
+/// ```
+/// use flow_matching::limits::excerpt;
+/// assert_eq!(excerpt("0,0.5,1"), "0,0.5,1");
+/// let long = "0,".repeat(1000);
+/// assert!(excerpt(&long).len() < 120 && excerpt(&long).contains("2000 characters"));
+/// ```
+pub fn excerpt(value: &str) -> String {
+    excerpt_to(value, EXCERPT_CHARS)
+}
+
+/// At most `chars` characters of `value`, with the full length when it was cut.
+pub(crate) fn excerpt_to(value: &str, chars: usize) -> String {
+    let mut it = value.char_indices();
+    match it.nth(chars) {
+        None => value.to_string(),
+        Some((cut, _)) => format!(
+            "{}… ({} characters in all)",
+            &value[..cut],
+            value.chars().count()
+        ),
+    }
+}
+
+/// The longest composed text (what was checked, what was expected) an error message shows, in
+/// characters: room for several flags and numbers, never a whole file's worth.
+pub const TEXT_CHARS: usize = 400;
+
+/// At most [`TEXT_CHARS`] characters of a composed message part, cut as [`excerpt`] cuts.
+pub fn excerpt_text(text: &str) -> String {
+    excerpt_to(text, TEXT_CHARS)
+}
+
+/// A path as an error message shows it: [`excerpt`] of its text, so a 10 KB path stays a short
+/// line (the start and the length are what identify it).
+///
+/// ```
+/// use std::path::Path;
+/// use flow_matching::limits::excerpt_path;
+/// assert_eq!(excerpt_path(Path::new("a/b.npy")), "a/b.npy");
+/// assert!(excerpt_path(Path::new(&"d/".repeat(5000))).len() < 120);
+/// ```
+pub fn excerpt_path(path: &std::path::Path) -> String {
+    excerpt(&path.display().to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -23,7 +23,11 @@ pub enum Error {
     ZeroSteps,
 
     /// A name (method, schedule, dataset, ...) that is not known.
-    #[error("unknown {kind} {name:?}; expected one of: {known}")]
+    #[error(
+        "unknown {kind} {:?}; expected one of: {}",
+        crate::describe::excerpt(name),
+        crate::describe::excerpt_text(known)
+    )]
     UnknownName {
         /// What kind of name it was ("integration method", "dataset", ...).
         kind: &'static str,
@@ -70,7 +74,11 @@ pub enum Error {
     },
 
     /// A shape that does not fit what the operation needs.
-    #[error("{what}: expected shape {expected}, got {got:?}")]
+    #[error(
+        "{}: expected shape {}, got {got:?}",
+        crate::describe::excerpt_text(what),
+        crate::describe::excerpt_text(expected)
+    )]
     Shape {
         /// What was being checked.
         what: String,
@@ -82,7 +90,11 @@ pub enum Error {
 
     /// A value inside an input (a file or an argument) that cannot be used: where it is and
     /// what was expected, e.g. a NaN pose or a matrix that is not a rotation.
-    #[error("{what}: {reason}")]
+    #[error(
+        "{}: {}",
+        crate::describe::excerpt_text(what),
+        crate::describe::excerpt_text(reason)
+    )]
     BadValue {
         /// The input and the place in it (`--fut-xyz F.npy at [3, 12]`).
         what: String,
@@ -91,7 +103,11 @@ pub enum Error {
     },
 
     /// An argument outside its allowed range.
-    #[error("invalid {name} {value}: {expected}")]
+    #[error(
+        "invalid {name} {}: {}",
+        crate::describe::excerpt(value),
+        crate::describe::excerpt_text(expected)
+    )]
     InvalidArgument {
         /// The argument's name.
         name: &'static str,
@@ -102,7 +118,11 @@ pub enum Error {
     },
 
     /// A model file that cannot be used.
-    #[error("model file {}: {reason}", path.display())]
+    #[error(
+        "model file {}: {}",
+        crate::describe::excerpt_path(path),
+        crate::describe::excerpt_text(reason)
+    )]
     ModelFile {
         /// The file.
         path: PathBuf,
@@ -111,7 +131,10 @@ pub enum Error {
     },
 
     /// A model tensor whose shape disagrees with the metadata.
-    #[error("model file {}: tensor {key:?} has shape {got:?}, expected {expected:?}", path.display())]
+    #[error(
+        "model file {}: tensor {key:?} has shape {got:?}, expected {expected:?}",
+        crate::describe::excerpt_path(path)
+    )]
     ModelTensorShape {
         /// The file.
         path: PathBuf,
@@ -124,7 +147,11 @@ pub enum Error {
     },
 
     /// A data file (CSV, .npy) that cannot be read.
-    #[error("data file {}: {reason}", path.display())]
+    #[error(
+        "data file {}: {}",
+        crate::describe::excerpt_path(path),
+        crate::describe::excerpt_text(reason)
+    )]
     DataFile {
         /// The file.
         path: PathBuf,
@@ -133,7 +160,7 @@ pub enum Error {
     },
 
     /// An operating-system error on a file.
-    #[error("{}: {source}", path.display())]
+    #[error("{}: {source}", crate::describe::excerpt_path(path))]
     Io {
         /// The file.
         path: PathBuf,
@@ -162,7 +189,11 @@ pub enum Error {
 
     // --- onnx ---
     /// An ONNX model file that cannot be read or run.
-    #[error("ONNX model {}: {reason}", path.display())]
+    #[error(
+        "ONNX model {}: {}",
+        crate::describe::excerpt_path(path),
+        crate::describe::excerpt_text(reason)
+    )]
     Onnx {
         /// The file.
         path: PathBuf,
@@ -171,7 +202,10 @@ pub enum Error {
     },
 
     /// An ONNX model that uses an operator the runtime does not implement.
-    #[error("ONNX model {}: operator {op} (node {node:?}) is not supported by the runtime", path.display())]
+    #[error(
+        "ONNX model {}: operator {op} (node {node:?}) is not supported by the runtime",
+        crate::describe::excerpt_path(path)
+    )]
     OnnxUnsupportedOp {
         /// The file.
         path: PathBuf,
@@ -200,7 +234,7 @@ pub enum Error {
     },
 
     /// An ONNX model exported with a fixed batch asked to run at another batch.
-    #[error("ONNX model {}: exported with a fixed batch of {fixed}, it runs only at that batch, not {asked}; re-export it with a dynamic batch (torch.onnx.export(..., dynamic_axes={{\"x\": {{0: \"batch\"}}, ...}}))", path.display())]
+    #[error("ONNX model {}: exported with a fixed batch of {fixed}, it runs only at that batch, not {asked}; re-export it with a dynamic batch (torch.onnx.export(..., dynamic_axes={{\"x\": {{0: \"batch\"}}, ...}}))", crate::describe::excerpt_path(path))]
     OnnxFixedBatch {
         /// The file.
         path: PathBuf,
@@ -222,7 +256,11 @@ pub enum Error {
     // --- robustness (issue 11): outputs, locks, memory bounds, non-finite weights ---
     /// An output path refused before any work starts (missing or unwritable directory, a
     /// special file, a path shared by two roles or with an input).
-    #[error("{role} {}: {reason}", path.display())]
+    #[error(
+        "{role} {}: {}",
+        crate::describe::excerpt_path(path),
+        crate::describe::excerpt_text(reason)
+    )]
     OutputPath {
         /// The flag or role of the output (`--out`, `--loss-plot`, ...).
         role: String,
@@ -233,7 +271,7 @@ pub enum Error {
     },
 
     /// Another process (or another writer in this one) holds the output's advisory lock.
-    #[error("{}: another run is writing this file (lock {} is held); wait for it to finish or choose another path", path.display(), lock.display())]
+    #[error("{}: another run is writing this file (lock {} is held); wait for it to finish or choose another path", crate::describe::excerpt_path(path), crate::describe::excerpt_path(lock))]
     Locked {
         /// The output.
         path: std::path::PathBuf,
@@ -242,7 +280,7 @@ pub enum Error {
     },
 
     /// A request for more memory than is available, refused before allocating.
-    #[error("{what}: needs {}, more than the {} of memory available (set FLOW_MATCHING_MEMORY_LIMIT to change the ceiling)", crate::describe::human_bytes(*needed), crate::describe::human_bytes(Some(*available)))]
+    #[error("{}: needs {}, more than the {} of memory available (set FLOW_MATCHING_MEMORY_LIMIT to change the ceiling)", crate::describe::excerpt_text(what), crate::describe::human_bytes(*needed), crate::describe::human_bytes(Some(*available)))]
     TooLarge {
         /// What would be allocated, naming the flag or file behind it.
         what: String,
@@ -284,7 +322,8 @@ impl Error {
     pub fn invalid(name: &'static str, value: impl ToString, expected: impl Into<String>) -> Self {
         Error::InvalidArgument {
             name,
-            value: value.to_string(),
+            // Bounded here once, so no caller can echo a 100 KB flag value.
+            value: crate::describe::excerpt(&value.to_string()),
             expected: expected.into(),
         }
     }

@@ -6,7 +6,9 @@
 
 use std::path::Path;
 
-pub use crate::describe::human_bytes;
+pub use crate::describe::{
+    excerpt, excerpt_path, excerpt_text, human_bytes, EXCERPT_CHARS, TEXT_CHARS,
+};
 use crate::error::{Error, Result};
 
 /// Environment variable that overrides the available-memory figure (bytes), for tests and
@@ -16,22 +18,40 @@ pub const MEMORY_LIMIT_ENV: &str = "FLOW_MATCHING_MEMORY_LIMIT";
 /// The figure used when the platform does not say how much memory is free (4 GiB).
 pub const FALLBACK_MEMORY: u64 = 4 << 30;
 
-/// The longest excerpt of a value an error message quotes, in characters.
-pub const EXCERPT_CHARS: usize = 80;
-
 /// The memory a single run may ask for, in bytes: [`MEMORY_LIMIT_ENV`] when set, else the
-/// smaller of Linux's `MemAvailable` and the cgroup limit, else [`FALLBACK_MEMORY`].
+/// smaller of Linux's `MemAvailable` and the cgroup limit, else [`FALLBACK_MEMORY`]. A value
+/// of [`MEMORY_LIMIT_ENV`] that is not a number of bytes counts as unset here; [`memory_limit`]
+/// (what every check uses) refuses it.
 ///
 /// ```
 /// assert!(flow_matching::limits::available_memory() > 0);
 /// ```
 pub fn available_memory() -> u64 {
-    if let Some(v) = std::env::var(MEMORY_LIMIT_ENV)
-        .ok()
-        .and_then(|v| v.trim().parse::<u64>().ok())
-    {
-        return v.max(1);
+    memory_limit().unwrap_or_else(|_| machine_memory())
+}
+
+/// [`available_memory`], refusing a [`MEMORY_LIMIT_ENV`] that is set but not a whole number
+/// of bytes: a typo there must not silently lift the ceiling the user meant to set.
+pub fn memory_limit() -> Result<u64> {
+    match std::env::var(MEMORY_LIMIT_ENV) {
+        Err(std::env::VarError::NotPresent) => Ok(machine_memory()),
+        Err(std::env::VarError::NotUnicode(v)) => Err(Error::invalid(
+            MEMORY_LIMIT_ENV,
+            excerpt(&v.to_string_lossy()),
+            "a whole number of bytes, such as 2147483648",
+        )),
+        Ok(v) => v.trim().parse::<u64>().map(|v| v.max(1)).map_err(|_| {
+            Error::invalid(
+                MEMORY_LIMIT_ENV,
+                format!("{:?}", excerpt(&v)),
+                "a whole number of bytes, such as 2147483648",
+            )
+        }),
     }
+}
+
+/// The machine's figure: `MemAvailable`, capped by the cgroup limit.
+fn machine_memory() -> u64 {
     let meminfo = std::fs::read_to_string("/proc/meminfo")
         .ok()
         .and_then(|s| parse_meminfo(&s));
@@ -82,7 +102,7 @@ pub fn checked_sum(parts: &[Option<u64>]) -> Option<u64> {
 /// assert!(e.contains("--batch"), "{e}");
 /// ```
 pub fn check_memory(what: &str, bytes: Option<u64>) -> Result<()> {
-    let available = available_memory();
+    let available = memory_limit()?;
     match bytes {
         Some(b) if b <= available => Ok(()),
         needed => Err(Error::TooLarge {
@@ -90,27 +110,6 @@ pub fn check_memory(what: &str, bytes: Option<u64>) -> Result<()> {
             needed,
             available,
         }),
-    }
-}
-
-/// At most [`EXCERPT_CHARS`] characters of `value`, with the full length when it was cut, so a
-/// message about a 300 MB flag or metadata entry stays one short line.
-///
-/// ```
-/// use flow_matching::limits::excerpt;
-/// assert_eq!(excerpt("0,0.5,1"), "0,0.5,1");
-/// let long = "0,".repeat(1000);
-/// assert!(excerpt(&long).len() < 120 && excerpt(&long).contains("2000 characters"));
-/// ```
-pub fn excerpt(value: &str) -> String {
-    let mut chars = value.char_indices();
-    match chars.nth(EXCERPT_CHARS) {
-        None => value.to_string(),
-        Some((cut, _)) => format!(
-            "{}… ({} characters in all)",
-            &value[..cut],
-            value.chars().count()
-        ),
     }
 }
 

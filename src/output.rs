@@ -10,7 +10,13 @@
 //!   (`.NAME.XXXXXXXX.fm-tmp`, never following a planted link) and fsyncs it; [`commit`]
 //!   renames every staged file into place and fsyncs the directories, so a command writes
 //!   all its outputs or none, and a crash leaves either the old file or the new one.
+//! - [`Transaction`] makes that hold across every writer a command calls: while one is open on
+//!   a thread, [`commit`] (and so every `save`, plot and `.npy` writer) only stages, and
+//!   [`Transaction::commit`] renames everything at the end.
+//! - Names near `NAME_MAX` (255 bytes) get temporary and lock names shortened with a hash of the
+//!   full name, so any name the file system takes can be written.
 
+use std::cell::RefCell;
 use std::ffi::OsStr;
 use std::fs::{self, File};
 use std::io::{BufWriter, Write};
@@ -27,6 +33,31 @@ pub const LOCK_SUFFIX: &str = ".fm-lock";
 /// Random characters in a temporary name: fixed, so stale-file clean-up of `a` never matches
 /// the temporaries of `a.b`.
 const RAND_CHARS: usize = 8;
+/// The longest file name most file systems take (Linux's `NAME_MAX`), in bytes.
+const NAME_MAX: usize = 255;
+/// Bytes a temporary name adds to the output's name: `.`, `.`, the random part, the suffix.
+const TEMP_EXTRA: usize = 2 + RAND_CHARS + TEMP_SUFFIX.len();
+
+/// The name temporary and lock names are built from: the output's own name, or, when that
+/// name leaves no room for [`TEMP_EXTRA`] bytes under [`NAME_MAX`], its start and a hash of the
+/// whole name (FNV-1a, stable across runs so a later run finds a killed run's temporaries).
+fn stem_of(name: &OsStr) -> std::ffi::OsString {
+    let bytes = name.as_encoded_bytes();
+    if bytes.len() + TEMP_EXTRA <= NAME_MAX {
+        return name.to_os_string();
+    }
+    let hash = bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    // Room for `~`, 16 hex digits and the temporary name's extra bytes.
+    let keep = NAME_MAX - TEMP_EXTRA - 17;
+    let text = name.to_string_lossy();
+    let mut cut = keep.min(text.len());
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}~{hash:016x}", &text[..cut]).into()
+}
 
 /// The directory a path's file lives in (`.` for a bare name).
 fn dir_of(path: &Path) -> &Path {
@@ -188,7 +219,7 @@ pub fn prepare_outputs(
 /// of that name makes it pick another name, never follow it).
 fn temp_file_in(dir: &Path, name: &OsStr) -> std::io::Result<tempfile::NamedTempFile> {
     let mut prefix = std::ffi::OsString::from(".");
-    prefix.push(name);
+    prefix.push(stem_of(name));
     prefix.push(".");
     let mut b = tempfile::Builder::new();
     b.prefix(&prefix).suffix(TEMP_SUFFIX).rand_bytes(RAND_CHARS);
@@ -204,7 +235,8 @@ fn temp_file_in(dir: &Path, name: &OsStr) -> std::io::Result<tempfile::NamedTemp
 
 /// Whether `entry` is a temporary file of the output named `name` (see [`TEMP_SUFFIX`]).
 fn is_temp_of(entry: &OsStr, name: &OsStr) -> bool {
-    let (Some(entry), Some(name)) = (entry.to_str(), name.to_str()) else {
+    let stem = stem_of(name);
+    let (Some(entry), Some(name)) = (entry.to_str(), stem.to_str()) else {
         return false;
     };
     let Some(rest) = entry
@@ -269,7 +301,7 @@ impl OutputLock {
             )
         })?;
         let mut lock_name = std::ffi::OsString::from(".");
-        lock_name.push(name);
+        lock_name.push(stem_of(name));
         lock_name.push(LOCK_SUFFIX);
         let lock_path = dir.join(lock_name);
         let mut held = held();
@@ -418,9 +450,36 @@ pub fn stage_bytes(path: &Path, bytes: &[u8]) -> Result<Staged> {
     stage(path, |w| w.write_all(bytes).map_err(|e| Error::io(path, e)))
 }
 
+thread_local! {
+    /// The outputs staged under this thread's open [`Transaction`] (`None`: none is open).
+    static PENDING: RefCell<Option<Vec<Staged>>> = const { RefCell::new(None) };
+}
+
 /// Renames every staged file into place, then fsyncs their directories. All writing happened
 /// in [`stage`], so only a failing rename (a full disk cannot cause one) can stop it part way.
+///
+/// While a [`Transaction`] is open on this thread, the files are kept staged instead, to be
+/// renamed with every other output of the command by [`Transaction::commit`].
 pub fn commit(staged: Vec<Staged>) -> Result<()> {
+    let deferred = PENDING.with(|p| match p.borrow_mut().as_mut() {
+        Some(pending) => {
+            for s in staged {
+                // A later write of the same output replaces the earlier one (its temporary
+                // file is removed when the earlier `Staged` drops).
+                pending.retain(|o| o.path != s.path);
+                pending.push(s);
+            }
+            None
+        }
+        None => Some(staged),
+    });
+    match deferred {
+        Some(staged) => rename_all(staged),
+        None => Ok(()),
+    }
+}
+
+fn rename_all(staged: Vec<Staged>) -> Result<()> {
     let mut dirs: Vec<PathBuf> = Vec::new();
     for s in staged {
         let Staged { path, tmp, _lock } = s;
@@ -431,6 +490,81 @@ pub fn commit(staged: Vec<Staged>) -> Result<()> {
         }
     }
     dirs.iter().try_for_each(|d| sync_dir(d))
+}
+
+/// All or nothing across every output a command writes: while it is open on this thread,
+/// [`commit`] only stages, so a command that fails half way (a full disk under its second
+/// output, a diverged run) leaves every earlier file as it was. Dropping it without
+/// [`Transaction::commit`] removes the staged temporaries.
+///
+/// ```
+/// use flow_matching::output::Transaction;
+/// let dir = tempfile::tempdir().unwrap();
+/// let (a, b) = (dir.path().join("a.npy"), dir.path().join("b.npy"));
+/// let tx = Transaction::begin().unwrap();
+/// flow_matching::io::atomic_write(&a, b"a").unwrap();
+/// assert!(!a.exists(), "staged, not renamed");
+/// flow_matching::io::atomic_write(&b, b"b").unwrap();
+/// assert_eq!(tx.commit().unwrap(), vec![a.clone(), b.clone()]);
+/// assert!(a.exists() && b.exists());
+/// ```
+#[derive(Debug)]
+pub struct Transaction {
+    /// Tied to the thread whose writers it collects.
+    _thread: std::marker::PhantomData<*const ()>,
+}
+
+impl Transaction {
+    /// Opens the transaction of this thread; an error when one is already open.
+    pub fn begin() -> Result<Self> {
+        PENDING.with(|p| {
+            let mut p = p.borrow_mut();
+            if p.is_some() {
+                return Err(Error::invalid(
+                    "output transaction",
+                    "a second one",
+                    "one open transaction per thread",
+                ));
+            }
+            *p = Some(Vec::new());
+            Ok(Transaction {
+                _thread: std::marker::PhantomData,
+            })
+        })
+    }
+
+    /// Renames everything staged so far into place (the transaction stays open for later
+    /// writes) and returns the paths written, in the order they were staged.
+    pub fn commit(&self) -> Result<Vec<PathBuf>> {
+        commit_open()
+    }
+}
+
+/// [`Transaction::commit`] for this thread's open transaction, wherever it was begun (nothing
+/// to do when none is open): a command that reports after its files calls it first.
+pub fn commit_open() -> Result<Vec<PathBuf>> {
+    let staged = PENDING.with(|p| p.borrow_mut().as_mut().map(std::mem::take));
+    let staged = staged.unwrap_or_default();
+    let paths = staged.iter().map(|s| s.path.clone()).collect();
+    rename_all(staged)?;
+    Ok(paths)
+}
+
+impl Drop for Transaction {
+    fn drop(&mut self) {
+        // Unrenamed outputs are discarded: their temporaries go, their targets stay as they were.
+        let staged = PENDING.with(|p| p.borrow_mut().take());
+        drop(staged);
+    }
+}
+
+/// Runs `write` with this thread's [`Transaction`] (if any) set aside, so what it commits is
+/// renamed at once: a training run's periodic checkpoints must survive a kill before the end.
+pub fn immediately<T>(write: impl FnOnce() -> Result<T>) -> Result<T> {
+    let saved = PENDING.with(|p| p.borrow_mut().take());
+    let r = write();
+    PENDING.with(|p| *p.borrow_mut() = saved);
+    r
 }
 
 /// Makes a rename in `dir` durable (a no-op where directories cannot be opened).

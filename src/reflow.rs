@@ -234,7 +234,8 @@ pub fn reflow(
     let shared = Arc::new(Mutex::new(on_progress));
     let device: Device = model.device().clone();
     let mut current = model.detach();
-    let mut reports = Vec::with_capacity(options.rounds);
+    // Grown as rounds finish: a count from a flag is never a capacity up front.
+    let mut reports = Vec::new();
     for round in 0..options.rounds {
         let seed = options.seed.wrapping_add(1000 * round as u64);
         let pairs = generate_pairs(

@@ -102,10 +102,49 @@ pub fn training_transformer(config: &TransformerConfig, batch: usize, steps: usi
     )
 }
 
-/// The memory sampling needs: the state and the solver's stages (up to 7 for dopri5) for
-/// `batch` samples of `d` values, the trajectory `[batch, steps + 1, d]` twice (the tensor
-/// and the file being written) when asked for (the time grid is computed, not stored).
-pub fn sampling(batch: usize, d: usize, steps: usize, trajectory: bool) -> Result<()> {
+/// The batch a sampling command's flags imply, in checked arithmetic, before anything is
+/// expanded to it (every subcommand and model kind uses this one rule, as `--help` states it):
+/// the rows of `--x-init` when given; else the condition rows N (1 when every condition has
+/// one row) times `--per-cond K`; else N when a condition has N > 1 rows; else `--batch`, to
+/// which a one-row condition is broadcast.
+pub fn implied_batch(
+    batch: usize,
+    x_init_rows: Option<usize>,
+    cond_rows: Option<usize>,
+    per_cond: Option<usize>,
+) -> Result<usize> {
+    if let Some(k) = per_cond {
+        at_least_one("--per-cond", k)?;
+    }
+    let n = cond_rows.unwrap_or(1);
+    let b = match (x_init_rows, per_cond, cond_rows) {
+        (Some(b), _, _) => b,
+        (None, Some(k), _) => n.checked_mul(k).ok_or_else(|| Error::TooLarge {
+            what: format!("sampling --per-cond {k} samples for each of {n} condition rows"),
+            needed: None,
+            available: flow_matching::limits::available_memory(),
+        })?,
+        (None, None, Some(r)) if r > 1 => r,
+        (None, None, _) => {
+            at_least_one("--batch", batch)?;
+            batch
+        }
+    };
+    at_least_one("--x-init rows", b)?;
+    Ok(b)
+}
+
+/// [`sampling`] with the condition expanded to the batch: `cond_values` numbers per sample
+/// (0 without a condition, counted twice: the file's rows expanded and the model's copy), and
+/// `--per-cond K` named in the message when given.
+pub fn sampling_with_cond(
+    batch: usize,
+    d: usize,
+    cond_values: usize,
+    per_cond: Option<usize>,
+    steps: usize,
+    trajectory: bool,
+) -> Result<()> {
     // The command line samples in float32, whose grids stop at 2^24 steps.
     if steps > flow_matching::schedule::MAX_F32_STEPS {
         return Err(Error::invalid(
@@ -120,11 +159,18 @@ pub fn sampling(batch: usize, d: usize, steps: usize, trajectory: bool) -> Resul
     let states = steps.checked_add(1);
     memory(
         format!(
-            "sampling --batch {batch} samples of {d} values with --steps {steps}{}",
+            "sampling --batch {batch}{} samples of {d} values{} with --steps {steps}{}",
+            per_cond.map_or(String::new(), |k| format!(" (--per-cond {k})")),
+            if cond_values > 0 {
+                format!(" and a condition of {cond_values} values each")
+            } else {
+                String::new()
+            },
             if trajectory { " and --trajectory" } else { "" }
         ),
         &[
             floats(&[batch, d, 10]),
+            floats(&[batch, cond_values, 2]),
             if trajectory {
                 states.and_then(|s| floats(&[batch, s, d, 2]))
             } else {
@@ -132,6 +178,13 @@ pub fn sampling(batch: usize, d: usize, steps: usize, trajectory: bool) -> Resul
             },
         ],
     )
+}
+
+/// The memory sampling needs: the state and the solver's stages (up to 7 for dopri5) for
+/// `batch` samples of `d` values, the trajectory `[batch, steps + 1, d]` twice (the tensor
+/// and the file being written) when asked for (the time grid is computed, not stored).
+pub fn sampling(batch: usize, d: usize, steps: usize, trajectory: bool) -> Result<()> {
+    sampling_with_cond(batch, d, 0, None, steps, trajectory)
 }
 
 #[cfg(test)]
@@ -148,5 +201,10 @@ mod tests {
         assert!(non_negative("--clip", -1.0, "0: no clipping").is_err());
         assert!(non_negative("--clip", f64::NAN, "0: no clipping").is_err());
         assert!(at_least_one("--n", 0).is_err());
+        assert_eq!(implied_batch(16, None, Some(1), None).unwrap(), 16);
+        assert_eq!(implied_batch(16, None, Some(3), Some(2)).unwrap(), 6);
+        assert_eq!(implied_batch(16, Some(5), Some(1), None).unwrap(), 5);
+        let e = implied_batch(16, None, Some(4), Some(usize::MAX)).unwrap_err();
+        assert!(e.to_string().contains("--per-cond"), "{e}");
     }
 }

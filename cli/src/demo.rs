@@ -222,6 +222,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
         },
     )?;
     let (floor, floor_n) = noise_floor(&data.source, &reference, a.seed)?;
+    crate::finish()?;
     println!("trained in {train_secs:.1} s; wrote {}/{{model.safetensors, samples.npy, samples.png, loss.png}}\n", a.out_dir.display());
     println!("{}", table(&rows));
     println!(

@@ -279,6 +279,7 @@ where
     ];
     draw(&file("scenes.png"), &test, &samples, &base)?;
     commit(staged)?;
+    crate::finish()?;
     println!(
         "trained flow matching in {fm_secs:.0} s and the baseline in {reg_secs:.0} s; sampled and scored {n_test} held-out scenes in {eval_secs:.0} s"
     );

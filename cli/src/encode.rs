@@ -82,10 +82,10 @@ pub fn run(a: EncodeArgs) -> Result<()> {
     };
     let out = fm.encode(&data, field, &opts)?;
     flow_matching::io::write_npy(&a.out, &out.x)?;
-    eprintln!(
+    crate::wrote(format!(
         "encoded {n} rows with {method} ({} evaluations); wrote {}",
         out.nfe,
         a.out.display()
-    );
+    ));
     Ok(())
 }

@@ -53,6 +53,51 @@ pub struct EvalTrajArgs {
     stats: StatsFlags,
 }
 
+/// Refuses a NaN or infinite number in an input, naming the file and the index: a score over
+/// such a value is meaningless (an all-`inf` table, a sample silently dropped).
+fn finite(what: &str, shape: &[usize], data: &[f64]) -> Result<()> {
+    let Some(i) = data.iter().position(|v| !v.is_finite()) else {
+        return Ok(());
+    };
+    let mut index = Vec::with_capacity(shape.len());
+    let mut rest = i;
+    for (j, _) in shape.iter().enumerate() {
+        let stride: usize = shape[j + 1..].iter().product();
+        index.push(rest / stride.max(1));
+        rest %= stride.max(1);
+    }
+    Err(Error::BadValue {
+        what: format!("{what} at {index:?}"),
+        reason: format!("found {}, expected a finite number", data[i]),
+    })
+}
+
+/// A tensor's values in float64, checked finite (see [`finite`]).
+fn finite_values(what: &str, t: &candle_core::Tensor) -> Result<Vec<f64>> {
+    let v: Vec<f64> = t
+        .flatten_all()?
+        .to_dtype(candle_core::DType::F64)?
+        .to_vec1::<f64>()?;
+    finite(what, t.dims(), &v)?;
+    Ok(v)
+}
+
+/// `scenes * sets * per_cond` in checked arithmetic: the rows a samples file must have.
+fn rows_for(scenes: usize, sets: usize, k: usize) -> Result<usize> {
+    scenes
+        .checked_mul(sets)
+        .and_then(|r| r.checked_mul(k))
+        .ok_or_else(|| {
+            Error::invalid(
+                "--per-cond",
+                k,
+                format!(
+                    "a count whose product with {scenes} scenes and --sets {sets} fits in 64 bits"
+                ),
+            )
+        })
+}
+
 /// Runs `eval-traj`.
 pub fn run(a: EvalTrajArgs) -> Result<()> {
     for (flag, v) in [("--per-cond", a.per_cond), ("--sets", a.sets)] {
@@ -60,6 +105,9 @@ pub fn run(a: EvalTrajArgs) -> Result<()> {
             return Err(Error::invalid(flag, 0, "at least 1"));
         }
     }
+    // The normalisation flags are checked on every path, even where positions make them
+    // unused: a non-finite one is a mistake worth naming.
+    a.stats.scales()?;
     match (&a.pred_xyz, &a.truth_xyz) {
         (Some(p), Some(g)) => run_positions(&a, p, g),
         _ => run_actions(&a),
@@ -114,6 +162,8 @@ fn run_positions(a: &EvalTrajArgs, p: &Path, g: &Path) -> Result<()> {
     let (pshape, pred) = read_npy_f64(p)?;
     let gname = format!("--truth-xyz {}", g.display());
     let pname = format!("--pred-xyz {}", p.display());
+    finite(&gname, &gshape, &gt)?;
+    finite(&pname, &pshape, &pred)?;
     let b = gshape.first().copied().unwrap_or(0);
     let shape = match pshape.len() {
         5 => {
@@ -136,12 +186,12 @@ fn run_positions(a: &EvalTrajArgs, p: &Path, g: &Path) -> Result<()> {
         }
         3 => {
             let (n, k) = (a.sets.unwrap_or(1), a.per_cond.unwrap_or(6));
-            if pshape[0] != b * n * k || gshape.len() != 3 {
+            let rows = rows_for(b, n, k)?;
+            if pshape[0] != rows || gshape.len() != 3 {
                 return Err(Error::Shape {
                     what: pname,
                     expected: format!(
-                        "[{} (= {b} scenes of {gname} x --sets {n} x --per-cond {k}), T, 2|3], or [B, N, K, T, 2|3]",
-                        b * n * k
+                        "[{rows} (= {b} scenes of {gname} x --sets {n} x --per-cond {k}), T, 2|3], or [B, N, K, T, 2|3]"
                     ),
                     got: pshape,
                 });
@@ -192,6 +242,8 @@ fn run_actions(a: &EvalTrajArgs) -> Result<()> {
     let dev = Device::Cpu;
     let truth = read_npy(truth_path, &dev)?;
     let v0_t = read_npy(v0_path, &dev)?;
+    finite_values(&format!("--truth {}", truth_path.display()), &truth)?;
+    let speeds = finite_values(&format!("--v0 {}", v0_path.display()), &v0_t)?;
     let n = truth.dims().first().copied().unwrap_or(0);
     if v0_t.elem_count() != n || v0_t.rank() > 2 {
         return Err(Error::Shape {
@@ -201,14 +253,12 @@ fn run_actions(a: &EvalTrajArgs) -> Result<()> {
         });
     }
     let t = truth.dims().get(1).copied().unwrap_or(0);
-    let rows_per_scene = sets * k;
+    let rows = rows_for(n, sets, k)?;
     let mut table = Vec::new();
     let mut reports = Vec::new();
     for p in &a.samples {
         let s = read_npy(p, &dev)?;
-        if s.dims().first() != Some(&(n * rows_per_scene))
-            || s.dims().get(1..) != truth.dims().get(1..)
-        {
+        if s.dims().first() != Some(&rows) || s.dims().get(1..) != truth.dims().get(1..) {
             let per = if sets == 1 {
                 format!("--per-cond {k}")
             } else {
@@ -216,22 +266,15 @@ fn run_actions(a: &EvalTrajArgs) -> Result<()> {
             };
             return Err(Error::Shape {
                 what: format!("--samples {}", p.display()),
-                expected: format!(
-                    "[{} (= {n} rows of --truth x {per}), {t}, 2]",
-                    n * rows_per_scene
-                ),
+                expected: format!("[{rows} (= {n} rows of --truth x {per}), {t}, 2]"),
                 got: s.dims().to_vec(),
             });
         }
+        finite_values(&format!("--samples {}", p.display()), &s)?;
         if a.json || sets > 1 {
             reports.push((p, seed_from_actions(a, p, truth_path, v0_path, sets, k)?));
         } else {
-            let v0: Vec<f64> = v0_t
-                .flatten_all()?
-                .to_vec1::<f32>()?
-                .into_iter()
-                .map(f64::from)
-                .collect();
+            let v0 = speeds.clone();
             let h: Vec<usize> = horizon_steps(&HORIZONS_S)
                 .into_iter()
                 .filter(|&s| s <= t)

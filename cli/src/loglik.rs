@@ -74,6 +74,15 @@ pub(crate) fn load_rows(
     let mut rows = if npy.extension().is_some_and(|e| e == "npy") && npy.is_file() {
         flow_matching::io::read_npy(npy, device)?
     } else {
+        // A toy's --n rows, with the solver's state and stages, bounded before they are drawn.
+        crate::bounds::at_least_one("--n", n)?;
+        crate::bounds::memory(
+            format!(
+                "drawing --n {n} rows of {} values from {data}",
+                x_dims.numel()
+            ),
+            &[crate::bounds::floats(&[n, x_dims.numel(), 10])],
+        )?;
         DataSource::parse(data)?.load(n, seed)?.x
     };
     if rows.rank() == 2 && rows.dim(1)? == x_dims.numel() {
@@ -230,6 +239,9 @@ pub fn run(a: LoglikArgs) -> Result<()> {
     }
     if let Some(p) = &a.bpd_out {
         flow_matching::io::write_npy(p, &per_row(&|l| -l / scale)?)?;
+    }
+    for p in [&a.out, &a.bpd_out].into_iter().flatten() {
+        crate::wrote(format!("wrote {}", p.display()));
     }
     println!("log p(x): mean {mean:.6} nats, standard error {se:.6} (N = {n}, D = {d})");
     println!("bits/dim: {bpd:.6}");

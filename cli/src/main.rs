@@ -80,6 +80,19 @@ where
             e.exit();
         }
     };
+    // A typo in the memory ceiling is refused before anything runs, not silently ignored.
+    flow_matching::limits::memory_limit()?;
+    if matches!(cli.command, Command::Bench(_) | Command::BenchPeakRss(_)) {
+        // The benchmark writes scratch files it reads back at once; it has no outputs to stage.
+        return match cli.command {
+            Command::Bench(a) => bench::run(a),
+            Command::BenchPeakRss(a) => bench::run_peak_rss(a),
+            _ => Ok(()),
+        };
+    }
+    // Every output of the command is staged, and renamed only once the command has succeeded:
+    // all of them or none (docs/reliability.md).
+    let tx = flow_matching::output::Transaction::begin()?;
     match cli.command {
         Command::Demo(a) => demo::run(a),
         Command::Train(a) => train::run(a),
@@ -91,9 +104,30 @@ where
         Command::Loglik(a) => loglik::run(a),
         Command::Reflow(a) => reflow::run(a),
         Command::Encode(a) => encode::run(a),
-        Command::Bench(a) => bench::run(a),
-        Command::BenchPeakRss(a) => bench::run_peak_rss(a),
+        Command::Bench(_) | Command::BenchPeakRss(_) => Ok(()),
+    }?;
+    finish()?;
+    drop(tx);
+    Ok(())
+}
+
+/// The "wrote ..." lines of the running command, printed once its outputs are renamed.
+static WROTE: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+/// Says `line` (a "wrote ..." report) after the command's outputs are in place, never before.
+fn wrote(line: String) {
+    WROTE.lock().unwrap_or_else(|p| p.into_inner()).push(line);
+}
+
+/// Renames every output staged so far, then prints the deferred [`wrote`] lines (called at the
+/// end of every command, or earlier by one that prints a report after its files).
+fn finish() -> Result<()> {
+    flow_matching::output::commit_open()?;
+    let lines = std::mem::take(&mut *WROTE.lock().unwrap_or_else(|p| p.into_inner()));
+    for l in lines {
+        eprintln!("{l}");
     }
+    Ok(())
 }
 
 /// Whether a model path names an ONNX network (by its `.onnx` extension).

@@ -161,13 +161,23 @@ pub fn prepare(
             _ => rows = Some((r, &c.what)),
         }
     }
-    let n = rows.map_or(1, |(r, _)| r);
-    let batch = match (x_init_rows, flags.per_cond, rows) {
-        (Some(b), _, _) => b,
-        (None, Some(k), _) => n.saturating_mul(k),
-        (None, None, Some((r, _))) => r,
-        (None, None, None) => batch,
-    };
+    let batch =
+        crate::bounds::implied_batch(batch, x_init_rows, rows.map(|(r, _)| r), flags.per_cond)?;
+    // Every condition expanded to the batch, and the state, bounded before any is built.
+    let cond_values: usize = conds
+        .iter()
+        .chain(&nulls)
+        .filter(|c| c.batched)
+        .map(|c| c.value.dims()[1..].iter().product::<usize>())
+        .fold(0, usize::saturating_add);
+    crate::bounds::sampling_with_cond(
+        batch,
+        step.x_dims().numel(),
+        cond_values,
+        flags.per_cond,
+        1,
+        false,
+    )?;
     let shape = |c: &Cond| -> Result<Tensor> {
         if !c.batched {
             return Ok(c.value.clone());

@@ -223,6 +223,7 @@ pub fn run_traj_to_actions(a: TrajToActionsArgs) -> Result<()> {
         staged.push(stage_npy_f64(p, &hist.batch, &v0)?);
     }
     commit(staged)?;
+    crate::finish()?;
     println!(
         "wrote {} normalised actions {:?} (float64; accel mean {}, std {}; curvature mean {}, std {}){}",
         a.out.display(),
@@ -346,6 +347,7 @@ pub fn run_actions_to_traj(a: ActionsToTrajArgs) -> Result<()> {
         staged.push(stage_npy_f64(p, &poses.rot_shape(), &poses.rot_flat())?);
     }
     commit(staged)?;
+    crate::finish()?;
     println!(
         "wrote positions {} {:?}{} (float64, metres)",
         a.out_xyz.display(),

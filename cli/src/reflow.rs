@@ -74,6 +74,20 @@ pub fn run(a: ReflowArgs) -> Result<()> {
         seed: a.seed,
     };
     options.validate()?;
+    // The pairs (noise and sample, with the solver's stages) and the training run, bounded
+    // before the first pair is drawn; the reports grow one small row per round.
+    let d = model.config().x_dims.numel();
+    crate::bounds::memory(
+        format!(
+            "reflow --pairs {} of {d} values with --rounds {}",
+            a.pairs, a.rounds
+        ),
+        &[
+            crate::bounds::floats(&[a.pairs, d, 12]),
+            flow_matching::limits::checked_bytes(&[a.rounds], 64),
+        ],
+    )?;
+    crate::bounds::training(model.config(), a.batch, a.steps)?;
     eprintln!(
         "reflow: {} round(s) of {} pairs ({} in {} steps), then {} steps of batch {} each",
         a.rounds, a.pairs, a.method, a.solver_steps, a.steps, a.batch
@@ -106,10 +120,10 @@ pub fn run(a: ReflowArgs) -> Result<()> {
         ("reflow.steps".to_string(), a.steps.to_string()),
     ]);
     out.save_with_metadata(&a.out, &[], &meta)?;
-    eprintln!(
+    crate::wrote(format!(
         "reflowed in {:.1} s; wrote {}",
         start.elapsed().as_secs_f64(),
         a.out.display()
-    );
+    ));
     Ok(())
 }

@@ -116,7 +116,7 @@ fn write_outputs(a: &SampleArgs, out: &Sample, batch: usize, fm: &FlowMatching) 
         staged.push(stage_npy(p, t)?);
     }
     commit(staged)?;
-    eprintln!(
+    crate::wrote(format!(
         "wrote {} samples of shape {} to {} ({} steps, {}, {} function evaluations)",
         batch,
         fm.x_dims(),
@@ -124,7 +124,7 @@ fn write_outputs(a: &SampleArgs, out: &Sample, batch: usize, fm: &FlowMatching) 
         out.accepted_steps,
         fm.method,
         out.nfe
-    );
+    ));
     Ok(())
 }
 
@@ -186,8 +186,8 @@ fn run_onnx(a: &SampleArgs) -> Result<()> {
     ))
 }
 
-/// The continuous condition of a built-in model from `--cond FILE.npy` `[N, *c_dims]` and
-/// `--per-cond K`: `[N * K, *c_dims]`, condition-major; `None` without `--cond`.
+/// The continuous condition of a built-in model from `--cond FILE.npy` `[N, *c_dims]`, as
+/// read (not yet expanded to the batch); `None` without `--cond`.
 fn builtin_condition(
     flags: &CondFlags,
     check: impl Fn(&candle_core::Tensor, &str) -> Result<()>,
@@ -213,17 +213,29 @@ fn builtin_condition(
             ))
         }
     };
-    let k = flags.per_cond.unwrap_or(1);
-    if k == 0 {
-        // Refused before the file is read, naming the flag.
-        repeat_per_cond(
-            &candle_core::Tensor::zeros(1, candle_core::DType::F32, device)?,
-            0,
-        )?;
+    // Refused before the file is read, naming the flag.
+    if let Some(k) = flags.per_cond {
+        bounds::at_least_one("--per-cond", k)?;
     }
     let c = read_npy(&arg.path, device)?;
     check(&c, &format!("--cond {}", arg.path.display()))?;
-    Ok(Some(repeat_per_cond(&c, k)?))
+    Ok(Some(c))
+}
+
+/// The condition `c` (as read) for `batch` samples: K copies of each row with `--per-cond K`,
+/// one row broadcast to every sample, or one row per sample as given. The batch was bounded
+/// against memory before this expands anything.
+fn expand_condition(
+    c: &candle_core::Tensor,
+    per_cond: Option<usize>,
+    batch: usize,
+    what: &str,
+) -> Result<candle_core::Tensor> {
+    let c = match per_cond {
+        Some(k) => repeat_per_cond(c, k)?,
+        None => c.clone(),
+    };
+    flow_matching::condition::expand_rows(&c, batch, what)
 }
 
 /// `sample` for an action expert: `--model DIR` (config.json, model.safetensors) and `--cond
@@ -280,18 +292,12 @@ fn run_expert(a: &SampleArgs) -> Result<()> {
         .as_ref()
         .map(|p| read_npy(p, &device))
         .transpose()?;
-    let batch = match (&x_init, a.cond.per_cond) {
-        (Some(x), _) => x.dims().first().copied().unwrap_or(0),
-        (None, Some(k)) => {
-            bounds::at_least_one("--per-cond", k)?;
-            rows * k
-        }
-        (None, None) if rows == 1 => a.batch,
-        (None, None) => rows,
-    };
-    bounds::at_least_one("--x-init rows", batch)?;
+    let x_rows = x_init
+        .as_ref()
+        .map(|x| x.dims().first().copied().unwrap_or(0));
+    let batch = bounds::implied_batch(a.batch, x_rows, Some(rows), a.cond.per_cond)?;
     if let (Some(k), Some(_)) = (a.cond.per_cond, &x_init) {
-        if batch != rows * k {
+        if Some(batch) != rows.checked_mul(k) {
             return Err(Error::invalid(
                 "--per-cond",
                 k,
@@ -417,9 +423,30 @@ pub fn run(a: SampleArgs) -> Result<()> {
         .as_ref()
         .map(|p| read_npy(p, &device))
         .transpose()?;
-    let batch = match (&x_init, &cond) {
-        (Some(x), Some(c)) => {
-            if x.dim(0)? != c.dim(0)? {
+    let x_rows = x_init
+        .as_ref()
+        .map(|x| x.dims().first().copied().unwrap_or(0));
+    let cond_rows = cond.as_ref().map(|c| c.dim(0)).transpose()?;
+    let batch = bounds::implied_batch(a.batch, x_rows, cond_rows, a.cond.per_cond)?;
+    let cond_values = cond
+        .as_ref()
+        .map_or(0, |c| c.dims()[1..].iter().product::<usize>());
+    // Bounded before the condition is expanded or any state allocated.
+    bounds::sampling_with_cond(
+        batch,
+        x_dims.numel(),
+        cond_values,
+        a.cond.per_cond,
+        a.steps,
+        a.trajectory.is_some(),
+    )?;
+    let cond = match (&cond, x_rows) {
+        (Some(c), Some(x)) => {
+            let implied = match a.cond.per_cond {
+                Some(k) => c.dim(0)?.saturating_mul(k),
+                None => c.dim(0)?,
+            };
+            if implied != x && implied != 1 {
                 return Err(Error::Shape {
                     what: format!(
                         "--x-init {}",
@@ -427,18 +454,17 @@ pub fn run(a: SampleArgs) -> Result<()> {
                             .as_ref()
                             .map_or(String::new(), |p| p.display().to_string())
                     ),
-                    expected: format!("{} rows (the --cond rows times --per-cond)", c.dim(0)?),
-                    got: x.dims().to_vec(),
+                    expected: format!(
+                        "{implied} rows (the --cond rows times --per-cond), or a one-row --cond"
+                    ),
+                    got: x_init.as_ref().map_or(Vec::new(), |x| x.dims().to_vec()),
                 });
             }
-            c.dim(0)?
+            Some(expand_condition(c, a.cond.per_cond, batch, "--cond")?)
         }
-        (Some(x), None) => x.dims().first().copied().unwrap_or(0),
-        (None, Some(c)) => c.dim(0)?,
-        (None, None) => a.batch,
+        (Some(c), None) => Some(expand_condition(c, a.cond.per_cond, batch, "--cond")?),
+        (None, _) => None,
     };
-    bounds::at_least_one("--x-init rows", batch)?;
-    bounds::sampling(batch, x_dims.numel(), a.steps, a.trajectory.is_some())?;
     let options = SampleOptions {
         return_all_steps: a.trajectory.is_some() || a.times.is_some(),
         steps: Some(a.steps),

@@ -119,6 +119,9 @@ impl TrainSettings {
     pub fn train_config(&self, sizing: &Sizing) -> Result<TrainConfig> {
         crate::bounds::at_least_one("--steps", sizing.steps)?;
         crate::bounds::at_least_one("--batch", sizing.batch_size)?;
+        // 0 used to be taken silently (a checkpoint only at the end); --help promises one
+        // every N steps.
+        crate::bounds::at_least_one("--checkpoint-every", self.checkpoint_every)?;
         // A negative value used to turn clipping off silently; only 0 means "off".
         crate::bounds::non_negative("--clip", self.clip, "0: no clipping")?;
         let config = TrainConfig {
@@ -787,15 +790,20 @@ pub fn run(a: TrainArgs) -> Result<()> {
     };
     let secs = start.elapsed().as_secs_f64();
     let last = history.last().map(|h| h.1).unwrap_or(f32::NAN);
-    eprintln!(
-        "trained {} steps on {} in {secs:.1} s; final loss {last:.4}; wrote {}",
-        history.len(),
-        data.source,
-        a.out.display()
-    );
+    // The final checkpoint is only staged (main's transaction): it and the loss plot are
+    // renamed together once both are written, and only then reported.
     if let Some(p) = &a.loss_plot {
         let losses: Vec<(usize, f64)> = history.iter().map(|&(s, l)| (s, l as f64)).collect();
         flow_matching::plot::loss_curve(p, &losses, &format!("training loss ({})", data.source))?;
     }
+    crate::wrote(format!(
+        "trained {} steps on {} in {secs:.1} s; final loss {last:.4}; wrote {}{}",
+        history.len(),
+        data.source,
+        a.out.display(),
+        a.loss_plot
+            .as_ref()
+            .map_or(String::new(), |p| format!(" and {}", p.display()))
+    ));
     Ok(())
 }

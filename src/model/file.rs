@@ -30,6 +30,29 @@ pub fn first_non_finite(tensors: &[(String, Tensor)]) -> Result<Option<String>> 
     Ok(None)
 }
 
+/// Why `bytes` are not a safetensors file, naming the format they are in when it is one this
+/// project knows (an ONNX model, a `.npy` array): "header too large" says nothing to someone
+/// who gave `encode` an `.onnx` file.
+pub(crate) fn not_safetensors(bytes: &[u8], path: &Path, e: impl std::fmt::Display) -> String {
+    let onnx_ext = path
+        .extension()
+        .is_some_and(|x| x.eq_ignore_ascii_case("onnx"));
+    // An ONNX file is a protobuf ModelProto; exporters write `ir_version` (field 1, a varint:
+    // byte 0x08) first.
+    if onnx_ext
+        || (bytes.first() == Some(&0x08) && bytes.windows(4).take(4096).any(|w| w == b"onnx"))
+    {
+        return "is an ONNX model, not a safetensors file: this command takes a velocity-mlp or \
+                waypoint-transformer safetensors file (ONNX models run with sample and eval \
+                --model F.onnx)"
+            .into();
+    }
+    if bytes.starts_with(crate::io::NPY_MAGIC) {
+        return "is a .npy array, not a safetensors model file".into();
+    }
+    format!("not a valid safetensors file ({e})")
+}
+
 /// A metadata entry as a size, with the file named and the value quoted briefly on error.
 pub(crate) fn meta_usize(meta: &HashMap<String, String>, key: &str, path: &Path) -> Result<usize> {
     let v = meta.get(key).ok_or_else(|| Error::ModelFile {
@@ -57,9 +80,9 @@ pub(crate) fn open_header<'a>(
         reason,
     };
     let st = safetensors::SafeTensors::deserialize(bytes)
-        .map_err(|e| bad(format!("not a valid safetensors file ({e})")))?;
+        .map_err(|e| bad(not_safetensors(bytes, path, e)))?;
     let (_, header) = safetensors::SafeTensors::read_metadata(bytes)
-        .map_err(|e| bad(format!("not a valid safetensors file ({e})")))?;
+        .map_err(|e| bad(not_safetensors(bytes, path, e)))?;
     let meta = header.metadata().clone().ok_or_else(|| {
         bad(format!(
             "no __metadata__ header; expected format = {format}"

@@ -626,7 +626,7 @@ pub fn file_format(path: &Path) -> Result<Option<String>> {
     let (_, header) =
         safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| Error::ModelFile {
             path: path.to_path_buf(),
-            reason: format!("not a valid safetensors file ({e})"),
+            reason: crate::model::file::not_safetensors(&bytes, path, e),
         })?;
     Ok(header
         .metadata()

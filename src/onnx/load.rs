@@ -7,6 +7,7 @@ use std::path::Path;
 use tract_onnx::prelude as tp;
 use tract_onnx::prelude::{Framework, InferenceModelExt};
 
+use super::check::guarded;
 use super::*;
 use crate::error::{Error, Result};
 use crate::XDims;
@@ -52,7 +53,9 @@ impl OnnxStep {
             Runtime::Tract => Self::load_tract(path, x_dims),
             #[cfg(feature = "ort")]
             Runtime::Ort(o) => {
-                let (engine, declared) = super::ort_engine::OrtEngine::open(path, o)?;
+                let (engine, declared) = super::check::guarded(path, "loading the model", || {
+                    super::ort_engine::OrtEngine::open(path, o)
+                })?;
                 Self::from_declared(path, declared, x_dims, Engine::Ort(engine))
             }
             #[cfg(not(feature = "ort"))]
@@ -67,14 +70,16 @@ impl OnnxStep {
 
     fn load_tract(path: &Path, x_dims: Option<XDims>) -> Result<Self> {
         let onnx = tract_onnx::onnx();
-        let proto = onnx.proto_model_for_path(path).map_err(|e| {
-            onnx_err(
-                path,
-                format!(
-                    "not a readable ONNX model (truncated or another format?): {}",
-                    tract_msg(&e)
-                ),
-            )
+        let mut proto = guarded(path, "reading the file", || {
+            onnx.proto_model_for_path(path).map_err(|e| {
+                onnx_err(
+                    path,
+                    format!(
+                        "not a readable ONNX model (truncated or another format?): {}",
+                        tract_msg(&e)
+                    ),
+                )
+            })
         })?;
         let graph = match &proto.graph {
             Some(g) if !g.input.is_empty() && !g.output.is_empty() => g,
@@ -98,10 +103,16 @@ impl OnnxStep {
                 node: node.name.clone(),
             });
         }
-        let dir = path.parent().and_then(|d| d.to_str());
-        let parsed = onnx
-            .parse(&proto, dir)
-            .map_err(|e| onnx_err(path, format!("cannot build the graph: {}", tract_msg(&e))))?;
+        // External data is read here, bounded, and inlined: tract gets no folder to read from.
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        super::check::prepare_proto(path, dir, &mut proto)?;
+        let parsed = guarded(path, "building the graph", || {
+            onnx.parse(&proto, None)
+                .map_err(|e| onnx_err(path, format!("cannot build the graph: {}", tract_msg(&e))))
+        })?;
         if !parsed.unresolved_inputs.is_empty() {
             return Err(onnx_err(
                 path,
@@ -111,11 +122,19 @@ impl OnnxStep {
                 ),
             ));
         }
-        let model = parsed
-            .model
-            .into_typed()
-            .and_then(|m| m.into_decluttered())
-            .map_err(|e| onnx_err(path, format!("cannot type the graph: {}", tract_msg(&e))))?;
+        let typed = guarded(path, "typing the graph", || {
+            parsed
+                .model
+                .into_typed()
+                .map_err(|e| onnx_err(path, format!("cannot type the graph: {}", tract_msg(&e))))
+        })?;
+        // Before tract's optimiser evaluates anything: the declared shapes at batch 1 must fit.
+        super::check::check_facts(path, &typed, Some(1), "at batch 1")?;
+        let model = guarded(path, "simplifying the graph", || {
+            typed
+                .into_decluttered()
+                .map_err(|e| onnx_err(path, format!("cannot type the graph: {}", tract_msg(&e))))
+        })?;
         let err = |e: tp::TractError| onnx_err(path, tract_msg(&e));
         if model.output_outlets().map_err(err)?.is_empty() {
             return Err(onnx_err(path, "the model has no output"));

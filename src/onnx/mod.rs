@@ -35,6 +35,7 @@ use crate::guidance::check_weight;
 use crate::step::{FastVelocity, StepFn};
 use crate::XDims;
 
+mod check;
 mod load;
 mod options;
 #[cfg(feature = "ort")]
@@ -562,6 +563,14 @@ impl OnnxStep {
     /// The multiply-adds of one row, from tract's cost model of the graph at batch 1 (`None`
     /// when the graph cannot be specialised or an op's cost is symbolic).
     fn fma_per_row(&self, model: &tp::TypedModel, conds: &[tp::TValue]) -> Option<u64> {
+        check::guarded(&self.path, "costing the graph", || {
+            Ok(self.fma_per_row_unguarded(model, conds))
+        })
+        .ok()
+        .flatten()
+    }
+
+    fn fma_per_row_unguarded(&self, model: &tp::TypedModel, conds: &[tp::TValue]) -> Option<u64> {
         let m = self.specialised(model, 1, conds).ok()?;
         let mut total = 0u64;
         for node in m.nodes() {
@@ -599,7 +608,7 @@ impl OnnxStep {
                 format!("cannot plan batch {n}: {}", tract_msg(&e)),
             )
         };
-        let mut shards = Vec::with_capacity(parts);
+        let mut specialised = Vec::with_capacity(parts);
         for start in (0..plan_batch).step_by(per) {
             let rows = start..(start + per).min(plan_batch);
             let n = rows.len();
@@ -614,12 +623,38 @@ impl OnnxStep {
                     },
                 );
             }
-            let state = self
-                .specialised_const(model, n, &part_conds)
-                .and_then(|m| m.into_optimized())
-                .and_then(|m| m.into_runnable())
-                .and_then(|p| p.spawn())
-                .map_err(|e| fail(n, e))?;
+            let m = check::guarded(&self.path, "specialising the graph", || {
+                self.specialised_const(model, n, &part_conds)
+                    .map_err(|e| fail(n, e))
+            })?;
+            specialised.push((rows, m));
+        }
+        // The parts run at once: their peaks together must fit, checked before tract's
+        // optimiser evaluates (and so allocates) anything at this batch.
+        let mut total = 0u64;
+        let mut at = String::new();
+        for (_, m) in &specialised {
+            let (peak, node) = check::peak_bytes(m, None).map_err(|e| fail(plan_batch, e))?;
+            total = total.saturating_add(peak);
+            at = node;
+        }
+        crate::limits::check_memory(
+            &format!(
+                "ONNX model {}: a plan for batch {plan_batch}: the tensors its shapes imply (peak at node {:?})",
+                self.path.display(),
+                crate::describe::excerpt(&at)
+            ),
+            Some(total),
+        )?;
+        let mut shards = Vec::with_capacity(parts);
+        for (rows, m) in specialised {
+            let n = rows.len();
+            let state = check::guarded(&self.path, "optimising the graph", || {
+                m.into_optimized()
+                    .and_then(|m| m.into_runnable())
+                    .and_then(|p| p.spawn())
+                    .map_err(|e| fail(n, e))
+            })?;
             shards.push(Shard {
                 rows,
                 state: Box::new(state),
@@ -721,13 +756,15 @@ impl OnnxStep {
             (Runner::Ort(values), Engine::Ort(session)) => {
                 let feeds: Vec<(usize, &ort::value::DynValue)> =
                     cond_inputs.into_iter().zip(values.iter()).collect();
-                session.run(
-                    path,
-                    (*x_input, &x_shape, x, *x_datum),
-                    (*t_input, &t_shape, t_vals, *t_datum),
-                    &feeds,
-                    out,
-                )
+                check::guarded(path, "running the network", || {
+                    session.run(
+                        path,
+                        (*x_input, &x_shape, x, *x_datum),
+                        (*t_input, &t_shape, t_vals, *t_datum),
+                        &feeds,
+                        out,
+                    )
+                })
             }
             #[cfg(feature = "ort")]
             _ => Err(onnx_err(path, "plan and engine disagree")),
@@ -798,11 +835,13 @@ fn run_tract(
     } else {
         [t_t, x_t].into_iter().collect()
     };
-    let outputs = shard.state.run(feeds).map_err(|e| {
-        onnx_err(
-            path,
-            format!("running the network failed: {}", tract_msg(&e)),
-        )
+    let outputs = check::guarded(path, "running the network", || {
+        shard.state.run(feeds).map_err(|e| {
+            onnx_err(
+                path,
+                format!("running the network failed: {}", tract_msg(&e)),
+            )
+        })
     })?;
     let v = outputs
         .first()

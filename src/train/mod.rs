@@ -595,7 +595,10 @@ impl<M: TrainableModel> Trainer<M> {
             }
             if let Some(path) = &self.checkpoint {
                 if every > 0 && self.step.is_multiple_of(every) && self.step < total {
-                    self.save_checkpoint(path)?;
+                    // A periodic checkpoint is there to survive a kill: it is renamed at once
+                    // even inside a command's transaction; only the final one waits for the
+                    // command's other outputs.
+                    crate::output::immediately(|| self.save_checkpoint(path))?;
                 }
             }
         }
