@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use candle_core::Device;
 use flow_matching::onnx::OnnxStep;
 use flow_matching::{Diffusion, Error, FlowMatching, SampleOptions};
-use onnx_proto::{int64_tensor, node, Graph, Msg};
+use onnx_proto::{node, Graph, Msg};
 
 fn dir(name: &str) -> PathBuf {
     // Every test pins the same ceiling, so setting it from several threads is harmless.
@@ -27,19 +27,6 @@ fn write(d: &Path, name: &str, bytes: &[u8]) -> PathBuf {
     let p = d.join(name);
     std::fs::write(&p, bytes).unwrap();
     p
-}
-
-fn size_op(op: &str, size: &[i64]) -> Vec<u8> {
-    let mut g = Graph::velocity();
-    g.initializers
-        .push(int64_tensor("size", &[size.len() as i64], size));
-    let inputs: Vec<&str> = if op == "ConstantOfShape" {
-        vec!["size"]
-    } else {
-        vec!["x", "size"]
-    };
-    g.nodes.push(node(op, "grow", &inputs, &["v"]));
-    g.bytes()
 }
 
 #[test]
@@ -68,7 +55,7 @@ fn size_ops_from_constants_are_refused_by_node() {
         ("ConstantOfShape", vec![1_000_000i64, 1_000_000, 2]),
         ("Expand", vec![100_000, 12_000, 2]),
     ] {
-        let e = OnnxStep::load(write(&d, "m.onnx", &size_op(op, &size))).unwrap_err();
+        let e = OnnxStep::load(write(&d, "m.onnx", &onnx_proto::size_op(op, &size))).unwrap_err();
         match &e {
             Error::TooLarge { what, .. } => {
                 assert!(what.contains("\"grow\"") && what.contains(op), "{e}")
@@ -84,7 +71,7 @@ fn declared_shapes_bound_the_load_and_every_plan() {
     let e = OnnxStep::load(write(
         &d,
         "tile.onnx",
-        &size_op("Tile", &[1_000_000, 1_000]),
+        &onnx_proto::size_op("Tile", &[1_000_000, 1_000]),
     ))
     .unwrap_err();
     assert!(matches!(e, Error::TooLarge { .. }), "{e}");
@@ -93,7 +80,7 @@ fn declared_shapes_bound_the_load_and_every_plan() {
     let mut step = OnnxStep::load(write(
         &d,
         "tile_b.onnx",
-        &size_op("Tile", &[16_000, 16_000]),
+        &onnx_proto::size_op("Tile", &[16_000, 16_000]),
     ))
     .unwrap();
     let fm = FlowMatching::new(step.x_dims())

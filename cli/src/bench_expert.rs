@@ -16,7 +16,7 @@ use candle_core::{Device, Tensor};
 use flow_matching::model::expert::{ActionExpert, ExpertConfig, PrefixCache};
 use flow_matching::{Diffusion, Error, FlowMatching, Result, SampleOptions};
 
-use crate::harness::{torch_available, Figure};
+use crate::harness::{median, python_imports, script_stdout, Figure};
 
 /// Futures per call (one scene).
 pub const BATCH: usize = 6;
@@ -110,11 +110,6 @@ fn ours_ms(expert: &mut ActionExpert, cfg: &ExpertConfig, reps: usize) -> Result
     Ok(median(times))
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
-}
-
 fn script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/expert_reference.py")
 }
@@ -146,32 +141,17 @@ fn theirs(
     if !ort {
         cmd.arg("--no-ort");
     }
-    let out = cmd.output().map_err(|e| Error::io(&s, e))?;
-    if !out.status.success() {
-        return Err(Error::invalid(
-            "action-expert reference run",
-            String::from_utf8_lossy(&out.stderr)
-                .lines()
-                .last()
-                .unwrap_or_default()
-                .to_string(),
-            "a successful run of bench/expert_reference.py (needs torch, transformers, safetensors, onnxruntime)",
-        ));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout)
+    let stdout = script_stdout(
+        &mut cmd,
+        &s,
+        "action-expert reference run",
+        "torch, transformers, safetensors, onnxruntime",
+    )?;
+    Ok(stdout
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .filter_map(|j| Some((j["figure"].as_str()?.to_string(), j["value"].as_f64()?)))
         .collect())
-}
-
-/// Whether `py` can import onnxruntime (the third column).
-fn ort_available(py: &str) -> bool {
-    Command::new(py)
-        .args(["-c", "import onnxruntime, onnx"])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false)
 }
 
 /// Runs the expert figures: `rounds` alternations of ours and Python's; `wants` picks which
@@ -193,15 +173,11 @@ pub fn figures(
     let cfg = write_model(&model)?;
     let mut expert = ActionExpert::load(&model, &Device::Cpu)?;
     let reps = ((REPS as f64 * reps_scale) as usize).max(1);
-    let torch = (wants(&main) || wants(&ort_name))
-        && torch_available(py)
-        && Command::new(py)
-            .args(["-c", "import transformers"])
-            .output()
-            .map(|o| o.status.success())
-            .unwrap_or(false);
-    let ort = torch && wants(&ort_name) && ort_available(py);
-    if !torch && (wants(&main) || wants(&ort_name)) {
+    let python_side = wants(&main) || wants(&ort_name);
+    let torch = python_side && python_imports(py, "torch, safetensors, transformers");
+    // The third column: onnxruntime, and onnx for the export.
+    let ort = torch && wants(&ort_name) && python_imports(py, "onnxruntime, onnx");
+    if !torch && python_side {
         progress(&format!(
             "{main}: no PyTorch column ({py} cannot import torch, safetensors and transformers)"
         ));

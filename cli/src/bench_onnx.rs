@@ -16,7 +16,7 @@ use flow_matching::io::read_npy;
 use flow_matching::onnx::OnnxStep;
 use flow_matching::{Diffusion, Error, FlowMatching, Result, SampleOptions};
 
-use crate::harness::{torch_available, Figure};
+use crate::harness::{median, script_stdout, torch_available, Figure};
 
 /// The figures this module makes.
 pub const NAMES: [&str; 3] = ["onnx_traj_b6", "onnx_traj_b6_ort", "onnx_traj_b6_ort_rs"];
@@ -32,28 +32,12 @@ fn script() -> PathBuf {
 
 fn python(py: &str, args: &[&str]) -> Result<String> {
     let s = script();
-    let out = Command::new(py)
-        .arg(&s)
-        .args(args)
-        .output()
-        .map_err(|e| Error::io(&s, e))?;
-    if !out.status.success() {
-        return Err(Error::invalid(
-            "ONNX reference run",
-            String::from_utf8_lossy(&out.stderr)
-                .lines()
-                .last()
-                .unwrap_or_default()
-                .to_string(),
-            "a successful run of bench/onnx_reference.py (needs torch, numpy, onnxruntime)",
-        ));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+    script_stdout(
+        Command::new(py).arg(&s).args(args),
+        &s,
+        "ONNX reference run",
+        "torch, numpy, onnxruntime",
+    )
 }
 
 /// Runs the ONNX figures: `rounds` alternations of ours and Python's, `reps` timed samples each

@@ -73,7 +73,8 @@ pub fn workload_model(varmap: &VarMap) -> Result<VelocityMlp> {
     VelocityMlp::init(cfg, varmap, &Device::Cpu, 0)
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+/// The median of `v` (NaN when empty); every figure module takes its rounds' median here.
+pub fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
@@ -388,11 +389,39 @@ impl BenchDevice {
 
 /// Whether `python` can import torch and safetensors.
 pub fn torch_available(python: &str) -> bool {
+    python_imports(python, "torch, safetensors")
+}
+
+/// Whether `python` can `import` every module of `modules` (comma-separated).
+pub fn python_imports(python: &str, modules: &str) -> bool {
     Command::new(python)
-        .args(["-c", "import torch, safetensors"])
+        .args(["-c", &format!("import {modules}")])
         .output()
         .map(|o| o.status.success())
         .unwrap_or(false)
+}
+
+/// Runs a reference script's command and returns its stdout; a failure is one error naming
+/// `what`, with the script's last line of stderr, and what the script `needs`.
+pub fn script_stdout(
+    cmd: &mut Command,
+    script: &Path,
+    what: &'static str,
+    needs: &str,
+) -> Result<String> {
+    let out = cmd.output().map_err(|e| Error::io(script, e))?;
+    if !out.status.success() {
+        return Err(Error::invalid(
+            what,
+            String::from_utf8_lossy(&out.stderr)
+                .lines()
+                .last()
+                .unwrap_or_default()
+                .to_string(),
+            format!("a successful run of {} (needs {needs})", script.display()),
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 fn run_python(opts: &BenchOptions, model: &Path, extra: &[&str]) -> Result<Vec<(String, f64)>> {

@@ -437,19 +437,6 @@ fn unusual_onnx_graphs_are_refused_without_a_panic() {
 }
 
 /// A graph whose velocity is `op(x, size)`, the size an int64 initializer.
-fn size_op(op: &str, size: &[i64]) -> Vec<u8> {
-    let mut g = Graph::velocity();
-    g.initializers
-        .push(int64_tensor("size", &[size.len() as i64], size));
-    let inputs: Vec<&str> = if op == "ConstantOfShape" {
-        vec!["size"]
-    } else {
-        vec!["x", "size"]
-    };
-    g.nodes.push(node(op, "grow", &inputs, &["v"]));
-    g.bytes()
-}
-
 /// Cause 6: tiny files that ask for terabytes at load or at run time are refused first.
 #[test]
 fn small_onnx_files_cannot_allocate_without_limit() {
@@ -458,27 +445,27 @@ fn small_onnx_files_cannot_allocate_without_limit() {
     let cases: Vec<(&str, Vec<u8>, Vec<&str>, &str)> = vec![
         (
             "cos.onnx",
-            size_op("ConstantOfShape", &[1_000_000, 1_000_000, 2]),
+            onnx_proto::size_op("ConstantOfShape", &[1_000_000, 1_000_000, 2]),
             vec![],
             "grow",
         ),
         (
             "expand.onnx",
-            size_op("Expand", &[100_000, 12_000, 2]),
+            onnx_proto::size_op("Expand", &[100_000, 12_000, 2]),
             vec![],
             "grow",
         ),
         // At batch 1 this Tile is 8 GB of declared shapes: refused at load.
         (
             "tile.onnx",
-            size_op("Tile", &[1_000_000, 1_000]),
+            onnx_proto::size_op("Tile", &[1_000_000, 1_000]),
             vec![],
             "memory",
         ),
         // 8 MB at batch 1, 2 * 10^18 bytes at --batch 10^6: refused when that plan is built.
         (
             "tile_batch.onnx",
-            size_op("Tile", &[16_000, 16_000]),
+            onnx_proto::size_op("Tile", &[16_000, 16_000]),
             vec!["--batch", "1000000"],
             "batch 1000000",
         ),

@@ -174,3 +174,18 @@ pub fn identity_velocity() -> Vec<u8> {
     g.nodes.push(node("Identity", "id", &["x"], &["v"]));
     g.bytes()
 }
+
+/// The velocity graph with one size-making node `op` ("grow", output `v`) whose size input is
+/// the constant `size` (ConstantOfShape takes only the size; Expand and Tile take `x` too).
+pub fn size_op(op: &str, size: &[i64]) -> Vec<u8> {
+    let mut g = Graph::velocity();
+    g.initializers
+        .push(int64_tensor("size", &[size.len() as i64], size));
+    let inputs: Vec<&str> = if op == "ConstantOfShape" {
+        vec!["size"]
+    } else {
+        vec!["x", "size"]
+    };
+    g.nodes.push(node(op, "grow", &inputs, &["v"]));
+    g.bytes()
+}
