@@ -3,6 +3,7 @@
 #![cfg(feature = "onnx")]
 
 #[path = "support/onnx_proto.rs"]
+#[allow(dead_code)]
 mod onnx_proto;
 
 use std::path::{Path, PathBuf};

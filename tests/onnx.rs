@@ -7,6 +7,10 @@ use flow_matching::io::read_npy;
 use flow_matching::onnx::{OnnxStep, OrtOptions, Runtime};
 use flow_matching::{Diffusion, Error, FlowMatching, Method, SampleOptions, Schedule, XDims};
 
+#[path = "support/onnx_proto.rs"]
+#[allow(dead_code)]
+mod onnx_proto;
+
 const DIR: &str = "tests/data/onnx";
 
 fn npy(name: &str) -> Tensor {
@@ -75,6 +79,8 @@ on_every_runtime!(
     unreadable_truncated_and_foreign_files_are_errors,
     condition_errors_name_the_input_and_the_shapes,
     a_non_finite_velocity_stops_at_the_first_step,
+    a_new_context_of_the_same_shape_keeps_the_plans_and_matches_pytorch,
+    noise_at_one_runs_the_network_at_one_minus_t_negated,
 );
 
 /// Asserts |got - want| <= 1e-4 + 1e-3 |want| everywhere.
@@ -510,5 +516,170 @@ fn a_missing_or_foreign_ort_library_is_a_clear_error() {
     let msg = err.to_string();
     assert!(matches!(err, Error::OnnxRuntimeLibrary { .. }), "{msg}");
     assert!(msg.contains(&text.display().to_string()), "{msg}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A control loop's contexts: each new value of the same shape replaces the one before without
+/// a new plan after the first replacement (which turns the conditions into plan inputs), and
+/// every call still samples what PyTorch samples with that context, guided or not.
+fn a_new_context_of_the_same_shape_keeps_the_plans_and_matches_pytorch(rt: &Runtime) {
+    let ctx = npy("traj_ctx.npy");
+    let null = npy("traj_null.npy");
+    let other = (&ctx * -0.5).unwrap();
+    let zero = (&ctx * 0.0).unwrap();
+    let x0 = npy("traj_x0.npy");
+    let want = npy("traj_euler10.npy");
+    let tract = matches!(rt, Runtime::Tract);
+    let mut v = load(rt, "traj.onnx").unwrap();
+    assert!(!v.live_conditions());
+    for (round, value) in [&zero, &other, &ctx, &zero, &ctx].into_iter().enumerate() {
+        v.set_condition("ctx", value).unwrap();
+        let got = run(&mut v, &x0, "euler", 10, Schedule::Uniform, DType::F32);
+        if std::ptr::eq(value, &ctx) {
+            assert_close(&got, &want, &format!("context {round}"));
+        }
+        if tract {
+            // The first value's plan, then one live plan for every later value.
+            assert_eq!(
+                v.plans_optimised(),
+                (round + 1).min(2),
+                "after context {round}"
+            );
+        }
+    }
+    assert!(v.live_conditions());
+    // Guided: the null half is fed too; a new condition keeps the doubled batch's plan.
+    let mut g = load(rt, "traj.onnx")
+        .unwrap()
+        .with_live_conditions(true)
+        .with_condition("ctx", &other)
+        .unwrap()
+        .with_guidance(2.5, &[("ctx", &null)])
+        .unwrap();
+    run(&mut g, &x0, "euler", 10, Schedule::Uniform, DType::F32);
+    g.set_condition("ctx", &ctx).unwrap();
+    let got = run(&mut g, &x0, "euler", 10, Schedule::Uniform, DType::F32);
+    assert_close(&got, &npy("traj_guided_euler10.npy"), "guided, new context");
+    if tract {
+        assert_eq!(g.plans_optimised(), 1, "guided: one plan for both contexts");
+    }
+    // A context of another shape (2 rows) needs its own plan, and is still right.
+    v.set_condition("ctx", &ctx.narrow(0, 0, 2).unwrap())
+        .unwrap();
+    let got = run(
+        &mut v,
+        &x0.narrow(0, 0, 2).unwrap(),
+        "euler",
+        10,
+        Schedule::Uniform,
+        DType::F32,
+    );
+    assert_close(&got, &want.narrow(0, 0, 2).unwrap(), "2 rows");
+    if tract {
+        assert_eq!(v.plans_optimised(), 3, "a new shape, a new plan");
+    }
+}
+
+/// The same with the rows split over two threads: each thread's plan gets its rows of every
+/// new context.
+#[test]
+fn live_contexts_reach_every_threads_rows() {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(2)
+        .build()
+        .unwrap()
+        .install(|| {
+            let ctx = npy("traj_ctx.npy");
+            let x0 = npy("traj_x0.npy");
+            let mut v = load(&Runtime::Tract, "traj.onnx")
+                .unwrap()
+                .with_live_conditions(true)
+                .with_condition("ctx", &(&ctx * 0.0).unwrap())
+                .unwrap();
+            run(&mut v, &x0, "euler", 10, Schedule::Uniform, DType::F32);
+            assert_eq!(v.plan_threads(4), Some(2));
+            v.set_condition("ctx", &ctx).unwrap();
+            let got = run(&mut v, &x0, "euler", 10, Schedule::Uniform, DType::F32);
+            assert_close(&got, &npy("traj_euler10.npy"), "two threads, new context");
+            assert_eq!(v.plans_optimised(), 1);
+        });
+}
+
+/// A network trained with noise at t = 1 (openpi, LeRobot) is evaluated at 1 - t and its
+/// velocity negated; sampled, that is Euler from t = 1 down to 0 on the network itself.
+fn noise_at_one_runs_the_network_at_one_minus_t_negated(rt: &Runtime) {
+    use flow_matching::convention::TimeConvention;
+    let x0 = npy("mlp_x0.npy");
+    let b = x0.dim(0).unwrap();
+    let mut plain = load(rt, "mlp.onnx").unwrap();
+    assert_eq!(plain.time_convention(), TimeConvention::NoiseAt0);
+    let mut flipped = load(rt, "mlp.onnx")
+        .unwrap()
+        .with_time_convention(TimeConvention::NoiseAt1);
+    let x: Vec<f32> = x0.flatten_all().unwrap().to_vec1().unwrap();
+    let (mut a, mut w) = (vec![0f32; x.len()], vec![0f32; x.len()]);
+    flipped.velocity(&x, &[0.25], &mut a).unwrap();
+    plain.velocity(&x, &[0.75], &mut w).unwrap();
+    let neg: Vec<f32> = w.iter().map(|v| -v).collect();
+    assert_eq!(a, neg, "v'(x, 0.25) = -v(x, 0.75)");
+    // Euler, 10 steps, written out in openpi's convention: x <- x - dt v(x, 1 - i dt).
+    let got = run(
+        &mut flipped,
+        &x0,
+        "euler",
+        10,
+        Schedule::Uniform,
+        DType::F32,
+    );
+    let mut want = x.clone();
+    let dt = 0.1f32;
+    for i in 0..10 {
+        let s = i as f32 / 10.0;
+        plain.velocity(&want, &[1.0 - s], &mut w).unwrap();
+        for (xi, vi) in want.iter_mut().zip(&w) {
+            *xi -= dt * vi;
+        }
+    }
+    let want = Tensor::from_vec(want, x0.dims(), &Device::Cpu).unwrap();
+    assert_close(&got, &want, "noise at 1, Euler 10");
+    assert_eq!(got.dim(0).unwrap(), b);
+}
+
+/// The file's metadata `time_convention` sets the convention; an unknown one is refused with
+/// the known ones listed.
+#[test]
+fn the_time_convention_comes_from_the_files_metadata() {
+    use flow_matching::convention::TimeConvention;
+    let dir = std::env::temp_dir().join(format!("fm-onnx-meta-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let write = |name: &str, value: &str| {
+        let p = dir.join(name);
+        std::fs::write(
+            &p,
+            onnx_proto::identity_with_metadata("time_convention", value),
+        )
+        .unwrap();
+        p
+    };
+    let mut v = OnnxStep::load(write("n1.onnx", "noise_at_1")).unwrap();
+    assert_eq!(v.time_convention(), TimeConvention::NoiseAt1);
+    let mut out = [0f32; 4];
+    v.velocity(&[1.0, 2.0, 3.0, 4.0], &[0.5], &mut out).unwrap();
+    assert_eq!(
+        out,
+        [-1.0, -2.0, -3.0, -4.0],
+        "v = -x for the identity network"
+    );
+    let v0 = OnnxStep::load(write("n0.onnx", "noise_at_0")).unwrap();
+    assert_eq!(v0.time_convention(), TimeConvention::NoiseAt0);
+    let err = OnnxStep::load(write("bad.onnx", "noise_at_2"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("bad.onnx")
+            && err.contains("\"noise_at_2\"")
+            && err.contains("noise_at_0, noise_at_1"),
+        "{err}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }

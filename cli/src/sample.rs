@@ -6,6 +6,7 @@ use candle_core::Device;
 
 use crate::bounds;
 use flow_matching::condition::repeat_per_cond;
+use flow_matching::convention::TimeConvention;
 use flow_matching::error::{Error, Result};
 use flow_matching::flow_matching::FlowMatching;
 use flow_matching::guidance::GuidedCondition;
@@ -78,9 +79,30 @@ pub struct SampleArgs {
     /// besides the batch).
     #[arg(long)]
     x_dims: Option<String>,
+    /// How an ONNX model was trained: noise_at_0 (this crate's and the seed's: t = 0 is
+    /// noise) or noise_at_1 (openpi, LeRobot: t = 1 is noise). Default: the file's metadata
+    /// time_convention, else noise_at_0. An action expert's config.json names its own.
+    #[arg(long, value_name = "noise_at_0|noise_at_1")]
+    time_convention: Option<String>,
     /// The ONNX runtime (--runtime, --ort-lib, --ort-threads).
     #[command(flatten)]
     runtime: crate::RuntimeFlags,
+}
+
+/// The convention `--time-convention` names, if given.
+fn time_convention(a: &SampleArgs) -> Result<Option<TimeConvention>> {
+    a.time_convention
+        .as_deref()
+        .map(|c| {
+            c.parse::<TimeConvention>().map_err(|_| {
+                Error::invalid(
+                    "--time-convention",
+                    c,
+                    TimeConvention::ALL.map(|c| c.name()).join(" or "),
+                )
+            })
+        })
+        .transpose()
 }
 
 /// The integration method of `--method`, with `--rtol`/`--atol` for dopri5.
@@ -147,6 +169,7 @@ fn run_onnx(a: &SampleArgs) -> Result<()> {
         .map(|p| read_npy(p, &device))
         .transpose()?;
     let rows = x_init.as_ref().map(|x| x.dim(0)).transpose()?;
+    let convention = time_convention(a)?;
     let (mut step, batch) = crate::onnx::prepare(
         &a.model,
         a.x_dims.as_deref(),
@@ -157,6 +180,9 @@ fn run_onnx(a: &SampleArgs) -> Result<()> {
         a.batch,
         rows,
     )?;
+    if let Some(c) = convention {
+        step = step.with_time_convention(c);
+    }
     bounds::sampling(
         batch,
         step.x_dims().numel(),
@@ -283,7 +309,19 @@ fn run_expert(a: &SampleArgs) -> Result<()> {
     };
     let method = parse_method(a)?;
     let schedule: Schedule = a.schedule.parse()?;
+    let convention = time_convention(a)?;
     let mut expert = ActionExpert::load(&a.model, &device)?;
+    if let Some(c) = convention.filter(|&c| c != expert.time_convention()) {
+        return Err(Error::invalid(
+            "--time-convention",
+            c,
+            format!(
+                "{} or no flag: {} was trained so (its config.json's time_convention)",
+                expert.time_convention(),
+                a.model.display()
+            ),
+        ));
+    }
     let cache = PrefixCache::load(cond)?;
     let rows = cache.batch();
     expert.set_condition(cache)?;
@@ -358,6 +396,7 @@ pub fn run(a: SampleArgs) -> Result<()> {
     if let Some(flag) = [
         (!a.null_cond.is_empty(), "--null-cond"),
         (a.x_dims.is_some(), "--x-dims"),
+        (a.time_convention.is_some(), "--time-convention"),
     ]
     .iter()
     .find_map(|(given, f)| given.then_some(*f))

@@ -479,3 +479,37 @@ fn ort_flags_need_the_ort_runtime() {
         );
     }
 }
+
+/// `--time-convention noise_at_1` samples the network as openpi trained it (Euler from t = 1
+/// down to 0 on the network itself), which differs from the default; a wrong name or a model
+/// that names its own convention is a one-line error.
+#[test]
+fn time_convention_flag_runs_the_model_as_trained() {
+    let x0 = fixture("mlp_x0.npy");
+    let model = fixture("mlp.onnx");
+    let a = tmp("tc0.npy").to_string_lossy().into_owned();
+    let b = tmp("tc1.npy").to_string_lossy().into_owned();
+    let plain = sample_ok(&a, &["--model", &model, "--x-init", &x0, "--steps", "4"]);
+    let flipped = sample_ok(
+        &b,
+        &[
+            "--model",
+            &model,
+            "--x-init",
+            &x0,
+            "--steps",
+            "4",
+            "--time-convention",
+            "noise_at_1",
+        ],
+    );
+    assert!(
+        max_abs_diff(&plain, &flipped) > 1e-3,
+        "the flag changes the flow"
+    );
+    let err = fails(&["sample", "--model", &model, "--time-convention", "t1"]);
+    assert!(
+        err.contains("--time-convention") && err.contains("noise_at_0 or noise_at_1"),
+        "{err}"
+    );
+}

@@ -401,15 +401,123 @@ pub(crate) fn matmul_strided_on(
             KernelPath::Portable => {}
         }
     }
+    portable(y, x, xs, wt, m, n, k, (TILE_N, n));
+}
+
+/// The portable loops of both layouts: panel `p` of the weight at `wt[p * lay.0..]`, its rows
+/// `lay.1` floats apart.
+#[allow(clippy::too_many_arguments)]
+fn portable(
+    y: &mut [f32],
+    x: &[f32],
+    xs: (usize, usize),
+    wt: &[f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    lay: (usize, usize),
+) {
     let mut r0 = 0;
     while r0 < m {
         let mut j0 = 0;
         while j0 < n {
-            tile::<1>(y, x, xs, wt, r0, j0, n, k);
+            tile::<1>(y, x, xs, wt, r0, j0, n, k, lay);
             j0 += TILE_N;
         }
         r0 += 1;
     }
+}
+
+/// A `[k, n]` weight (`n` a multiple of [`TILE_N`]) in [`TILE_N`]-column panels, the layout
+/// [`matmul_panels`] reads: panel `p`'s row `kk` at `(p * k + kk) * TILE_N`.
+///
+/// ```
+/// let wt: Vec<f32> = (0..2 * 32).map(|i| i as f32).collect(); // [k = 2, n = 32]
+/// let wp = flow_matching::kernel::pack_panels(&wt, 2, 32);
+/// assert_eq!(wp[16], 32.0); // panel 0, row 1 starts with wt[1][0]
+/// assert_eq!(wp[32], 16.0); // panel 1, row 0 starts with wt[0][16]
+/// ```
+pub fn pack_panels(wt: &[f32], k: usize, n: usize) -> Vec<f32> {
+    assert!(n.is_multiple_of(TILE_N) && wt.len() >= k * n);
+    let mut wp = vec![0.0; k * n];
+    for (kk, row) in wt.chunks_exact(n).take(k).enumerate() {
+        for (p, cols) in row.chunks_exact(TILE_N).enumerate() {
+            let at = panel_index(p * TILE_N, kk, k);
+            wp[at..at + TILE_N].copy_from_slice(cols);
+        }
+    }
+    wp
+}
+
+/// Where column `j`, row `kk` of a `[k, n]` weight lies in its [`pack_panels`] layout.
+#[inline(always)]
+pub fn panel_index(j: usize, kk: usize, k: usize) -> usize {
+    (j / TILE_N * k + kk) * TILE_N + j % TILE_N
+}
+
+/// `y[m, n] += x[m, k] * w[k, n]` with `w` in [`pack_panels`]' layout: as [`matmul_packed`]
+/// but each tile reads its panel as one contiguous stream (no cache-set conflicts for `n` a
+/// multiple of 1,024, and one prefetch stream per tile).
+///
+/// ```
+/// use flow_matching::kernel::{matmul_panels, pack_panels};
+/// let (m, n, k) = (2, 16, 3);
+/// let x = [1.0, 2.0, 3.0, 0.0, 1.0, 0.0];
+/// let wt: Vec<f32> = (0..k * n).map(|i| (i % n) as f32).collect(); // w[kk][j] = j
+/// let mut y = vec![0.0; m * n];
+/// matmul_panels(&mut y, &x, &pack_panels(&wt, k, n), m, n, k);
+/// assert_eq!((y[5], y[16 + 5]), (30.0, 5.0));
+/// ```
+pub fn matmul_panels(y: &mut [f32], x: &[f32], wp: &[f32], m: usize, n: usize, k: usize) {
+    matmul_panels_on(kernel_path(), y, x, wp, m, n, k, true)
+}
+
+/// [`matmul_panels`] overwriting `y` (`y = x w`): no zeroing pass over `y` first.
+pub fn matmul_panels_set(y: &mut [f32], x: &[f32], wp: &[f32], m: usize, n: usize, k: usize) {
+    matmul_panels_on(kernel_path(), y, x, wp, m, n, k, false)
+}
+
+/// [`matmul_panels`] (`add`) or [`matmul_panels_set`] on a given path (which the CPU must
+/// support).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn matmul_panels_on(
+    path: KernelPath,
+    y: &mut [f32],
+    x: &[f32],
+    wp: &[f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    add: bool,
+) {
+    assert!(n.is_multiple_of(TILE_N) && y.len() >= m * n && x.len() >= m * k && wp.len() >= k * n);
+    if m == 0 {
+        return;
+    }
+    if k == 0 {
+        if !add {
+            y[..m * n].fill(0.0);
+        }
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        let (yp, xp, wq) = (y.as_mut_ptr(), x.as_ptr(), wp.as_ptr());
+        match path {
+            // The AVX2 kernel on AVX-512 machines too: a 16-column panel is one 512-bit row,
+            // and the AVX2 tile is the one measured on this layout.
+            // SAFETY: AVX2 and FMA come with AVX-512F on every such CPU (checked with it); the
+            // assert bounds every pointer the kernel reads.
+            KernelPath::Avx512 | KernelPath::Avx2 => {
+                return unsafe { x86::matmul_panels(yp, xp, (k, 1), wq, m, n, k, add) }
+            }
+            KernelPath::Portable => {}
+        }
+    }
+    if !add {
+        y[..m * n].fill(0.0);
+    }
+    portable(y, x, (k, 1), wp, m, n, k, (TILE_N * k, TILE_N));
 }
 
 /// One `MR x 16` tile of `y`, accumulated in registers over the whole depth `k`.
@@ -424,13 +532,16 @@ fn tile<const MR: usize>(
     j0: usize,
     n: usize,
     k: usize,
+    (pstep, ldb): (usize, usize),
 ) {
+    let base = j0 / TILE_N * pstep;
     let mut acc = [[0f32; TILE_N]; MR];
     for (r, a) in acc.iter_mut().enumerate() {
         a.copy_from_slice(&y[(r0 + r) * n + j0..(r0 + r) * n + j0 + TILE_N]);
     }
     for kk in 0..k {
-        let b: &[f32; TILE_N] = match wt[kk * n + j0..kk * n + j0 + TILE_N].try_into() {
+        let at = base + kk * ldb;
+        let b: &[f32; TILE_N] = match wt[at..at + TILE_N].try_into() {
             Ok(b) => b,
             Err(_) => return,
         };
@@ -501,6 +612,47 @@ mod packed_tests {
                         assert!(
                             (y[r * n + j] - want).abs() < 1e-4,
                             "{path:?} m {m} r {r} j {j}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn panel_matmul_matches_the_row_layout_on_every_path() {
+        for path in KernelPath::supported() {
+            // n = 1,024 and k = 64: the prefix-score shape; m across the 6-row tiles and the
+            // 48-row blocks.
+            for (m, n, k) in [(1, 16, 1), (7, 48, 19), (50, 64, 33), (128, 1024, 64)] {
+                let x: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.31).sin()).collect();
+                let wt: Vec<f32> = (0..k * n).map(|i| (i as f32 * 0.17).cos()).collect();
+                let mut want = vec![0.25f32; m * n];
+                matmul_packed_on(path, &mut want, &x, &wt, m, n, k);
+                let mut got = vec![0.25f32; m * n];
+                let wp = pack_panels(&wt, k, n);
+                matmul_panels_on(path, &mut got, &x, &wp, m, n, k, true);
+                // Overwriting: the sums alone, whatever y held.
+                let mut set = vec![f32::NAN; m * n];
+                matmul_panels_on(path, &mut set, &x, &wp, m, n, k, false);
+                for (s, g) in set.iter().zip(&got) {
+                    assert!(
+                        (s + 0.25 - g).abs() <= 1e-5 * (1.0 + g.abs()),
+                        "{path:?} set"
+                    );
+                }
+                for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                    // The same sums; the AVX-512 row kernel may order them differently.
+                    assert!(
+                        (g - w).abs() <= 1e-5 * (1.0 + w.abs()),
+                        "{path:?} m {m} n {n} k {k} at {i}: {g} vs {w}"
+                    );
+                }
+                for kk in [0, k - 1] {
+                    for j in [0, 15, n - 1] {
+                        assert_eq!(
+                            pack_panels(&wt, k, n)[panel_index(j, kk, k)],
+                            wt[kk * n + j]
                         );
                     }
                 }

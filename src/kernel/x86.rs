@@ -240,7 +240,9 @@ pub unsafe fn dot(a: *const f32, b: *const f32, n: usize) -> f32 {
 }
 
 /// One `MR x 16` tile: `y[r0.., j0..j0+16] += x[r0.., :] * wt[:, j0..j0+16]`, `x[r, kk]`
-/// at `x + r * xs.0 + kk * xs.1`.
+/// at `x + r * xs.0 + kk * xs.1`, the panel's row `kk` at `wt + kk * ldb`; `y` is overwritten
+/// instead when `add` is false.
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 unsafe fn tile<const MR: usize>(
     y: *mut f32,
@@ -249,15 +251,19 @@ unsafe fn tile<const MR: usize>(
     wt: *const f32,
     n: usize,
     k: usize,
+    ldb: usize,
+    add: bool,
 ) {
     let mut acc = [[_mm256_setzero_ps(); 2]; MR];
-    for (r, a) in acc.iter_mut().enumerate() {
-        a[0] = _mm256_loadu_ps(y.add(r * n));
-        a[1] = _mm256_loadu_ps(y.add(r * n + 8));
+    if add {
+        for (r, a) in acc.iter_mut().enumerate() {
+            a[0] = _mm256_loadu_ps(y.add(r * n));
+            a[1] = _mm256_loadu_ps(y.add(r * n + 8));
+        }
     }
     for kk in 0..k {
-        let b0 = _mm256_loadu_ps(wt.add(kk * n));
-        let b1 = _mm256_loadu_ps(wt.add(kk * n + 8));
+        let b0 = _mm256_loadu_ps(wt.add(kk * ldb));
+        let b1 = _mm256_loadu_ps(wt.add(kk * ldb + 8));
         for (r, a) in acc.iter_mut().enumerate() {
             let xv = _mm256_broadcast_ss(&*x.add(r * xs.0 + kk * xs.1));
             a[0] = _mm256_fmadd_ps(xv, b0, a[0]);
@@ -282,17 +288,54 @@ pub unsafe fn matmul_packed(
     n: usize,
     k: usize,
 ) {
-    // Blocks of 48 rows: their x (48 KiB at k = 256) stays in L2 while every column panel
-    // of wt passes over it, instead of all of x streaming from memory once per panel.
+    rows_in_blocks(y, x, xs, wt, m, n, k, (16, n), true);
+}
+
+/// [`matmul_packed`] with the weight in 16-column panels ([`crate::kernel::pack_panels`]):
+/// each panel's `[k, 16]` values contiguous, so a tile reads one stream instead of `k` rows
+/// `n` floats apart (which for `n` a multiple of 1,024 all fall in one L1 set). `add` false
+/// overwrites `y` (`y = x w`) instead of adding to it.
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn matmul_panels(
+    y: *mut f32,
+    x: *const f32,
+    xs: (usize, usize),
+    wp: *const f32,
+    m: usize,
+    n: usize,
+    k: usize,
+    add: bool,
+) {
+    rows_in_blocks(y, x, xs, wp, m, n, k, (16 * k, 16), add);
+}
+
+/// The rows in blocks of 48: their x (48 KiB at k = 256) stays in L2 while every column panel
+/// of the weight passes over it, instead of all of x streaming from memory once per panel.
+/// Panel `p` of the weight starts at `wt + p * lay.0` and its rows are `lay.1` floats apart.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn rows_in_blocks(
+    y: *mut f32,
+    x: *const f32,
+    xs: (usize, usize),
+    wt: *const f32,
+    m: usize,
+    n: usize,
+    k: usize,
+    lay: (usize, usize),
+    add: bool,
+) {
     const ROWS: usize = 48;
     let mut b0 = 0;
     while b0 < m {
         let mb = ROWS.min(m - b0);
-        panels(y.add(b0 * n), x.add(b0 * xs.0), xs, wt, mb, n, k);
+        panels(y.add(b0 * n), x.add(b0 * xs.0), xs, wt, mb, n, k, lay, add);
         b0 += mb;
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 unsafe fn panels(
     y: *mut f32,
@@ -302,22 +345,24 @@ unsafe fn panels(
     m: usize,
     n: usize,
     k: usize,
+    (pstep, ldb): (usize, usize),
+    add: bool,
 ) {
     let mut j0 = 0;
     while j0 < n {
         let mut r0 = 0;
-        let (yj, wj) = (y.add(j0), wt.add(j0));
+        let (yj, wj) = (y.add(j0), wt.add(j0 / 16 * pstep));
         while r0 + 6 <= m {
-            tile::<6>(yj.add(r0 * n), x.add(r0 * xs.0), xs, wj, n, k);
+            tile::<6>(yj.add(r0 * n), x.add(r0 * xs.0), xs, wj, n, k, ldb, add);
             r0 += 6;
         }
         let (yr, xr) = (yj.add(r0 * n), x.add(r0 * xs.0));
         match m - r0 {
-            5 => tile::<5>(yr, xr, xs, wj, n, k),
-            4 => tile::<4>(yr, xr, xs, wj, n, k),
-            3 => tile::<3>(yr, xr, xs, wj, n, k),
-            2 => tile::<2>(yr, xr, xs, wj, n, k),
-            1 => tile::<1>(yr, xr, xs, wj, n, k),
+            5 => tile::<5>(yr, xr, xs, wj, n, k, ldb, add),
+            4 => tile::<4>(yr, xr, xs, wj, n, k, ldb, add),
+            3 => tile::<3>(yr, xr, xs, wj, n, k, ldb, add),
+            2 => tile::<2>(yr, xr, xs, wj, n, k, ldb, add),
+            1 => tile::<1>(yr, xr, xs, wj, n, k, ldb, add),
             _ => {}
         }
         j0 += 16;

@@ -56,7 +56,17 @@ impl OnnxStep {
                 let (engine, declared) = super::check::guarded(path, "loading the model", || {
                     super::ort_engine::OrtEngine::open(path, o)
                 })?;
-                Self::from_declared(path, declared, x_dims, Engine::Ort(engine))
+                // ONNX Runtime loaded the file: its metadata is read with tract's reader.
+                let convention = guarded(path, "reading the metadata", || {
+                    let proto = tract_onnx::onnx()
+                        .proto_model_for_path(path)
+                        .map_err(|e| onnx_err(path, tract_msg(&e)))?;
+                    metadata_convention(path, &proto)
+                })?;
+                Ok(
+                    Self::from_declared(path, declared, x_dims, Engine::Ort(engine))?
+                        .with_time_convention(convention),
+                )
             }
             #[cfg(not(feature = "ort"))]
             Runtime::Ort(_) => Err(Error::invalid(
@@ -109,6 +119,7 @@ impl OnnxStep {
             _ => Path::new("."),
         };
         super::check::prepare_proto(path, dir, &mut proto)?;
+        let convention = metadata_convention(path, &proto)?;
         let parsed = guarded(path, "building the graph", || {
             onnx.parse(&proto, None)
                 .map_err(|e| onnx_err(path, format!("cannot build the graph: {}", tract_msg(&e))))
@@ -149,7 +160,10 @@ impl OnnxStep {
                 fact.datum_type,
             ));
         }
-        Self::from_declared(path, declared, x_dims, Engine::Tract(model))
+        Ok(
+            Self::from_declared(path, declared, x_dims, Engine::Tract(model))?
+                .with_time_convention(convention),
+        )
     }
 
     /// The step function over the declared inputs (name, dimensions, type) of either engine.
@@ -335,8 +349,37 @@ impl OnnxStep {
             nulls: HashMap::new(),
             weight: 1.0,
             plans: HashMap::new(),
+            live: false,
+            optimised: 0,
+            convention: TimeConvention::NoiseAt0,
+            t_model: Vec::new(),
             x2: Vec::new(),
             t2: Vec::new(),
         })
+    }
+}
+
+/// The time convention the file's metadata names (`time_convention`: `noise_at_0` or
+/// `noise_at_1`, as `onnx.helper.set_model_props` writes it); noise at 0 when it names none.
+pub(super) fn metadata_convention(
+    path: &Path,
+    proto: &tract_onnx::pb::ModelProto,
+) -> Result<TimeConvention> {
+    match proto
+        .metadata_props
+        .iter()
+        .find(|p| p.key == "time_convention")
+    {
+        None => Ok(TimeConvention::NoiseAt0),
+        Some(p) => p.value.parse().map_err(|_| {
+            onnx_err(
+                path,
+                format!(
+                    "metadata time_convention {:?}: expected one of {}",
+                    crate::describe::excerpt(&p.value),
+                    TimeConvention::ALL.map(|c| c.name()).join(", ")
+                ),
+            )
+        }),
     }
 }

@@ -30,6 +30,7 @@ use candle_core::{DType, Tensor};
 use tract_onnx::prelude as tp;
 use tract_onnx::prelude::IntoRunnable;
 
+use crate::convention::TimeConvention;
 use crate::error::{Error, Result};
 use crate::guidance::check_weight;
 use crate::step::{FastVelocity, StepFn};
@@ -132,10 +133,13 @@ struct CondValue {
 }
 
 /// One thread's rows of a tract plan: the run state of a plan specialised to their count, with
-/// their rows of the conditions folded in as constants.
+/// their rows of the conditions folded in as constants, or (live conditions) fed as inputs.
 struct Shard {
     rows: std::ops::Range<usize>,
     state: Box<tp::TypedSimpleState>,
+    /// Live conditions: this shard's rows of each condition input, in the file's order (empty
+    /// when the conditions are constants of the plan).
+    conds: Vec<tp::TValue>,
 }
 
 /// Multiply-adds per thread below which tract's rows are not split over threads: a million is
@@ -147,6 +151,8 @@ const MIN_FMA_PER_THREAD: u64 = 1 << 20;
 /// inputs already expanded to that batch.
 struct Plan {
     runner: Runner,
+    /// Live conditions only: the values changed since the runner's were made (same shapes).
+    stale: bool,
 }
 
 /// An ONNX velocity network as a step function (see the module documentation).
@@ -172,6 +178,15 @@ pub struct OnnxStep {
     weight: f64,
     /// Plans by (batch of the call, whether it evaluates the null conditions only).
     plans: HashMap<(usize, Half), Plan>,
+    /// Whether the plans take the conditions as inputs (kept across new values of the same
+    /// shapes) instead of folding them in as constants (rebuilt for every new value).
+    live: bool,
+    /// tract plans optimised so far, every rebuild counted.
+    optimised: usize,
+    /// The time convention the network was trained with.
+    convention: TimeConvention,
+    /// Scratch: the model's own times under [`TimeConvention::NoiseAt1`].
+    t_model: Vec<f32>,
     /// Scratch buffers for guided calls.
     x2: Vec<f32>,
     t2: Vec<f32>,
@@ -187,6 +202,8 @@ impl std::fmt::Debug for OnnxStep {
             .field("fixed_batch", &self.fixed_batch)
             .field("weight", &self.weight)
             .field("plans", &self.plans.len())
+            .field("live", &self.live)
+            .field("convention", &self.convention)
             .finish()
     }
 }
@@ -265,9 +282,64 @@ impl OnnxStep {
         self.weight
     }
 
-    /// Number of optimised plans built so far (one per batch size and condition set used).
+    /// Number of plans held now (one per batch size and guidance half used).
     pub fn plans_built(&self) -> usize {
         self.plans.len()
+    }
+
+    /// Number of times tract optimised a plan since loading, every rebuild for a new condition
+    /// value included (each costs about as much as a few network calls).
+    pub fn plans_optimised(&self) -> usize {
+        self.optimised
+    }
+
+    /// Whether the conditions are fed to the plans as inputs (see [`Self::with_live_conditions`]).
+    pub fn live_conditions(&self) -> bool {
+        self.live
+    }
+
+    /// Feeds the conditions to tract's plans as inputs instead of folding them into each plan as
+    /// constants. A constant condition lets the optimiser compute what depends on it alone once
+    /// (a context encoder), but each new value then costs a new plan; a live one costs nothing
+    /// when a value of the same shapes replaces it (a control loop's new context every call).
+    /// The step switches to live conditions by itself the first time a condition is replaced
+    /// by a value of the same shape, so this is needed only to skip that one extra plan.
+    ///
+    /// ```
+    /// use candle_core::Device;
+    /// use flow_matching::onnx::OnnxStep;
+    /// use flow_matching::{Diffusion, FlowMatching, SampleOptions};
+    ///
+    /// let ctx = flow_matching::io::read_npy("tests/data/onnx/traj_ctx.npy", &Device::Cpu)?;
+    /// let mut v = OnnxStep::load("tests/data/onnx/traj.onnx")?.with_live_conditions(true);
+    /// let fm = FlowMatching::new(v.x_dims())?.with_steps(2)?;
+    /// for tick in 0..3 {
+    ///     v.set_condition("ctx", &(&ctx * (1.0 + tick as f64))?)?; // a new context per tick
+    ///     fm.sample(4, &mut v, &Device::Cpu, &SampleOptions::seeded(tick))?;
+    /// }
+    /// assert_eq!(v.plans_optimised(), 1);
+    /// # Ok::<(), flow_matching::Error>(())
+    /// ```
+    pub fn with_live_conditions(mut self, live: bool) -> Self {
+        if self.live != live {
+            self.live = live;
+            self.plans.clear();
+        }
+        self
+    }
+
+    /// The time convention the network was trained with: from the file's metadata
+    /// (`time_convention`: `noise_at_0` or `noise_at_1`), else noise at 0, the crate's.
+    pub fn time_convention(&self) -> TimeConvention {
+        self.convention
+    }
+
+    /// Sets the time convention the network was trained with (overriding the file's metadata).
+    /// Under [`TimeConvention::NoiseAt1`] (openpi, LeRobot) the network is evaluated at
+    /// `1 - t` and its velocity negated, so every solver and schedule runs it as trained.
+    pub fn with_time_convention(mut self, convention: TimeConvention) -> Self {
+        self.convention = convention;
+        self
     }
 
     /// The threads the plan for `batch` rows runs on (`None` before that batch is first
@@ -375,10 +447,26 @@ impl OnnxStep {
     }
 
     /// Sets the condition input `name` in place (see [`Self::with_condition`]).
+    ///
+    /// A value of the same shape as the one it replaces keeps the plans: the conditions become
+    /// inputs of the plans from then on (see [`Self::with_live_conditions`]).
     pub fn set_condition(&mut self, name: &str, value: &Tensor) -> Result<()> {
         let v = self.cond_value(name, value, "condition")?;
+        let same_shape = self
+            .values
+            .get(name)
+            .is_some_and(|old| old.value.shape() == v.value.shape());
         self.values.insert(name.to_string(), v);
-        self.plans.clear();
+        if same_shape && self.live {
+            for plan in self.plans.values_mut() {
+                plan.stale = true;
+            }
+        } else {
+            // A new shape needs new plans; the first replacement of the same shape switches to
+            // live conditions so that later ones cost no plan.
+            self.live |= same_shape;
+            self.plans.clear();
+        }
         Ok(())
     }
 
@@ -462,32 +550,83 @@ impl OnnxStep {
         }
     }
 
-    /// Builds (once) the plan for `batch` rows of the current conditions.
+    /// The condition values for a plan of `batch` rows evaluating `half`, in the file's order,
+    /// each expanded to the plan's rows when batched.
+    fn plan_conds(&self, batch: usize, half: Half) -> Result<Vec<tp::TValue>> {
+        let mut conds = Vec::with_capacity(self.conds.len());
+        for slot in &self.conds {
+            let name = &slot.info.name;
+            let cond = &self.values[name];
+            let null = self.nulls.get(name).unwrap_or(cond);
+            let v = match (slot.batched, half) {
+                (false, _) => cond.value.clone(),
+                (true, Half::Cond) => expand(&cond.value, batch)?,
+                (true, Half::Null) => expand(&null.value, batch)?,
+                (true, Half::Both) => {
+                    let a = expand(&cond.value, batch)?;
+                    let b = expand(&null.value, batch)?;
+                    tp::Tensor::stack_tensors(0, &[a, b])
+                        .map_err(|e| onnx_err(&self.path, tract_msg(&e)))?
+                }
+            };
+            conds.push(tp::IntoTValue::into_tvalue(v));
+        }
+        Ok(conds)
+    }
+
+    /// Builds (once) the plan for `batch` rows of the current conditions; with live conditions,
+    /// refreshes the values a kept plan is fed after they changed.
     fn plan(&mut self, batch: usize, half: Half) -> Result<&mut Plan> {
+        let plan_batch = if half == Half::Both { 2 * batch } else { batch };
+        if self.plans.get(&(batch, half)).is_some_and(|p| p.stale) {
+            let conds = self.plan_conds(batch, half)?;
+            #[cfg(feature = "ort")]
+            let fresh: Option<Vec<ort::value::DynValue>> = match &self.engine {
+                Engine::Tract(_) => None,
+                Engine::Ort(_) => Some(
+                    conds
+                        .iter()
+                        .map(|v| ort_engine::to_ort(&self.path, v))
+                        .collect::<Result<Vec<_>>>()?,
+                ),
+            };
+            let mut shard_conds = Vec::new();
+            if let Some(Plan {
+                runner: Runner::Tract(shards),
+                ..
+            }) = self.plans.get(&(batch, half))
+            {
+                for shard in shards {
+                    shard_conds.push(self.shard_conds(&conds, shard.rows.clone(), plan_batch)?);
+                }
+            }
+            let plan = self
+                .plans
+                .get_mut(&(batch, half))
+                .ok_or_else(|| onnx_err(&self.path, "plan cache"))?;
+            match &mut plan.runner {
+                Runner::Tract(shards) => {
+                    for (shard, c) in shards.iter_mut().zip(shard_conds) {
+                        shard.conds = c;
+                    }
+                }
+                #[cfg(feature = "ort")]
+                Runner::Ort(values) => {
+                    if let Some(v) = fresh {
+                        *values = v;
+                    }
+                }
+            }
+            plan.stale = false;
+        }
         if !self.plans.contains_key(&(batch, half)) {
             self.check_batch(batch)?;
-            let plan_batch = if half == Half::Both { 2 * batch } else { batch };
-            let mut conds = Vec::with_capacity(self.conds.len());
-            for slot in &self.conds {
-                let name = &slot.info.name;
-                let cond = &self.values[name];
-                let null = self.nulls.get(name).unwrap_or(cond);
-                let v = match (slot.batched, half) {
-                    (false, _) => cond.value.clone(),
-                    (true, Half::Cond) => expand(&cond.value, batch)?,
-                    (true, Half::Null) => expand(&null.value, batch)?,
-                    (true, Half::Both) => {
-                        let a = expand(&cond.value, batch)?;
-                        let b = expand(&null.value, batch)?;
-                        tp::Tensor::stack_tensors(0, &[a, b])
-                            .map_err(|e| onnx_err(&self.path, tract_msg(&e)))?
-                    }
-                };
-                conds.push(tp::IntoTValue::into_tvalue(v));
-            }
+            let conds = self.plan_conds(batch, half)?;
             let runner = match &self.engine {
                 Engine::Tract(model) => {
-                    Runner::Tract(self.tract_shards(model, plan_batch, &conds)?)
+                    let shards = self.tract_shards(model, plan_batch, &conds)?;
+                    self.optimised += 1;
+                    Runner::Tract(shards)
                 }
                 #[cfg(feature = "ort")]
                 Engine::Ort(_) => Runner::Ort(
@@ -497,7 +636,13 @@ impl OnnxStep {
                         .collect::<Result<_>>()?,
                 ),
             };
-            self.plans.insert((batch, half), Plan { runner });
+            self.plans.insert(
+                (batch, half),
+                Plan {
+                    runner,
+                    stale: false,
+                },
+            );
         }
         self.plans
             .get_mut(&(batch, half))
@@ -584,6 +729,34 @@ impl OnnxStep {
         Some(total)
     }
 
+    /// The rows `rows` of each condition of a plan of `plan_batch` rows (a batched condition
+    /// is sliced when the plan is split over threads; the others are shared).
+    fn shard_conds(
+        &self,
+        conds: &[tp::TValue],
+        rows: std::ops::Range<usize>,
+        plan_batch: usize,
+    ) -> Result<Vec<tp::TValue>> {
+        let n = rows.len();
+        let mut part = Vec::with_capacity(conds.len());
+        for (slot, v) in self.conds.iter().zip(conds) {
+            part.push(
+                if slot.batched && n != plan_batch && v.shape()[0] == plan_batch {
+                    let t = v.slice(0, rows.start, rows.end).map_err(|e| {
+                        onnx_err(
+                            &self.path,
+                            format!("cannot plan batch {n}: {}", tract_msg(&e)),
+                        )
+                    })?;
+                    tp::IntoTValue::into_tvalue(t)
+                } else {
+                    v.clone()
+                },
+            );
+        }
+        Ok(part)
+    }
+
     /// tract's plans for `plan_batch` rows: the rows split over the pool's threads when each
     /// gets at least [`MIN_FMA_PER_THREAD`] multiply-adds (never for a fixed-batch file), one
     /// plan per part, specialised to its rows and their conditions.
@@ -612,28 +785,22 @@ impl OnnxStep {
         for start in (0..plan_batch).step_by(per) {
             let rows = start..(start + per).min(plan_batch);
             let n = rows.len();
-            let mut part_conds = Vec::with_capacity(conds.len());
-            for (slot, v) in self.conds.iter().zip(conds) {
-                part_conds.push(
-                    if slot.batched && n != plan_batch && v.shape()[0] == plan_batch {
-                        let t = v.slice(0, rows.start, rows.end).map_err(|e| fail(n, e))?;
-                        tp::IntoTValue::into_tvalue(t)
-                    } else {
-                        v.clone()
-                    },
-                );
-            }
+            let part_conds = self.shard_conds(conds, rows.clone(), plan_batch)?;
             let m = check::guarded(&self.path, "specialising the graph", || {
-                self.specialised_const(model, n, &part_conds)
-                    .map_err(|e| fail(n, e))
+                if self.live {
+                    self.specialised(model, n, &part_conds)
+                } else {
+                    self.specialised_const(model, n, &part_conds)
+                }
+                .map_err(|e| fail(n, e))
             })?;
-            specialised.push((rows, m));
+            specialised.push((rows, m, part_conds));
         }
         // The parts run at once: their peaks together must fit, checked before tract's
         // optimiser evaluates (and so allocates) anything at this batch.
         let mut total = 0u64;
         let mut at = String::new();
-        for (_, m) in &specialised {
+        for (_, m, _) in &specialised {
             let (peak, node) = check::peak_bytes(m, None).map_err(|e| fail(plan_batch, e))?;
             total = total.saturating_add(peak);
             at = node;
@@ -647,7 +814,7 @@ impl OnnxStep {
             Some(total),
         )?;
         let mut shards = Vec::with_capacity(parts);
-        for (rows, m) in specialised {
+        for (rows, m, part_conds) in specialised {
             let n = rows.len();
             let state = check::guarded(&self.path, "optimising the graph", || {
                 m.into_optimized()
@@ -658,6 +825,7 @@ impl OnnxStep {
             shards.push(Shard {
                 rows,
                 state: Box::new(state),
+                conds: if self.live { part_conds } else { Vec::new() },
             });
         }
         Ok(shards)
@@ -698,7 +866,6 @@ impl OnnxStep {
             }
         };
         self.plan(batch, half)?;
-        #[cfg(feature = "ort")]
         let cond_inputs: Vec<usize> = self.conds.iter().map(|c| c.input).collect();
         let OnnxStep {
             path,
@@ -737,6 +904,7 @@ impl OnnxStep {
                         shard,
                         feeds,
                         (*t_input, *t_datum, ts, &t_shape[..]),
+                        &cond_inputs,
                         out,
                     )
                 };
@@ -771,7 +939,8 @@ impl OnnxStep {
         }
     }
 
-    /// The (guided) velocity of `x` `[B, D]` flat at times `t` (B values, or one) into `out`.
+    /// The (guided) velocity of `x` `[B, D]` flat at times `t` (B values, or one) into `out`, in
+    /// the crate's convention (noise at t = 0) whatever the network's.
     pub fn velocity(&mut self, x: &[f32], t: &[f32], out: &mut [f32]) -> Result<()> {
         let d = self.x_dims.numel();
         let batch = x.len() / d;
@@ -789,6 +958,24 @@ impl OnnxStep {
                 got: vec![t.len()],
             });
         }
+        if self.convention == TimeConvention::NoiseAt1 {
+            let mut tm = std::mem::take(&mut self.t_model);
+            tm.clear();
+            tm.extend(t.iter().map(|&s| TimeConvention::NoiseAt1.model_time(s)));
+            let r = self.velocity_model_time(x, &tm, out);
+            self.t_model = tm;
+            r?;
+            for v in out.iter_mut() {
+                *v = -*v;
+            }
+            return Ok(());
+        }
+        self.velocity_model_time(x, t, out)
+    }
+
+    /// [`Self::velocity`] at the network's own times, the time convention aside.
+    fn velocity_model_time(&mut self, x: &[f32], t: &[f32], out: &mut [f32]) -> Result<()> {
+        let batch = x.len() / self.x_dims.numel();
         let half = self.half();
         if half != Half::Both {
             return self.run_rows(x, t, batch, batch, half, out);
@@ -818,23 +1005,24 @@ impl OnnxStep {
 }
 
 /// Runs one shard's rows: `x` and `t` (input index in the file, declared type, values, shape),
-/// the velocity into `out`.
+/// with the shard's live conditions at the inputs `cond_inputs` (none when they are constants of
+/// the plan), the velocity into `out`.
 fn run_tract(
     path: &Path,
     shard: &mut Shard,
     x: (usize, tp::DatumType, &[f32], &[usize]),
     t: (usize, tp::DatumType, &[f32], &[usize]),
+    cond_inputs: &[usize],
     out: &mut [f32],
 ) -> Result<()> {
     let err = |e: tp::TractError| onnx_err(path, tract_msg(&e));
     let x_t = tp::IntoTValue::into_tvalue(make_float(x.3, x.2, x.1).map_err(err)?);
     let t_t = tp::IntoTValue::into_tvalue(make_float(t.3, t.2, t.1).map_err(err)?);
-    // The plan's inputs are x and t in the file's order (the conditions are constants).
-    let feeds: tp::TVec<tp::TValue> = if x.0 < t.0 {
-        [x_t, t_t].into_iter().collect()
-    } else {
-        [t_t, x_t].into_iter().collect()
-    };
+    // The plan's inputs in the file's order: x, t and the live conditions.
+    let mut feeds: Vec<(usize, tp::TValue)> = vec![(x.0, x_t), (t.0, t_t)];
+    feeds.extend(cond_inputs.iter().copied().zip(shard.conds.iter().cloned()));
+    feeds.sort_by_key(|(i, _)| *i);
+    let feeds: tp::TVec<tp::TValue> = feeds.into_iter().map(|(_, v)| v).collect();
     let outputs = check::guarded(path, "running the network", || {
         shard.state.run(feeds).map_err(|e| {
             onnx_err(

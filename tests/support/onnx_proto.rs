@@ -145,6 +145,11 @@ impl Graph {
 
     /// The file's bytes: IR version 8, opset 17.
     pub fn bytes(self) -> Vec<u8> {
+        self.bytes_with_metadata(&[])
+    }
+
+    /// The file's bytes with `metadata_props` entries (key, value).
+    pub fn bytes_with_metadata(self, metadata: &[(&str, &str)]) -> Vec<u8> {
         let mut g = Msg::default();
         for n in self.nodes {
             g = g.msg(1, n);
@@ -159,12 +164,15 @@ impl Graph {
         for o in self.outputs {
             g = g.msg(12, o);
         }
-        Msg::default()
+        let mut m = Msg::default()
             .int(1, 8)
             .str(2, "onnx-proto-test")
             .msg(7, g)
-            .msg(8, Msg::default().str(1, "").int(2, 17))
-            .0
+            .msg(8, Msg::default().str(1, "").int(2, 17));
+        for (k, v) in metadata {
+            m = m.msg(14, Msg::default().str(1, k).str(2, v));
+        }
+        m.0
     }
 }
 
@@ -173,6 +181,13 @@ pub fn identity_velocity() -> Vec<u8> {
     let mut g = Graph::velocity();
     g.nodes.push(node("Identity", "id", &["x"], &["v"]));
     g.bytes()
+}
+
+/// [`identity_velocity`] with one metadata entry.
+pub fn identity_with_metadata(key: &str, value: &str) -> Vec<u8> {
+    let mut g = Graph::velocity();
+    g.nodes.push(node("Identity", "id", &["x"], &["v"]));
+    g.bytes_with_metadata(&[(key, value)])
 }
 
 /// The velocity graph with one size-making node `op` ("grow", output `v`) whose size input is

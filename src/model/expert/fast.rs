@@ -14,8 +14,9 @@ use crate::kernel::decoder::{self as dk, JointShape};
 use crate::kernel::{self, attention, TILE_N};
 use crate::step::FastVelocity;
 
-/// A linear layer `y = x W^T + b`, kept packed (`W^T` `[k, n]`) when `n` suits the
-/// register-tiled kernel and as `W` `[n, k]` otherwise (a narrow output such as `[2, W]`).
+/// A linear layer `y = x W^T + b`, kept packed (`W^T` `[k, n]` in 16-column panels,
+/// [`kernel::pack_panels`]) when `n` suits the register-tiled kernel and as `W` `[n, k]`
+/// otherwise (a narrow output such as `[2, W]`).
 #[derive(Debug, Clone)]
 struct Lin {
     w: Vec<f32>,
@@ -28,7 +29,7 @@ struct Lin {
 impl Lin {
     fn new(w: Vec<f32>, b: Option<Vec<f32>>, n: usize, k: usize) -> Self {
         let wt = if n.is_multiple_of(TILE_N) {
-            kernel::transpose(&w, n, k)
+            kernel::pack_panels(&kernel::transpose(&w, n, k), k, n)
         } else {
             Vec::new()
         };
@@ -66,7 +67,7 @@ impl Lin {
         for yr in y.chunks_exact_mut(n) {
             yr.copy_from_slice(bias);
         }
-        kernel::matmul_packed(y, &x[..m * k], &self.wt, m, n, k);
+        kernel::matmul_panels(y, &x[..m * k], &self.wt, m, n, k);
     }
 }
 
@@ -129,7 +130,8 @@ struct Net {
 }
 
 /// The prefix cache in the kernels' layout: per cache row, layer and kv head the keys
-/// transposed `[D, Pp]` and the values `[Pp, Dp]`, zero-padded to the tile.
+/// transposed `[D, Pp]` and the values `[Pp, Dp]`, zero-padded to the tile, each in
+/// 16-column panels ([`kernel::panel_index`]).
 #[derive(Debug, Clone, Default)]
 struct Cache {
     rows: usize,
@@ -190,6 +192,15 @@ struct Bufs {
     sp: Vec<f32>,
     so: Vec<f32>,
     oh: Vec<f32>,
+}
+
+/// Writes `row` as row `j` of a `[k, n]` weight in [`kernel::pack_panels`]' layout (`row` may
+/// be shorter than `n`: the rest is left as it is).
+fn scatter_row(w: &mut [f32], row: &[f32], j: usize, k: usize) {
+    for (c0, part) in row.chunks(TILE_N).enumerate() {
+        let at = kernel::panel_index(c0 * TILE_N, j, k);
+        w[at..at + part.len()].copy_from_slice(part);
+    }
 }
 
 /// Makes `v` hold `n` zeros, reusing its memory (no allocation when it already holds `n`).
@@ -386,17 +397,20 @@ impl FastExpert {
                     let i = c.block(row, layer, head);
                     let kt = &mut c.kt[i * hd * pp..(i + 1) * hd * pp];
                     let kin = &ks[at..at + p * hd];
-                    // In 16-token blocks so both sides stay in L1.
-                    for jb in (0..p).step_by(16) {
+                    // In 16-token blocks: one panel of K^T, written in order, while the
+                    // block's keys stay in L1.
+                    for jb in (0..p).step_by(TILE_N) {
                         for e in 0..hd {
-                            for j in jb..(jb + 16).min(p) {
-                                kt[e * pp + j] = kin[j * hd + e];
+                            let at = kernel::panel_index(jb, e, hd);
+                            let panel = &mut kt[at..at + TILE_N];
+                            for (j, d) in (jb..(jb + TILE_N).min(p)).zip(panel.iter_mut()) {
+                                *d = kin[j * hd + e];
                             }
                         }
                     }
                     let v = &mut c.v[i * pp * dp..(i + 1) * pp * dp];
                     for (j, vr) in vs[at..at + p * hd].chunks_exact(hd).enumerate() {
-                        v[j * dp..j * dp + hd].copy_from_slice(vr);
+                        scatter_row(v, vr, j, pp);
                     }
                 }
             }
@@ -658,19 +672,24 @@ impl Net {
                     for i in 0..l {
                         let kk = &seq[i * n3 + (nh + j) * hd..i * n3 + (nh + j + 1) * hd];
                         for (e, &kv) in kk.iter().enumerate() {
-                            b.kto[e * lp + i] = kv;
+                            b.kto[kernel::panel_index(i, e, hd)] = kv;
                         }
                         let vv =
                             &seq[i * n3 + (nh + nkv + j) * hd..i * n3 + (nh + nkv + j + 1) * hd];
-                        b.vo[i * dp..i * dp + hd].copy_from_slice(vv);
+                        scatter_row(&mut b.vo, vv, i, lp);
                     }
                     let m = g * l;
                     if pp > 0 {
-                        b.sp.fill(0.0);
-                        kernel::matmul_packed(&mut b.sp, &b.q, cache.kt(crow, li, j), m, pp, hd);
+                        kernel::matmul_panels_set(
+                            &mut b.sp,
+                            &b.q,
+                            cache.kt(crow, li, j),
+                            m,
+                            pp,
+                            hd,
+                        );
                     }
-                    b.so.fill(0.0);
-                    kernel::matmul_packed(&mut b.so, &b.q, &b.kto, m, lp, hd);
+                    kernel::matmul_panels_set(&mut b.so, &b.q, &b.kto, m, lp, hd);
                     let shape = JointShape {
                         p_stride: pp,
                         p_valid: cache.p,
@@ -680,11 +699,10 @@ impl Net {
                         causal: self.causal,
                     };
                     dk::softmax_joint(&mut b.sp, &mut b.so, &shape);
-                    b.oh.fill(0.0);
+                    kernel::matmul_panels_set(&mut b.oh, &b.so, &b.vo, m, dp, lp);
                     if pp > 0 {
-                        kernel::matmul_packed(&mut b.oh, &b.sp, cache.v(crow, li, j), m, dp, pp);
+                        kernel::matmul_panels(&mut b.oh, &b.sp, cache.v(crow, li, j), m, dp, pp);
                     }
-                    kernel::matmul_packed(&mut b.oh, &b.so, &b.vo, m, dp, lp);
                     for gi in 0..g {
                         let hq = j * g + gi;
                         for i in 0..l {
