@@ -3,7 +3,6 @@
 #![cfg(feature = "onnx")]
 
 #[path = "support/onnx_proto.rs"]
-#[allow(dead_code)]
 mod onnx_proto;
 
 use std::path::{Path, PathBuf};

@@ -8,7 +8,6 @@ use flow_matching::onnx::{OnnxStep, OrtOptions, Runtime};
 use flow_matching::{Diffusion, Error, FlowMatching, Method, SampleOptions, Schedule, XDims};
 
 #[path = "support/onnx_proto.rs"]
-#[allow(dead_code)]
 mod onnx_proto;
 
 const DIR: &str = "tests/data/onnx";
