@@ -7,9 +7,9 @@ mod onnx_proto;
 
 use std::path::{Path, PathBuf};
 
-use candle_core::Device;
+use candle_core::{Device, Tensor};
 use flow_matching::onnx::OnnxStep;
-use flow_matching::{Diffusion, Error, FlowMatching, SampleOptions};
+use flow_matching::{Diffusion, Error, FlowMatching, SampleOptions, StepFn};
 use onnx_proto::{node, Graph, Msg};
 
 fn dir(name: &str) -> PathBuf {
@@ -63,6 +63,49 @@ fn size_ops_from_constants_are_refused_by_node() {
             other => panic!("{op}: expected TooLarge, got {other}"),
         }
     }
+}
+
+/// A size computed from constants (PyTorch's `expand(b, l, -1)` exports as `Equal`/`Where`
+/// over constants) is folded before loading: a small one loads and runs, a huge one is refused
+/// by node, and one made by an op the fold does not know is refused as unbounded.
+#[test]
+fn computed_sizes_are_folded_before_loading() {
+    let d = dir("computed-size");
+    // [1, 1] * 2 = [2, 2]: x [2, 2] expands to itself.
+    let mut step = OnnxStep::load(write(
+        &d,
+        "small.onnx",
+        &onnx_proto::computed_expand(&[1, 1], "Mul"),
+    ))
+    .unwrap();
+    let x = Tensor::new(&[[1f32, 2.0], [3.0, 4.0]], &Device::Cpu).unwrap();
+    let t = Tensor::new(&[0.5f32, 0.5], &Device::Cpu).unwrap();
+    let v = step.step(&x, &t).unwrap();
+    assert_eq!(v.to_vec2::<f32>().unwrap(), x.to_vec2::<f32>().unwrap());
+    let e = OnnxStep::load(write(
+        &d,
+        "huge.onnx",
+        &onnx_proto::computed_expand(&[50_000, 12_000, 1], "Mul"),
+    ))
+    .unwrap_err();
+    match &e {
+        Error::TooLarge { what, .. } => {
+            assert!(what.contains("\"grow\" (Expand)"), "{e}");
+            assert!(what.contains("4800000000 elements"), "{e}")
+        }
+        other => panic!("expected TooLarge, got {other}"),
+    }
+    let e = OnnxStep::load(write(
+        &d,
+        "unknown.onnx",
+        &onnx_proto::computed_expand(&[50_000, 12_000, 1], "BitShift"),
+    ))
+    .unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("node \"grow\" (Expand) takes its size from a constant expression that is not bounded before loading"),
+        "{e}"
+    );
 }
 
 #[test]

@@ -21,6 +21,7 @@ use std::path::Path;
 use tract_onnx::pb;
 use tract_onnx::prelude as tp;
 
+use super::fold;
 use crate::error::{Error, Result};
 use crate::limits::{check_memory, memory_limit};
 
@@ -428,81 +429,58 @@ fn collapse_identities(graph: &mut pb::GraphProto) {
         .collect();
 }
 
-/// The integer values of a small constant (an initializer or a `Constant` node's value).
-fn int_values(t: &pb::TensorProto) -> Option<Vec<i64>> {
-    let n = t
-        .dims
-        .iter()
-        .try_fold(1usize, |a, &d| a.checked_mul(usize::try_from(d).ok()?))?;
-    if n > 64 {
+/// The static shape of a graph input (`None` when any dimension is symbolic).
+fn input_dims(i: &pb::ValueInfoProto) -> Option<Vec<usize>> {
+    use pb::tensor_shape_proto::dimension::Value as Dim;
+    use pb::type_proto::Value;
+    let Some(Value::TensorType(t)) = i.r#type.as_ref()?.value.as_ref() else {
         return None;
-    }
-    let v: Vec<i64> = match t.data_type {
-        7 if !t.raw_data.is_empty() => t
-            .raw_data
-            .chunks_exact(8)
-            .map(|c| i64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
-            .collect(),
-        7 => t.int64_data.clone(),
-        6 if !t.raw_data.is_empty() => t
-            .raw_data
-            .chunks_exact(4)
-            .map(|c| i64::from(i32::from_le_bytes(c.try_into().unwrap_or([0; 4]))))
-            .collect(),
-        6 => t.int32_data.iter().map(|&x| i64::from(x)).collect(),
-        1 if !t.raw_data.is_empty() => t
-            .raw_data
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes(c.try_into().unwrap_or([0; 4])) as i64)
-            .collect(),
-        1 => t.float_data.iter().map(|&x| x as i64).collect(),
-        _ => return None,
     };
-    (v.len() == n).then_some(v)
+    t.shape
+        .as_ref()?
+        .dim
+        .iter()
+        .map(|d| match d.value {
+            Some(Dim::DimValue(v)) => usize::try_from(v).ok(),
+            _ => None,
+        })
+        .collect()
 }
 
-/// Refuses size ops whose constant inputs ask for a tensor beyond the memory limit, naming the
-/// node: tract evaluates constant subgraphs while loading, before any shape is checked.
+/// Refuses size ops whose inputs, folded from the graph's constants, ask for a tensor beyond
+/// the memory limit, naming the node: tract evaluates constant subgraphs while loading, before
+/// any shape is checked. A size computed from constants by ops the fold does not know is
+/// refused too (it could be anything).
 fn check_size_ops(path: &Path, graph: &pb::GraphProto) -> Result<()> {
-    let mut consts: HashMap<&str, &pb::TensorProto> = graph
+    let dims: HashMap<&str, Vec<usize>> = graph
+        .input
+        .iter()
+        .filter_map(|i| Some((i.name.as_str(), input_dims(i)?)))
+        .collect();
+    let vals = fold::fold_graph(graph, &dims);
+    let graph_inputs: HashSet<&str> = graph.input.iter().map(|i| i.name.as_str()).collect();
+    let mut consts: HashSet<&str> = graph
         .initializer
         .iter()
-        .map(|t| (t.name.as_str(), t))
+        .map(|t| t.name.as_str())
+        .filter(|n| !graph_inputs.contains(n))
         .collect();
     // Values computed from constants alone: tract folds them while loading too.
-    let mut derived: HashSet<&str> = HashSet::new();
-    let graph_inputs: HashSet<&str> = graph.input.iter().map(|i| i.name.as_str()).collect();
     for n in &graph.node {
         if n.op_type == "Constant" {
-            if let (Some(out), Some(t)) = (
-                n.output.first(),
-                n.attribute.iter().find_map(|a| a.t.as_ref()),
-            ) {
-                consts.insert(out.as_str(), t);
-            }
+            consts.extend(n.output.iter().map(String::as_str));
             continue;
         }
-        let known = |i: &str| -> bool {
-            i.is_empty()
-                || (consts.contains_key(i) && !graph_inputs.contains(i))
-                || derived.contains(i)
-        };
         let size_input = match n.op_type.as_str() {
             "ConstantOfShape" => Some(0),
-            "Expand" | "Tile" => Some(1),
-            "Range" => Some(1),
+            "Expand" | "Tile" | "Range" => Some(1),
             _ => None,
         };
         if let Some(k) = size_input {
+            let value = |i: usize| n.input.get(i).and_then(|x| vals.get(x.as_str()));
             let elems: Option<u64> = match n.op_type.as_str() {
                 "Range" => {
-                    let scalar = |i: usize| {
-                        n.input
-                            .get(i)
-                            .and_then(|x| consts.get(x.as_str()))
-                            .and_then(|t| int_values(t))
-                            .and_then(|v| v.first().copied())
-                    };
+                    let scalar = |i: usize| value(i).and_then(fold::Ints::scalar);
                     match (scalar(0), scalar(1), scalar(2)) {
                         (Some(s), Some(l), Some(d)) if d != 0 => {
                             Some(((i128::from(l) - i128::from(s)) / i128::from(d)).max(0) as u64)
@@ -510,16 +488,11 @@ fn check_size_ops(path: &Path, graph: &pb::GraphProto) -> Result<()> {
                         _ => None,
                     }
                 }
-                _ => n
-                    .input
-                    .get(k)
-                    .and_then(|x| consts.get(x.as_str()))
-                    .and_then(|t| int_values(t))
-                    .map(|v| {
-                        v.iter()
-                            .try_fold(1u64, |a, &d| a.checked_mul(d.max(0) as u64))
-                            .unwrap_or(u64::MAX)
-                    }),
+                _ => value(k).map(|v| {
+                    v.v.iter()
+                        .try_fold(1u64, |a, &d| a.checked_mul(d.max(0) as u64))
+                        .unwrap_or(u64::MAX)
+                }),
             };
             let name = crate::describe::excerpt(&n.name);
             // ConstantOfShape's value fixes the element type (float32 by default); for the
@@ -544,7 +517,7 @@ fn check_size_ops(path: &Path, graph: &pb::GraphProto) -> Result<()> {
                         e.checked_mul(esize),
                     )?;
                 }
-                None if n.input.get(k).is_some_and(|x| derived.contains(x.as_str())) => {
+                None if n.input.get(k).is_some_and(|x| consts.contains(x.as_str())) => {
                     return Err(err(
                         path,
                         format!(
@@ -556,8 +529,12 @@ fn check_size_ops(path: &Path, graph: &pb::GraphProto) -> Result<()> {
                 None => {}
             }
         }
-        if !n.input.is_empty() && n.input.iter().all(|i| known(i)) {
-            derived.extend(n.output.iter().map(String::as_str));
+        if !n.input.is_empty()
+            && n.input
+                .iter()
+                .all(|i| i.is_empty() || consts.contains(i.as_str()))
+        {
+            consts.extend(n.output.iter().map(String::as_str));
         }
     }
     Ok(())

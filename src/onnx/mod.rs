@@ -37,6 +37,7 @@ use crate::step::{FastVelocity, StepFn};
 use crate::XDims;
 
 mod check;
+mod fold;
 mod load;
 mod options;
 #[cfg(feature = "ort")]

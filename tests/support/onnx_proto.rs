@@ -204,3 +204,29 @@ pub fn size_op(op: &str, size: &[i64]) -> Vec<u8> {
     g.nodes.push(node(op, "grow", &inputs, &["v"]));
     g.bytes()
 }
+
+/// The velocity graph whose `Expand` ("grow", output `v`) takes a size computed from
+/// constants: `half` times 2 by `via` ("Mul", folded before loading, or an op the fold does
+/// not know), then `-1` entries replaced by 1 through `Equal` and `Where` as PyTorch exports
+/// `expand(b, l, -1)`.
+pub fn computed_expand(half: &[i64], via: &str) -> Vec<u8> {
+    let mut g = Graph::velocity();
+    let n = half.len() as i64;
+    g.initializers.push(int64_tensor("half", &[n], half));
+    g.initializers.push(int64_tensor("two", &[1], &[2]));
+    g.initializers.push(int64_tensor("minus1", &[], &[-1]));
+    g.initializers
+        .push(int64_tensor("ones", &[n], &vec![1; n as usize]));
+    g.nodes
+        .push(node(via, "double", &["half", "two"], &["doubled"]));
+    g.nodes
+        .push(node("Equal", "eq", &["doubled", "minus1"], &["is_free"]));
+    g.nodes.push(node(
+        "Where",
+        "pick",
+        &["is_free", "ones", "doubled"],
+        &["size"],
+    ));
+    g.nodes.push(node("Expand", "grow", &["x", "size"], &["v"]));
+    g.bytes()
+}
