@@ -56,6 +56,11 @@ impl Reporter {
         }
     }
 
+    /// Changes the job's total (a run planned from its measured rate).
+    pub fn set_total(&mut self, total: usize) {
+        self.total = total;
+    }
+
     /// The report for `done` units with the given loss and learning rate.
     pub fn progress(&self, done: usize, loss: Option<f32>, lr: Option<f64>) -> Progress {
         let elapsed = self.started.elapsed();

@@ -187,9 +187,82 @@ pub fn sampling(batch: usize, d: usize, steps: usize, trajectory: bool) -> Resul
     sampling_with_cond(batch, d, 0, None, steps, trajectory)
 }
 
+/// A wall-clock duration for `flag`: a number of seconds, or parts with units `h`, `m`, `s`
+/// (`90s`, `10m`, `1h30m`, `2.5m`); more than zero and at most a year.
+pub fn duration(flag: &'static str, text: &str) -> Result<std::time::Duration> {
+    let bad = || {
+        Error::invalid(
+            flag,
+            text,
+            "a duration such as 600, 90s, 10m or 1h30m (more than zero, at most a year)",
+        )
+    };
+    let s = text.trim();
+    let mut secs = 0.0f64;
+    let mut num = String::new();
+    let mut any = false;
+    for c in s.chars() {
+        match c {
+            '0'..='9' | '.' => num.push(c),
+            'h' | 'm' | 's' => {
+                let v: f64 = num.parse().map_err(|_| bad())?;
+                secs += v * match c {
+                    'h' => 3600.0,
+                    'm' => 60.0,
+                    _ => 1.0,
+                };
+                num.clear();
+                any = true;
+            }
+            _ => return Err(bad()),
+        }
+    }
+    if !num.is_empty() {
+        // A bare number is seconds; after units it would be ambiguous ("1m30").
+        if any {
+            return Err(bad());
+        }
+        secs = num.parse().map_err(|_| bad())?;
+    } else if !any {
+        return Err(bad());
+    }
+    if !(secs > 0.0 && secs <= 365.0 * 86_400.0) {
+        return Err(bad());
+    }
+    Ok(std::time::Duration::from_secs_f64(secs))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durations_parse_with_units_and_refuse_the_rest_by_flag() {
+        let d = |s| duration("--time-budget", s).map(|d| d.as_secs_f64());
+        assert_eq!(d("600").unwrap(), 600.0);
+        assert_eq!(d("10m").unwrap(), 600.0);
+        assert_eq!(d("1h30m").unwrap(), 5400.0);
+        assert_eq!(d("2.5m").unwrap(), 150.0);
+        assert_eq!(d("90s").unwrap(), 90.0);
+        for bad in [
+            "",
+            "0",
+            "0s",
+            "-5m",
+            "10 minutes",
+            "1m30",
+            "m",
+            "1..5s",
+            "400d",
+            "1e9",
+        ] {
+            let e = d(bad).unwrap_err().to_string();
+            assert!(
+                e.contains("--time-budget") && e.contains("a duration such as"),
+                "{bad:?}: {e}"
+            );
+        }
+    }
 
     #[test]
     fn bounds_refuse_wrapping_and_huge_requests() {

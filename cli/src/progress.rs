@@ -31,6 +31,8 @@ impl Bar {
     pub fn callback(&self) -> impl FnMut(&Progress) + Send + 'static {
         let bar = self.0.clone();
         move |p: &Progress| {
+            // A run planned from its measured rate changes its total as it goes.
+            bar.set_length(p.total as u64);
             bar.set_position(p.done as u64);
             match (p.loss, p.lr) {
                 (Some(loss), Some(lr)) => bar.set_message(format!("loss {loss:.5} lr {lr:.2e}")),

@@ -3,6 +3,7 @@
 //! a checkpoint.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use candle_core::{Device, Tensor};
 use rand::rngs::StdRng;
@@ -29,6 +30,11 @@ pub struct TrainSettings {
     /// --help of `train`; a resumed run keeps its own total unless given).
     #[arg(long)]
     pub steps: Option<usize>,
+    /// Plan the step count to fit this much wall time, from the time the run measures per
+    /// step (600, 90s, 10m, 1h30m); with --steps that is the most it takes. The other sizes
+    /// are still chosen from the data.
+    #[arg(long, value_name = "DURATION")]
+    pub time_budget: Option<String>,
     /// Samples per step (default: chosen from the data).
     #[arg(long)]
     pub batch: Option<usize>,
@@ -106,13 +112,27 @@ impl TrainSettings {
             || self.batch.is_none()
             || self.hidden.is_none()
             || self.depth.is_none();
+        // Under a time budget the step count is planned as the run goes, up to --steps.
+        let open = if self.time_budget.is_some() {
+            BUDGET_MAX_STEPS
+        } else {
+            auto.steps
+        };
         let s = Sizing {
             hidden: self.hidden.unwrap_or(auto.hidden),
             depth: self.depth.unwrap_or(auto.depth),
             batch_size: self.batch.unwrap_or(auto.batch_size),
-            steps: self.steps.unwrap_or(auto.steps),
+            steps: self.steps.unwrap_or(open),
         };
         (s, chosen)
+    }
+
+    /// The `--time-budget`, parsed.
+    pub fn time_budget(&self) -> Result<Option<Duration>> {
+        self.time_budget
+            .as_deref()
+            .map(|t| crate::bounds::duration("--time-budget", t))
+            .transpose()
     }
 
     /// The trainer's config with the run's sizes.
@@ -225,6 +245,10 @@ impl std::str::FromStr for Arch {
         }
     }
 }
+
+/// The most steps a run under `--time-budget` without `--steps` plans (its loss history is
+/// 24 MB at this count).
+pub const BUDGET_MAX_STEPS: usize = 1_000_000;
 
 /// Early stopping on a held-out slice of the data.
 #[derive(Debug, Clone, clap::Args)]
@@ -542,15 +566,31 @@ fn trainer_for<C>(
 where
     C: ModelConfig,
 {
+    let budget = settings.time_budget()?;
+    let with_budget = |t: Trainer<C::Model>| match budget {
+        Some(b) => t.with_time_budget(b),
+        None => t,
+    };
     let Some(p) = resume else {
         let (sizing, _) = data.sizing(settings);
         let config = mc(&sizing)?;
-        return Trainer::new(config, settings.train_config(&sizing)?, device);
+        return Ok(with_budget(Trainer::new(
+            config,
+            settings.train_config(&sizing)?,
+            device,
+        )?));
     };
     let mut t = Trainer::<C::Model>::resume_model(p, device)?;
-    if let Some(steps) = settings.steps {
-        t = t.with_steps(steps)?;
+    match (settings.steps, budget) {
+        (Some(steps), _) => t = t.with_steps(steps)?,
+        // A resumed run under a budget plans from where it stands.
+        (None, Some(_)) => {
+            let done = t.steps_done();
+            t = t.with_steps(done.saturating_add(BUDGET_MAX_STEPS))?
+        }
+        (None, None) => {}
     }
+    let t = with_budget(t);
     let m = t.model();
     let want = data.cond.as_ref().map(|c| c.values.dims()[1..].to_vec());
     let has = m.cond_dims().map(|d| d.dims().to_vec());
@@ -749,16 +789,24 @@ pub fn run(a: TrainArgs) -> Result<()> {
         let (sizing, chosen) = data.sizing(&a.settings);
         // Refuse bad settings before printing anything.
         a.settings.train_config(&sizing)?;
+        let steps = match (&a.settings.time_budget, a.settings.steps) {
+            (Some(b), None) => format!("steps planned to fit {b}"),
+            (Some(b), Some(n)) => format!("at most {n} steps planned to fit {b}"),
+            (None, _) => format!("{} steps", sizing.steps),
+        };
         let what = match arch {
             Arch::Mlp => {
                 data.mlp_config(&a.settings, &sizing)?;
-                format!("{sizing}")
+                format!(
+                    "hidden {}, depth {}, batch {}, {steps}",
+                    sizing.hidden, sizing.depth, sizing.batch_size
+                )
             }
             Arch::Transformer => {
                 let t = data.transformer_config(&a.settings, &sizing)?;
                 format!(
-                    "transformer width {}, depth {}, heads {}, batch {}, {} steps",
-                    t.width, t.depth, t.heads, sizing.batch_size, sizing.steps
+                    "transformer width {}, depth {}, heads {}, batch {}, {steps}",
+                    t.width, t.depth, t.heads, sizing.batch_size
                 )
             }
         };

@@ -5,6 +5,7 @@
 //! Every random draw of step `k` comes from [`step_rng`]`(seed, k)`, so a run resumed at step
 //! `k` continues bit for bit as the uninterrupted run would have.
 
+mod budget;
 mod checkpoint;
 mod config;
 mod model;
@@ -25,6 +26,7 @@ use crate::flow_matching::{FlowMatching, TrainingBatch};
 use crate::model::{Condition, IntoCondition, VelocityMlp};
 use crate::progress::{Progress, ProgressFn, Reporter};
 
+pub use budget::TimeBudget;
 pub use config::TrainConfig;
 pub use model::{ModelConfig, TrainableModel};
 pub use optim::{clip_grad_norm, grad_norm, lr_at, AdamW, AdamWParams, Ema, LrSchedule};
@@ -172,6 +174,7 @@ pub struct Trainer<M: TrainableModel = VelocityMlp> {
     loss_fn: LossFn<M>,
     checkpoint: Option<PathBuf>,
     progress: Option<ProgressFn>,
+    budget: Option<TimeBudget>,
 }
 
 impl<M: TrainableModel> std::fmt::Debug for Trainer<M> {
@@ -246,6 +249,7 @@ impl<M: TrainableModel> Trainer<M> {
             loss_fn: Box::new(default_loss_and_grads::<M>),
             checkpoint: None,
             progress: None,
+            budget: None,
         })
     }
 
@@ -277,6 +281,61 @@ impl<M: TrainableModel> Trainer<M> {
         }
         self.config.steps = steps;
         Ok(self)
+    }
+
+    /// Plans the step count from the time each step takes so that the run (from the next
+    /// call to [`Self::train`]) ends within `budget` of wall time; the configured steps are
+    /// the most it plans ([`TimeBudget`] says when it plans), and [`Self::config`]`().steps`
+    /// holds the plan afterwards.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use candle_core::{DType, Device, Tensor};
+    /// use flow_matching::train::{TrainConfig, Trainer};
+    /// use flow_matching::{VelocityMlpConfig, XDims};
+    ///
+    /// let mut model = VelocityMlpConfig::new(XDims::new(2).unwrap());
+    /// (model.hidden, model.depth) = (16, 1);
+    /// let config = TrainConfig { steps: 1_000_000, batch_size: 8, ..TrainConfig::default() };
+    /// let mut trainer = Trainer::new(model, config, &Device::Cpu)?
+    ///     .with_time_budget(Duration::from_millis(300));
+    /// let out = trainer.train(|_rng, b| Ok((Tensor::ones((b, 2), DType::F32, &Device::Cpu)?, None)))?;
+    /// // Far fewer than a million steps, as planned.
+    /// assert_eq!(out.history.len(), trainer.config().steps);
+    /// assert!(trainer.config().steps < 1_000_000);
+    /// # Ok::<(), flow_matching::Error>(())
+    /// ```
+    pub fn with_time_budget(mut self, budget: std::time::Duration) -> Self {
+        self.budget = Some(TimeBudget::new(budget).with_max_steps(self.config.steps));
+        self
+    }
+
+    /// The time budget, if one is set.
+    pub fn time_budget(&self) -> Option<&TimeBudget> {
+        self.budget.as_ref()
+    }
+
+    /// Starts the budget's clock (if there is one) at the current step.
+    fn start_budget(&mut self) {
+        let step = self.step;
+        if let Some(b) = self.budget.as_mut() {
+            b.start(step);
+        }
+    }
+
+    /// Re-plans the run's total after a step when the budget says so: the config's steps (and
+    /// so the schedule and the checkpoints) and the progress reports follow the plan.
+    fn follow_budget(&mut self, total: &mut usize, reporter: &mut Reporter) {
+        let step = self.step;
+        if let Some(new) = self
+            .budget
+            .as_mut()
+            .and_then(|b| b.after_step(step, *total))
+        {
+            *total = new.max(1);
+            self.config.steps = *total;
+            reporter.set_total(*total);
+        }
     }
 
     /// The run's config.
@@ -584,12 +643,14 @@ impl<M: TrainableModel> Trainer<M> {
             .as_deref()
             .map(crate::output::OutputLock::acquire)
             .transpose()?;
-        let total = self.config.steps;
-        let reporter = Reporter::new("train", self.step.min(total), total);
+        let mut total = self.config.steps;
+        let mut reporter = Reporter::new("train", self.step.min(total), total);
         let every = self.config.checkpoint_every;
+        self.start_budget();
         while self.step < total {
             let lr = self.config.lr_at(self.step);
             let loss = one_step(self)?;
+            self.follow_budget(&mut total, &mut reporter);
             if let Some(on_progress) = self.progress.as_mut() {
                 reporter.report(self.step, Some(loss), Some(lr), on_progress);
             }

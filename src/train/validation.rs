@@ -130,8 +130,9 @@ impl Trainer {
                 "both at least 1",
             ));
         }
-        let total = self.config.steps;
-        let reporter = crate::progress::Reporter::new("train", self.step.min(total), total);
+        let mut total = self.config.steps;
+        let mut reporter = crate::progress::Reporter::new("train", self.step.min(total), total);
+        self.start_budget();
         let mut history = Vec::new();
         let mut best: Option<(usize, f64, VelocityMlp)> = None;
         let mut misses = 0;
@@ -139,6 +140,7 @@ impl Trainer {
         while self.step < total {
             let lr = self.config.lr_at(self.step);
             let loss = self.step(&mut data)?;
+            self.follow_budget(&mut total, &mut reporter);
             if let Some(on_progress) = self.progress.as_mut() {
                 reporter.report(self.step, Some(loss), Some(lr), on_progress);
             }
