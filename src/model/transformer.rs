@@ -584,7 +584,9 @@ impl WaypointTransformer {
             };
             let (q, k, v) = (split(0)?, split(1)?, split(2)?);
             let att = (q.matmul(&k.t()?)? * scale)?;
-            let att = candle_nn::ops::softmax_last_dim(&att)?;
+            // The composed softmax, not `softmax_last_dim`: that fused op has no backward, so
+            // autograd through it gave the queries and keys no gradient at all.
+            let att = candle_nn::ops::softmax(&att, D::Minus1)?;
             let o = att.matmul(&v)?.transpose(1, 2)?.reshape((b, l, w))?;
             let o = self.linear(&o, &format!("{blk}.proj"))?;
             h = (h + o.broadcast_mul(&part(2)?)?)?;
