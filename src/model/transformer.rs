@@ -474,16 +474,11 @@ impl WaypointTransformer {
         Ok(h.broadcast_matmul(&w.t()?)?.broadcast_add(b)?)
     }
 
-    /// The condition's embedding `[B, W]` (the learned null condition for `None` and for
-    /// rows whose keep entry is 0); `None` for an unconditional model.
-    pub fn forward_cond_embedding(
-        &self,
-        cond: Option<&Condition>,
-        b: usize,
-    ) -> Result<Option<Tensor>> {
-        let w = self.config.width;
+    /// What `cond` comes to for `b` rows of this model (checked against its `cond_dims`): nothing,
+    /// the null condition for every row, or the standardised features with their keep mask.
+    pub(crate) fn cond_input(&self, cond: Option<&Condition>, b: usize) -> Result<CondInput> {
         match (&self.config.cond_dims, cond) {
-            (None, None) => Ok(None),
+            (None, None) => Ok(CondInput::Absent),
             (None, Some(_)) => Err(Error::invalid(
                 "condition",
                 "given",
@@ -494,18 +489,38 @@ impl WaypointTransformer {
                 "class labels",
                 "continuous features: the waypoint transformer takes no class labels",
             )),
-            (Some(_), None) => Ok(Some(
+            (Some(_), None) => Ok(CondInput::Null),
+            (Some(dims), Some(Condition::Features { values, keep })) => {
+                let (flat, keep) = flat_features(values, keep.as_ref(), dims, b)?;
+                let normed = flat
+                    .broadcast_sub(self.get("cond_norm.mean"))?
+                    .broadcast_div(self.get("cond_norm.std"))?;
+                Ok(CondInput::Features { normed, keep })
+            }
+        }
+    }
+
+    /// The condition's embedding `[B, W]` (the learned null condition for `None` and for
+    /// rows whose keep entry is 0); `None` for an unconditional model.
+    pub fn forward_cond_embedding(
+        &self,
+        cond: Option<&Condition>,
+        b: usize,
+    ) -> Result<Option<Tensor>> {
+        let w = self.config.width;
+        match self.cond_input(cond, b)? {
+            CondInput::Absent => Ok(None),
+            CondInput::Null => Ok(Some(
                 self.get("cond_null")
                     .unsqueeze(0)?
                     .broadcast_as((b, w))?
                     .contiguous()?,
             )),
-            (Some(dims), Some(Condition::Features { values, keep })) => {
-                let (flat, keep) = flat_features(values, keep.as_ref(), dims, b)?;
-                let n = flat
-                    .broadcast_sub(self.get("cond_norm.mean"))?
-                    .broadcast_div(self.get("cond_norm.std"))?;
-                let k = self.linear(&self.linear(&n, "cond_embed.0")?.silu()?, "cond_embed.2")?;
+            CondInput::Features { normed, keep } => {
+                let k = self.linear(
+                    &self.linear(&normed, "cond_embed.0")?.silu()?,
+                    "cond_embed.2",
+                )?;
                 Ok(Some(match keep {
                     None => k,
                     Some(kp) => {
@@ -601,6 +616,19 @@ impl WaypointTransformer {
         let h = modulate(&h, &m.narrow(2, 0, w)?, &m.narrow(2, w, w)?)?;
         Ok(self.linear(&h, "final_out")?.to_dtype(dtype)?)
     }
+}
+
+/// What a batch's condition comes to for a waypoint transformer.
+pub(crate) enum CondInput {
+    /// An unconditional model: no condition.
+    Absent,
+    /// A conditional model given none: the learned null condition for every row.
+    Null,
+    /// Standardised features `[B, cf]` and the keep mask `[B, 1]` (`None`: keep every row).
+    Features {
+        normed: Tensor,
+        keep: Option<Tensor>,
+    },
 }
 
 /// `LN(h) (1 + scale) + shift`, the layer norm without affine weights.
@@ -808,6 +836,22 @@ impl TrainableModel for WaypointTransformer {
 
     fn forward_cond(&self, x: &Tensor, t: &Tensor, cond: Option<&Condition>) -> Result<Tensor> {
         WaypointTransformer::forward_cond(self, x, t, cond)
+    }
+
+    // The fused forward and backward on the CPU (about 20x candle's autograd there); candle's
+    // autograd on other devices, where the tensors stay put.
+    fn loss_and_grads(
+        &self,
+        noisy_x: &Tensor,
+        t: &Tensor,
+        cond: Option<&Condition>,
+        target: &Tensor,
+    ) -> Result<(f32, Vec<(String, Tensor)>)> {
+        if self.device().is_cpu() {
+            crate::model::transformer_grad::loss_and_grads(self, noisy_x, t, cond, target)
+        } else {
+            crate::train::autograd_loss_and_grads(self, noisy_x, t, cond, target)
+        }
     }
 
     fn save_with_metadata(
