@@ -17,7 +17,7 @@ use crate::diffusion::XDims;
 use crate::error::{Error, Result};
 use crate::io::atomic_write;
 use crate::model::cond::{flat_features, CondNorm, Condition};
-use crate::train::{ModelConfig, TrainableModel};
+use crate::train::ModelConfig;
 
 /// `2 pi` rounded to float32 first, as the reference computes `((2*pi) * v) * f`.
 const TWO_PI_F32: f32 = 2.0 * std::f32::consts::PI;
@@ -781,85 +781,4 @@ pub fn read_transformer_bytes(
 
 impl ModelConfig for TransformerConfig {
     type Model = WaypointTransformer;
-}
-
-impl TrainableModel for WaypointTransformer {
-    type Config = TransformerConfig;
-
-    fn init(config: Self::Config, varmap: &VarMap, device: &Device, seed: u64) -> Result<Self> {
-        WaypointTransformer::init(config, varmap, device, seed)
-    }
-
-    fn from_tensors(
-        config: Self::Config,
-        tensors: &HashMap<String, Tensor>,
-        path: &Path,
-    ) -> Result<Self> {
-        WaypointTransformer::from_tensors(config, tensors, path)
-    }
-
-    fn read_file(path: &Path, device: &Device) -> Result<(Self::Config, HashMap<String, Tensor>)> {
-        read_transformer_file(path, device)
-    }
-
-    fn config(&self) -> &Self::Config {
-        &self.config
-    }
-
-    fn x_dims(&self) -> &XDims {
-        &self.config.x_dims
-    }
-
-    fn num_classes(&self) -> usize {
-        0
-    }
-
-    fn cond_dims(&self) -> Option<&XDims> {
-        self.config.cond_dims.as_ref()
-    }
-
-    fn device(&self) -> &Device {
-        WaypointTransformer::device(self)
-    }
-
-    fn tensors(&self) -> Vec<(String, Tensor)> {
-        WaypointTransformer::tensors(self)
-    }
-
-    fn is_fixed(key: &str) -> bool {
-        TransformerConfig::is_fixed(key)
-    }
-
-    fn detach(&self) -> Self {
-        WaypointTransformer::detach(self)
-    }
-
-    fn forward_cond(&self, x: &Tensor, t: &Tensor, cond: Option<&Condition>) -> Result<Tensor> {
-        WaypointTransformer::forward_cond(self, x, t, cond)
-    }
-
-    // The fused forward and backward on the CPU (about 20x candle's autograd there); candle's
-    // autograd on other devices, where the tensors stay put.
-    fn loss_and_grads(
-        &self,
-        noisy_x: &Tensor,
-        t: &Tensor,
-        cond: Option<&Condition>,
-        target: &Tensor,
-    ) -> Result<(f32, Vec<(String, Tensor)>)> {
-        if self.device().is_cpu() {
-            crate::model::transformer_grad::loss_and_grads(self, noisy_x, t, cond, target)
-        } else {
-            crate::train::autograd_loss_and_grads(self, noisy_x, t, cond, target)
-        }
-    }
-
-    fn save_with_metadata(
-        &self,
-        path: &Path,
-        extra: &[(String, Tensor)],
-        extra_meta: &HashMap<String, String>,
-    ) -> Result<()> {
-        WaypointTransformer::save_with_metadata(self, path, extra, extra_meta)
-    }
 }

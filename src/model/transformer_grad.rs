@@ -9,16 +9,22 @@
 //! a fixed order (so a step is deterministic for a given batch and thread count, and resuming
 //! a run reproduces it bit for bit).
 
+use std::collections::HashMap;
+use std::path::Path;
 use std::sync::Mutex;
 
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarMap;
 
+use crate::diffusion::XDims;
 use crate::error::{Error, Result};
 use crate::kernel::attention::{self, AttentionScratch};
 use crate::kernel::grad::{self, AttentionGradScratch};
 use crate::kernel::{self, add_assign, silu_backward, silu_keep};
 use crate::model::cond::Condition;
-use crate::model::transformer::{CondInput, WaypointTransformer, LN_EPS};
+use crate::model::transformer::{
+    read_transformer_file, CondInput, TransformerConfig, WaypointTransformer, LN_EPS,
+};
 use crate::model::transformer_fast::Lin;
 use crate::train::TrainableModel;
 
@@ -523,7 +529,7 @@ pub fn loss_and_grads(
     let names = cfg
         .expected_shapes()
         .into_iter()
-        .filter(|(k, _)| !<WaypointTransformer as TrainableModel>::is_fixed(k));
+        .filter(|(k, _)| !TransformerConfig::is_fixed(k));
     let out = names
         .zip(grads)
         .map(|((k, shape), g)| Ok((k, Tensor::from_vec(g, shape, device)?)))
@@ -928,6 +934,89 @@ fn train_block(
         _ => {}
     }
     (sse, g)
+}
+
+// The trainer's interface lives here, beside the fused step it offers, so that the model
+// module (the tensor path) does not import its training path back.
+impl TrainableModel for WaypointTransformer {
+    type Config = TransformerConfig;
+
+    fn init(config: Self::Config, varmap: &VarMap, device: &Device, seed: u64) -> Result<Self> {
+        WaypointTransformer::init(config, varmap, device, seed)
+    }
+
+    fn from_tensors(
+        config: Self::Config,
+        tensors: &HashMap<String, Tensor>,
+        path: &Path,
+    ) -> Result<Self> {
+        WaypointTransformer::from_tensors(config, tensors, path)
+    }
+
+    fn read_file(path: &Path, device: &Device) -> Result<(Self::Config, HashMap<String, Tensor>)> {
+        read_transformer_file(path, device)
+    }
+
+    fn config(&self) -> &Self::Config {
+        WaypointTransformer::config(self)
+    }
+
+    fn x_dims(&self) -> &XDims {
+        &WaypointTransformer::config(self).x_dims
+    }
+
+    fn num_classes(&self) -> usize {
+        0
+    }
+
+    fn cond_dims(&self) -> Option<&XDims> {
+        WaypointTransformer::config(self).cond_dims.as_ref()
+    }
+
+    fn device(&self) -> &Device {
+        WaypointTransformer::device(self)
+    }
+
+    fn tensors(&self) -> Vec<(String, Tensor)> {
+        WaypointTransformer::tensors(self)
+    }
+
+    fn is_fixed(key: &str) -> bool {
+        TransformerConfig::is_fixed(key)
+    }
+
+    fn detach(&self) -> Self {
+        WaypointTransformer::detach(self)
+    }
+
+    fn forward_cond(&self, x: &Tensor, t: &Tensor, cond: Option<&Condition>) -> Result<Tensor> {
+        WaypointTransformer::forward_cond(self, x, t, cond)
+    }
+
+    // The fused forward and backward on the CPU (about 10x candle's autograd there); candle's
+    // autograd on other devices, where the tensors stay put.
+    fn loss_and_grads(
+        &self,
+        noisy_x: &Tensor,
+        t: &Tensor,
+        cond: Option<&Condition>,
+        target: &Tensor,
+    ) -> Result<(f32, Vec<(String, Tensor)>)> {
+        if self.device().is_cpu() {
+            loss_and_grads(self, noisy_x, t, cond, target)
+        } else {
+            crate::train::autograd_loss_and_grads(self, noisy_x, t, cond, target)
+        }
+    }
+
+    fn save_with_metadata(
+        &self,
+        path: &Path,
+        extra: &[(String, Tensor)],
+        extra_meta: &HashMap<String, String>,
+    ) -> Result<()> {
+        WaypointTransformer::save_with_metadata(self, path, extra, extra_meta)
+    }
 }
 
 #[cfg(test)]
