@@ -4,7 +4,8 @@
 //! (`flow-matching bench --figures train_traj_b256` is that).
 //!
 //! ```sh
-//! cargo run --release --example transformer_train_step -- 256
+//! cargo run --release --example transformer_train_step -- 256         # both
+//! cargo run --release --example transformer_train_step -- 256 fused   # the fused step only (for perf)
 //! ```
 
 use std::time::Instant;
@@ -59,6 +60,10 @@ fn main() -> Result<()> {
         &mut || Ok(transformer_grad::loss_and_grads(&model, &x, &t, Some(&cond), &target)?.0),
         3,
     )?;
+    if std::env::args().nth(2).as_deref() == Some("fused") {
+        println!("batch {batch}: fused {fused_ms:.1} ms a step (loss {fused_loss})");
+        return Ok(());
+    }
     let (auto_ms, auto_loss) = time(
         &mut || Ok(autograd_loss_and_grads(&model, &x, &t, Some(&cond), &target)?.0),
         1,

@@ -202,7 +202,8 @@ fn perturbed_transformer(cfg: TransformerConfig, seed: u64) -> WaypointTransform
 /// conditional model with odd sizes (L = 10, 3 heads of 12, a non-trivial condition
 /// normalisation) under a keep mask that drops some rows and under the null condition, and an
 /// unconditional one whose tiles are exact (`[64, 2]`, heads of 16), each at a batch that runs
-/// on one thread and one split unevenly over two.
+/// on one thread, one split unevenly over two, and one whose threads take their rows in several
+/// blocks of about 512 tokens (the last one short).
 fn transformer_training(path: KernelPath) {
     let dev = Device::Cpu;
     let cond_cfg = TransformerConfig {
@@ -226,7 +227,7 @@ fn transformer_training(path: KernelPath) {
         num_freqs: 4,
         ..TransformerConfig::new(XDims::new([64, 2]).unwrap())
     };
-    for (cfg, batches) in [(cond_cfg, [7, 70]), (plain_cfg, [3, 9])] {
+    for (cfg, batches) in [(cond_cfg, [7, 70, 150]), (plain_cfg, [3, 9, 20])] {
         let model = perturbed_transformer(cfg.clone(), 11);
         let (l, c) = (cfg.len(), cfg.channels());
         for b in batches {

@@ -12,6 +12,26 @@ use super::{
     kernel_path, matmul_nn, matmul_packed_on, matmul_tn_acc_on, transpose, KernelPath, TILE_N,
 };
 
+/// The dot product of two equal-length slices in 16 lanes, so that the loop vectorises (a
+/// single accumulator is a chain of dependent adds).
+#[inline(always)]
+fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
+    let mut s = [0f32; 16];
+    let (mut ca, mut cb) = (a.chunks_exact(16), b.chunks_exact(16));
+    for (x, y) in (&mut ca).zip(&mut cb) {
+        for ((si, &xi), &yi) in s.iter_mut().zip(x).zip(y) {
+            *si += xi * yi;
+        }
+    }
+    let r: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    r + s.iter().sum::<f32>()
+}
+
 simd_dispatch! {
     /// `n = LN(h)` for every `w`-wide token (no affine weights), keeping each token's
     /// `1 / sqrt(var + eps)` in `rstd` for the backward pass.
@@ -65,19 +85,16 @@ simd_dispatch! {
         let tmp = &mut tmp[..w];
         let toks = dh.chunks_exact_mut(w).zip(da.chunks_exact(w)).zip(n.chunks_exact(w));
         for (((dht, dat), nt), &r) in toks.zip(rstd) {
-            for j in 0..w {
-                dshift[j] += dat[j];
-                dscale[j] += dat[j] * nt[j];
-                tmp[j] = dat[j] * (1.0 + scale[j]);
+            let cols = dshift.iter_mut().zip(dscale.iter_mut()).zip(tmp.iter_mut());
+            for ((((dsh, dsc), t), &d), (&nj, &sc)) in cols.zip(dat).zip(nt.iter().zip(scale)) {
+                *dsh += d;
+                *dsc += d * nj;
+                *t = d * (1.0 + sc);
             }
             // dh = rstd (dn - mean(dn) - n mean(dn n)): the layer norm's gradient, exact with
             // the epsilon inside rstd.
             let m1 = sum_lanes(tmp, |v| v) / w as f32;
-            let mut m2 = 0f32;
-            for (t, &nj) in tmp.iter().zip(nt) {
-                m2 += t * nj;
-            }
-            let m2 = m2 / w as f32;
+            let m2 = dot_lanes(tmp, nt) / w as f32;
             for ((d, &t), &nj) in dht.iter_mut().zip(tmp.iter()).zip(nt) {
                 *d += r * (t - m1 - nj * m2);
             }
@@ -98,9 +115,10 @@ simd_dispatch! {
         let w = gate.len();
         let toks = dy.chunks_exact_mut(w).zip(dh.chunks_exact(w)).zip(y.chunks_exact(w));
         for ((dyt, dht), yt) in toks {
-            for j in 0..w {
-                dyt[j] = dht[j] * gate[j];
-                dgate[j] += dht[j] * yt[j];
+            let cols = dyt.iter_mut().zip(dgate.iter_mut());
+            for (((o, dg), (&d, &yv)), &gv) in cols.zip(dht.iter().zip(yt)).zip(gate) {
+                *o = d * gv;
+                *dg += d * yv;
             }
         }
     }
@@ -118,10 +136,7 @@ simd_dispatch! {
         scale: f32
     ) {
         for (dr, pr) in dp.chunks_exact_mut(stride).zip(p.chunks_exact(stride)) {
-            let mut dot = 0f32;
-            for (d, &q) in dr[..valid].iter().zip(&pr[..valid]) {
-                dot += d * q;
-            }
+            let dot = dot_lanes(&dr[..valid], &pr[..valid]);
             for (d, &q) in dr.iter_mut().zip(pr) {
                 *d = scale * q * (*d - dot);
             }
@@ -308,14 +323,22 @@ pub(crate) fn attention_backward_on(
         let dseq = &dout[r * l * w..(r + 1) * l * w];
         for hd in 0..heads {
             let (c0, c1) = (hd * dh, (hd + 1) * dh);
+            // Element loops, not `copy_from_slice`: a head is a few floats, and a `memmove`
+            // call per head and token was a tenth of the step.
             for (i, tok) in seq.chunks_exact(stride).enumerate() {
-                q[i * dhp..i * dhp + dh].copy_from_slice(&tok[c0..c1]);
-                k[i * dhp..i * dhp + dh].copy_from_slice(&tok[w + c0..w + c1]);
+                let (qi, ki, vi) = (
+                    &tok[c0..c1],
+                    &tok[w + c0..w + c1],
+                    &tok[2 * w + c0..2 * w + c1],
+                );
+                let gi = &dseq[i * w + c0..i * w + c1];
                 for e in 0..dh {
-                    kt[e * lp + i] = tok[w + c0 + e];
-                    vt[e * lp + i] = tok[2 * w + c0 + e];
+                    q[i * dhp + e] = qi[e];
+                    k[i * dhp + e] = ki[e];
+                    kt[e * lp + i] = ki[e];
+                    vt[e * lp + i] = vi[e];
+                    dop[i * dhp + e] = gi[e];
                 }
-                dop[i * dhp..i * dhp + dh].copy_from_slice(&dseq[i * w + c0..i * w + c1]);
             }
             // The probabilities again: the forward's scores, softmax with its padding zeroed.
             p.fill(0.0);
@@ -333,10 +356,12 @@ pub(crate) fn attention_backward_on(
             dk.fill(0.0);
             matmul_tn_acc_on(path, dk, dp, q, l, lp, dhp);
             for i in 0..l {
-                let o = (r * l + i) * stride;
-                dqkv[o + c0..o + c1].copy_from_slice(&dq[i * dhp..i * dhp + dh]);
-                dqkv[o + w + c0..o + w + c1].copy_from_slice(&dk[i * dhp..i * dhp + dh]);
-                dqkv[o + 2 * w + c0..o + 2 * w + c1].copy_from_slice(&dv[i * dhp..i * dhp + dh]);
+                let out = &mut dqkv[(r * l + i) * stride..(r * l + i + 1) * stride];
+                for e in 0..dh {
+                    out[c0 + e] = dq[i * dhp + e];
+                    out[w + c0 + e] = dk[i * dhp + e];
+                    out[2 * w + c0 + e] = dv[i * dhp + e];
+                }
             }
         }
     }

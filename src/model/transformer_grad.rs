@@ -37,6 +37,12 @@ const TWO_PI_F32: f32 = 2.0 * std::f32::consts::PI;
 /// 6-row matmul tiles).
 const MIN_TOKENS_PER_THREAD: usize = 256;
 
+/// Tokens that go through the whole forward and backward together: a layer's activations
+/// (`512 x 64` floats, 128 KiB at the default width) stay in the core's L2 cache from one pass
+/// to the next, and a block's kept activations are a few MB rather than the thread's whole
+/// share of the batch (70 MB at batch 256).
+const BLOCK_TOKENS: usize = 512;
+
 /// One attention block's linear layers.
 struct Block {
     ada: Lin,
@@ -356,9 +362,9 @@ impl Workspace {
     }
 }
 
-/// Workspaces of finished steps, one per block of samples a step ran at once, taken again by
-/// the next step: a batch-256 step of the default model holds about 70 MB of activations per
-/// block, and fresh allocations of that size cost page faults on every step (as they did the
+/// Workspaces of finished steps, one per thread a step ran on, taken again by the next step:
+/// a block of [`BLOCK_TOKENS`] tokens of the default model keeps about 4 MB of activations, and
+/// fresh allocations of that size cost page faults on every step (as they did the
 /// velocity-mlp's, 10% of a step). A process-wide pool rather than thread-locals, because
 /// rayon may run a step's blocks on any of its threads (the calling thread included); a
 /// workspace of another shape is dropped when taken, so the pool never holds more than one
@@ -494,19 +500,30 @@ pub fn loss_and_grads(
     let per = b.div_ceil(parts);
     let parts = b.div_ceil(per);
     let scale = 2.0 / (b * d) as f32;
-    let dims = net.dims(per);
+    // Each thread's rows go through in sub-blocks of about `BLOCK_TOKENS` tokens, their
+    // gradients summed into the thread's own.
+    let sub = (BLOCK_TOKENS / net.l).clamp(1, per);
+    let dims = net.dims(sub);
     let run = |i: usize| -> (f64, Vec<Vec<f32>>) {
         let (r0, r1) = (i * per, ((i + 1) * per).min(b));
         let mut ws = take_workspace(dims);
-        let (sse, g) = train_block(
-            &net,
-            &mut ws,
-            &x[r0 * d..r1 * d],
-            &tv[r0..r1],
-            rows_cond.rows(r0, r1, net.cf),
-            &tg[r0 * d..r1 * d],
-            scale,
-        );
+        let mut g = Grads::zeros(&net);
+        let mut sse = 0f64;
+        let mut r = r0;
+        while r < r1 {
+            let e = (r + sub).min(r1);
+            sse += train_block(
+                &net,
+                &mut ws,
+                &mut g,
+                &x[r * d..e * d],
+                &tv[r..e],
+                rows_cond.rows(r, e, net.cf),
+                &tg[r * d..e * d],
+                scale,
+            );
+            r = e;
+        }
         give_workspace(ws);
         (sse, g.into_flat())
     };
@@ -660,17 +677,19 @@ fn linear_backward(
     }
 }
 
-/// Forward and backward over one block of samples; returns its sum of squared errors and its
-/// (unreduced) gradients.
+/// Forward and backward over one block of samples: its gradients added to `g`; returns its sum
+/// of squared errors.
+#[allow(clippy::too_many_arguments)]
 fn train_block(
     net: &Net,
     ws: &mut Workspace,
+    g: &mut Grads,
     x: &[f32],
     t: &[f32],
     cond: CondRows<'_>,
     target: &[f32],
     scale: f32,
-) -> (f64, Grads) {
+) -> f64 {
     let (l, c, w, ff, heads) = (net.l, net.c, net.w, net.ff, net.heads);
     let (f, p, pt) = (
         net.value_freqs.len(),
@@ -681,7 +700,6 @@ fn train_block(
     let toks = rows * l;
     let (tw, rw, tf) = (toks * w, rows * w, toks * ff);
     let eps = LN_EPS as f32;
-    let mut g = Grads::zeros(net);
 
     // The conditioning vector s = silu(time_embed(e(t)) + k(c)) per sample.
     for (r, &tv) in t.iter().enumerate() {
@@ -933,7 +951,7 @@ fn train_block(
         }
         _ => {}
     }
-    (sse, g)
+    sse
 }
 
 // The trainer's interface lives here, beside the fused step it offers, so that the model
