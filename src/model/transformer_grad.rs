@@ -297,7 +297,6 @@ struct Workspace {
     ds: Vec<f32>,
     dr: Vec<f32>,
     dr2: Vec<f32>,
-    tmp: Vec<f32>,
     attn: AttentionScratch,
     attn_grad: AttentionGradScratch,
 }
@@ -355,7 +354,6 @@ impl Workspace {
             ds: z(r * w),
             dr: z(r * w),
             dr2: z(r * w),
-            tmp: z(w),
             attn: AttentionScratch::default(),
             attn_grad: AttentionGradScratch::default(),
         }
@@ -628,12 +626,11 @@ fn gate_backward_rows(
 }
 
 /// The backward of [`modulate_rows`] (with its layer norm) into `dh`, the shift's and scale's
-/// gradients into chunks `js`, `jc` (`jc = js + 1`) of each sample's `dm`.
+/// gradients into chunks `js` and `js + 1` of each sample's `dm`.
 #[allow(clippy::too_many_arguments)]
 fn modulate_backward_rows(
     dh: &mut [f32],
     dm: &mut [f32],
-    tmp: &mut [f32],
     da: &[f32],
     n: &[f32],
     rstd: &[f32],
@@ -645,16 +642,13 @@ fn modulate_backward_rows(
 ) {
     for r in 0..rows {
         let seq = r * l * w..(r + 1) * l * w;
-        let (dsh, dsc) = dm[r * 6 * w + js * w..r * 6 * w + (js + 2) * w].split_at_mut(w);
         grad::modulate_backward(
             &mut dh[seq.clone()],
+            &mut dm[r * 6 * w + js * w..r * 6 * w + (js + 2) * w],
             &da[seq.clone()],
             &n[seq],
             &rstd[r * l..(r + 1) * l],
             &m[r * 6 * w + (js + 1) * w..r * 6 * w + (js + 2) * w],
-            dsh,
-            dsc,
-            tmp,
         );
     }
 }
@@ -811,16 +805,13 @@ fn train_block(
     ws.dfm[..2 * rw].fill(0.0);
     for r in 0..rows {
         let seq = r * l * w..(r + 1) * l * w;
-        let (dsh, dsc) = ws.dfm[r * 2 * w..(r + 1) * 2 * w].split_at_mut(w);
         grad::modulate_backward(
             &mut ws.dh[seq.clone()],
+            &mut ws.dfm[r * 2 * w..(r + 1) * 2 * w],
             &ws.da[seq.clone()],
             &ws.nf[seq],
             &ws.rf[r * l..(r + 1) * l],
             &ws.fm[r * 2 * w + w..(r + 1) * 2 * w],
-            dsh,
-            dsc,
-            &mut ws.tmp,
         );
     }
     linear_backward(
@@ -856,17 +847,7 @@ fn train_block(
         modulate_rows(&mut ws.a, &ba.n2, &ba.m, 3, 4, rows, l, w);
         linear_backward(&blk.mlp0, g_mlp0, Some(&mut ws.da[..]), &ws.dg, &ws.a, toks);
         modulate_backward_rows(
-            &mut ws.dh,
-            &mut ws.dm,
-            &mut ws.tmp,
-            &ws.da,
-            &ba.n2,
-            &ba.r2,
-            &ba.m,
-            3,
-            rows,
-            l,
-            w,
+            &mut ws.dh, &mut ws.dm, &ws.da, &ba.n2, &ba.r2, &ba.m, 3, rows, l, w,
         );
         gate_backward_rows(&mut ws.dy, &mut ws.dm, &ws.dh, &ba.pr, &ba.m, 2, rows, l, w);
         linear_backward(&blk.proj, g_proj, Some(&mut ws.da[..]), &ws.dy, &ba.o, toks);
@@ -883,17 +864,7 @@ fn train_block(
         modulate_rows(&mut ws.a, &ba.n1, &ba.m, 0, 1, rows, l, w);
         linear_backward(&blk.qkv, g_qkv, Some(&mut ws.da[..]), &ws.dqkv, &ws.a, toks);
         modulate_backward_rows(
-            &mut ws.dh,
-            &mut ws.dm,
-            &mut ws.tmp,
-            &ws.da,
-            &ba.n1,
-            &ba.r1,
-            &ba.m,
-            0,
-            rows,
-            l,
-            w,
+            &mut ws.dh, &mut ws.dm, &ws.da, &ba.n1, &ba.r1, &ba.m, 0, rows, l, w,
         );
         linear_backward(&blk.ada, g_ada, Some(&mut ws.dr[..]), &ws.dm, &ws.s, rows);
         add_assign(&mut ws.ds[..rw], &ws.dr[..rw]);
