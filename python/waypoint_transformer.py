@@ -7,6 +7,7 @@ one side samples identically on the other. Usage:
     python python/waypoint_transformer.py golden OUT_DIR            # write a golden case
     python python/waypoint_transformer.py sample MODEL --cond C.npy --per-cond K --out X.npy
     python python/waypoint_transformer.py bench MODEL --batch 6 --steps 10 --reps 20
+    python python/waypoint_transformer.py train-bench MODEL --batch 256 --reps 10
 
 Only torch, numpy and safetensors are needed.
 """
@@ -272,6 +273,41 @@ def bench(path, batch, steps, reps, threads):
     print(json.dumps({"median_ms": 1e3 * float(np.median(times)), "min_ms": 1e3 * min(times)}))
 
 
+def train_bench(path, batch, reps, threads, drop=0.1):
+    """Median time of one training step (loss, backward, AdamW) at `batch` samples, PyTorch
+    eager: the crate's `train_traj_b256` figure. The condition (when the model has one) is a
+    random feature row per sample, a `drop` share of rows replaced by the null condition."""
+    torch.set_num_threads(threads)
+    model = WaypointTransformer.load(path).train()
+    length, ch = model.x_dims
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, length, ch, generator=g)
+    noise = torch.randn(batch, length, ch, generator=g)
+    t = torch.rand(batch, generator=g)
+    tb = t.reshape(batch, 1, 1)
+    noisy = tb * x + (1 - tb) * noise
+    target = x - noise
+    c = keep = None
+    if model.cond_dims:
+        c = torch.randn(batch, *model.cond_dims, generator=g)
+        keep = (torch.rand(batch, generator=g) >= drop).float()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = ((model(noisy, t, c, keep) - target) ** 2).mean()
+        loss.backward()
+        opt.step()
+
+    step()
+    times = []
+    for _ in range(reps):
+        s = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - s)
+    print(json.dumps({"median_ms": 1e3 * float(np.median(times)), "min_ms": 1e3 * min(times)}))
+
+
 def main(argv):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -289,6 +325,11 @@ def main(argv):
     b.add_argument("--steps", type=int, default=10)
     b.add_argument("--reps", type=int, default=20)
     b.add_argument("--threads", type=int, default=2)
+    tb = sub.add_parser("train-bench")
+    tb.add_argument("model")
+    tb.add_argument("--batch", type=int, default=256)
+    tb.add_argument("--reps", type=int, default=10)
+    tb.add_argument("--threads", type=int, default=2)
     a = ap.parse_args(argv)
     if a.cmd == "golden":
         golden(a.out_dir)
@@ -297,6 +338,9 @@ def main(argv):
         return check(a.model, a.x_init, a.cond, a.expected, a.steps)
     if a.cmd == "bench":
         bench(a.model, a.batch, a.steps, a.reps, a.threads)
+        return 0
+    if a.cmd == "train-bench":
+        train_bench(a.model, a.batch, a.reps, a.threads)
         return 0
     return 2
 

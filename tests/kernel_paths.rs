@@ -1,12 +1,17 @@
-//! Sampling (velocity-mlp and waypoint transformer) and training on every kernel path this CPU
-//! supports (portable, AVX2, AVX-512), each against candle's generic path and autograd. One
-//! test in its own binary, because the path is a process-wide setting.
+//! Sampling (velocity-mlp and waypoint transformer) and training (both models) on every kernel
+//! path this CPU supports (portable, AVX2, AVX-512), each against candle's generic path and
+//! autograd. One test in its own binary, because the path is a process-wide setting.
 
-use candle_core::{DType, Device, Tensor};
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarMap;
 use flow_matching::guidance::Guided;
 use flow_matching::kernel::{kernel_path, set_kernel_path, KernelPath};
-use flow_matching::model::{loss_and_grads, TransformerConfig, WaypointTransformer};
+use flow_matching::model::{
+    loss_and_grads, transformer_grad, CondNorm, Condition, TransformerConfig, WaypointTransformer,
+};
+use flow_matching::train::{autograd_loss_and_grads, TrainableModel};
 use flow_matching::{
     Diffusion, FlowMatching, Result, SampleOptions, StepFn, VelocityMlp, VelocityMlpConfig, XDims,
 };
@@ -169,6 +174,140 @@ fn training(path: KernelPath) {
     }
 }
 
+/// A model whose every trainable weight is a `Var` perturbed away from the initialisation
+/// (AdaLN-zero starts every block as the identity, which would leave most gradients zero).
+fn perturbed_transformer(cfg: TransformerConfig, seed: u64) -> WaypointTransformer {
+    let dev = Device::Cpu;
+    let init = WaypointTransformer::init(cfg, &VarMap::new(), &dev, seed).unwrap();
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut map = HashMap::new();
+    for (k, t) in init.tensors() {
+        if TransformerConfig::is_fixed(&k) {
+            map.insert(k, t);
+            continue;
+        }
+        let fan_in = if t.rank() == 2 { t.dims()[1] } else { 16 };
+        let s = 0.5 / (fan_in as f32).sqrt();
+        let v: Vec<f32> = (0..t.elem_count())
+            .map(|_| rng.random_range(-s..s))
+            .collect();
+        let noisy = (t.detach() + Tensor::from_vec(v, t.dims(), &dev).unwrap()).unwrap();
+        map.insert(k, Var::from_tensor(&noisy).unwrap().as_tensor().clone());
+    }
+    let cfg = init.config().clone();
+    WaypointTransformer::from_tensors(cfg, &map, "perturbed".as_ref()).unwrap()
+}
+
+/// The waypoint transformer's fused loss and gradients against candle's autograd: a
+/// conditional model with odd sizes (L = 10, 3 heads of 12, a non-trivial condition
+/// normalisation) under a keep mask that drops some rows and under the null condition, and an
+/// unconditional one whose tiles are exact (`[64, 2]`, heads of 16), each at a batch that runs
+/// on one thread, one split unevenly over two, and one whose threads take their rows in several
+/// blocks of about 512 tokens (the last one short).
+fn transformer_training(path: KernelPath) {
+    let dev = Device::Cpu;
+    let cond_cfg = TransformerConfig {
+        width: 36,
+        depth: 2,
+        heads: 3,
+        mlp_hidden: 40,
+        num_freqs: 3,
+        cond_dims: Some(XDims::new(5).unwrap()),
+        cond_norm: Some(CondNorm {
+            mean: vec![0.5, -1.0, 0.0, 2.0, 0.1],
+            std: vec![2.0, 0.5, 1.0, 3.0, 1.5],
+        }),
+        ..TransformerConfig::new(XDims::new([10, 3]).unwrap())
+    };
+    let plain_cfg = TransformerConfig {
+        width: 32,
+        depth: 2,
+        heads: 2,
+        mlp_hidden: 48,
+        num_freqs: 4,
+        ..TransformerConfig::new(XDims::new([64, 2]).unwrap())
+    };
+    for (cfg, batches) in [(cond_cfg, [7, 70, 150]), (plain_cfg, [3, 9, 20])] {
+        let model = perturbed_transformer(cfg.clone(), 11);
+        let (l, c) = (cfg.len(), cfg.channels());
+        for b in batches {
+            let mut rng = StdRng::seed_from_u64(b as u64);
+            let randn = |rng: &mut StdRng, dims: &[usize]| {
+                flow_matching::flow_matching::randn(rng, dims, DType::F32, &dev).unwrap()
+            };
+            let (x, target) = (randn(&mut rng, &[b, l, c]), randn(&mut rng, &[b, l, c]));
+            let tv: Vec<f32> = (0..b).map(|_| rng.random::<f32>()).collect();
+            let t = Tensor::from_vec(tv, b, &dev).unwrap();
+            let mut conds = vec![None];
+            if cfg.cond_dims.is_some() {
+                let values = randn(&mut rng, &[b, 5]);
+                let keep: Vec<f32> = (0..b).map(|i| (i % 3 != 1) as u8 as f32).collect();
+                conds = vec![
+                    Some(Condition::Features {
+                        values: values.clone(),
+                        keep: Some(Tensor::from_vec(keep, b, &dev).unwrap()),
+                    }),
+                    Some(Condition::features(values)),
+                    None,
+                ];
+            }
+            for cond in &conds {
+                let what = format!(
+                    "{path:?} transformer {:?} batch {b} cond {}",
+                    cfg.x_dims.dims(),
+                    match cond {
+                        Some(Condition::Features { keep: Some(_), .. }) => "dropped rows",
+                        Some(_) => "all kept",
+                        None => "none",
+                    }
+                );
+                let cond = cond.as_ref();
+                let (loss, grads) =
+                    transformer_grad::loss_and_grads(&model, &x, &t, cond, &target).unwrap();
+                let (want_loss, want) =
+                    autograd_loss_and_grads(&model, &x, &t, cond, &target).unwrap();
+                assert!(
+                    (loss - want_loss).abs() <= 1e-6 + 1e-5 * want_loss,
+                    "{what}: loss {loss} vs {want_loss}"
+                );
+                // Every trainable tensor, in file order; one the forward does not reach (the
+                // condition's layers under the null condition) has no autograd gradient and a
+                // zero fused one.
+                let keys: Vec<String> = model
+                    .tensors()
+                    .into_iter()
+                    .map(|(k, _)| k)
+                    .filter(|k| !TransformerConfig::is_fixed(k))
+                    .collect();
+                assert_eq!(
+                    grads.iter().map(|(k, _)| k.clone()).collect::<Vec<_>>(),
+                    keys,
+                    "{what}"
+                );
+                for (k, g) in &grads {
+                    let got = vec(g);
+                    let w = match want.iter().find(|(n, _)| n == k) {
+                        Some((_, w)) => vec(w),
+                        None => vec![0.0; got.len()],
+                    };
+                    let scale = w.iter().fold(0f32, |m, v| m.max(v.abs()));
+                    let reached = want.iter().any(|(n, _)| n == k);
+                    assert!(!reached || scale > 0.0, "{what}: {k} has a zero gradient");
+                    // Within 2e-5 of the tensor's largest gradient (the largest error seen on every
+                    // path is about 1e-6 of it).
+                    let abs = 2e-5 * scale.max(1e-2);
+                    assert_close(&format!("{what} grad {k}"), &got, &w, abs, 1e-4);
+                }
+                // The trainer's entry point takes the fused step on the CPU.
+                let (trait_loss, trait_grads) =
+                    model.loss_and_grads(&x, &t, cond, &target).unwrap();
+                assert_eq!(trait_loss, loss, "{what}");
+                assert_eq!(vec(&trait_grads[0].1), vec(&grads[0].1), "{what}");
+            }
+        }
+    }
+}
+
 #[test]
 fn sampling_and_training_match_the_generic_path_on_every_kernel_path() {
     let paths = KernelPath::supported();
@@ -178,6 +317,7 @@ fn sampling_and_training_match_the_generic_path_on_every_kernel_path() {
         sampling(path);
         transformer(path);
         training(path);
+        transformer_training(path);
     }
     // A path the CPU lacks is refused with the supported ones named.
     if let Some(missing) = KernelPath::ALL.iter().find(|p| !p.is_supported()) {

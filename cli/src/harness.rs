@@ -26,8 +26,9 @@ pub const BIG_BATCH: usize = 4096;
 /// Euler steps per sample.
 pub const STEPS: usize = 10;
 
-/// The velocity-mlp and waypoint-transformer figures this module makes, in the table's order.
-pub const FIGURES: [&str; 8] = [
+/// The velocity-mlp and waypoint-transformer figures this module makes, in the table's order
+/// (the first six are the ones `bench/pytorch_reference.py` times).
+pub const FIGURES: [&str; 10] = [
     "sample_b1",
     "sample_rk4_b1",
     "sample_cfg_b1",
@@ -35,6 +36,8 @@ pub const FIGURES: [&str; 8] = [
     "sample_b4096",
     "train_b4096",
     "traj_b6",
+    "train_traj_b256",
+    "train_traj_b256_peak",
     "peak_rss_b4096",
 ];
 
@@ -322,6 +325,114 @@ fn traj_pytorch_ms(opts: &BenchOptions, model: &Path, reps: usize) -> Result<f64
     }
 }
 
+/// Samples per step of the `train_traj_b256` figure.
+pub const TRAIN_TRAJ_BATCH: usize = 256;
+/// Condition numbers of the `train_traj_b256` model.
+pub const TRAIN_TRAJ_COND: usize = 5;
+/// The share of rows whose condition `train_traj_b256` drops (the trainer's default).
+pub const TRAIN_TRAJ_DROP: f64 = 0.1;
+
+/// The `train_traj_b256` model: the waypoint transformer's defaults for `[64, 2]` with a
+/// 5-number condition, seed 3, its trainable weights `Var`s in `varmap`.
+pub fn train_traj_model(varmap: &VarMap) -> Result<WaypointTransformer> {
+    let cfg = TransformerConfig {
+        cond_dims: Some(XDims::new(TRAIN_TRAJ_COND)?),
+        ..TransformerConfig::new(XDims::new([64, 2])?)
+    };
+    WaypointTransformer::init(cfg, varmap, &Device::Cpu, 3)
+}
+
+/// The floating-point operations of one training step of a waypoint transformer at `batch`
+/// samples: twice the multiply-adds of every matmul of the forward, times three (the forward,
+/// the input gradients, the weight gradients). The backward's recomputed attention scores and
+/// the elementwise work are not counted, so the share of the peak is a lower bound.
+pub fn transformer_train_flop(cfg: &TransformerConfig, batch: usize) -> f64 {
+    let (l, c, w, ff) = (cfg.len(), cfg.channels(), cfg.width, cfg.mlp_hidden);
+    let (p, cf, dh) = (cfg.per_value(), cfg.cond_features(), cfg.width / cfg.heads);
+    let per_sample = l * ((c + 1) * p * w + w * w)
+        + p * w
+        + w * w
+        + if cf > 0 { cf * w + w * w } else { 0 }
+        + cfg.depth
+            * (6 * w * w + l * (3 * w * w + w * w + 2 * w * ff) + cfg.heads * 2 * l * l * dh)
+        + 2 * w * w
+        + l * w * c;
+    2.0 * 3.0 * (per_sample * batch) as f64
+}
+
+/// Training steps per second of the `train_traj_b256` workload: the model's own
+/// `loss_and_grads` (the fused step on the CPU) under a condition with
+/// [`TRAIN_TRAJ_DROP`] of its rows dropped, then the trainer's AdamW (PyTorch's settings in
+/// `python/waypoint_transformer.py train-bench`).
+pub fn train_traj_steps_per_s(reps: usize) -> Result<f64> {
+    use flow_matching::model::Condition;
+    use flow_matching::train::TrainableModel;
+    let dev = Device::Cpu;
+    let varmap = VarMap::new();
+    let model = train_traj_model(&varmap)?;
+    let params = AdamWParams {
+        weight_decay: 0.01,
+        ..AdamWParams::default()
+    };
+    let vars = flow_matching::train::sorted_vars(&varmap)?;
+    let plain: Vec<Var> = vars.iter().map(|(_, v)| v.clone()).collect();
+    let mut opt = AdamW::new(params, &plain)?;
+    let b = TRAIN_TRAJ_BATCH;
+    let mut rng = StdRng::seed_from_u64(256);
+    let x = randn(&mut rng, &[b, 64, 2], DType::F32, &dev)?;
+    let noise = randn(&mut rng, &[b, 64, 2], DType::F32, &dev)?;
+    let t: Vec<f32> = (0..b).map(|_| rng.random::<f32>()).collect();
+    let t = Tensor::from_vec(t, (b, 1, 1), &dev)?;
+    let noisy = (x.broadcast_mul(&t)? + noise.broadcast_mul(&t.affine(-1.0, 1.0)?)?)?;
+    let target = (&x - &noise)?;
+    let t = t.flatten_all()?;
+    let keep: Vec<f32> = (0..b)
+        .map(|_| (rng.random::<f64>() >= TRAIN_TRAJ_DROP) as u8 as f32)
+        .collect();
+    let cond = Condition::Features {
+        values: randn(&mut rng, &[b, TRAIN_TRAJ_COND], DType::F32, &dev)?,
+        keep: Some(Tensor::from_vec(keep, b, &dev)?),
+    };
+    let ms = median_ms(reps, || {
+        let (_, mut g) = model.loss_and_grads(&noisy, &t, Some(&cond), &target)?;
+        g.sort_by(|a, b| a.0.cmp(&b.0));
+        let g: Vec<Tensor> = g.into_iter().map(|(_, g)| g).collect();
+        opt.step(&plain, &g, 1e-4)?;
+        Ok(())
+    })?;
+    Ok(1e3 / ms)
+}
+
+/// PyTorch eager's steps per second on the same model file and workload
+/// (`python/waypoint_transformer.py train-bench`), with the same number of threads as ours.
+fn train_traj_pytorch_steps_per_s(opts: &BenchOptions, model: &Path, reps: usize) -> Result<f64> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../python/waypoint_transformer.py");
+    let threads = flow_matching::kernel::available_threads().to_string();
+    let (reps, batch) = (reps.to_string(), TRAIN_TRAJ_BATCH.to_string());
+    let mut cmd = Command::new(&opts.python);
+    cmd.arg(&script)
+        .args(["train-bench", &model.to_string_lossy(), "--batch", &batch])
+        .args(["--reps", &reps, "--threads", &threads]);
+    let stdout = script_stdout(
+        &mut cmd,
+        &script,
+        "PyTorch waypoint-transformer training run",
+        "torch, numpy, safetensors",
+    )?;
+    stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find_map(|j| j["median_ms"].as_f64())
+        .map(|ms| 1e3 / ms)
+        .ok_or_else(|| {
+            Error::invalid(
+                "PyTorch waypoint-transformer training output",
+                stdout.trim().to_string(),
+                "a JSON line with median_ms",
+            )
+        })
+}
+
 /// How the benchmark runs.
 #[derive(Debug, Clone)]
 pub struct BenchOptions {
@@ -529,6 +640,10 @@ pub fn run(
     let traj = traj_model()?;
     traj.save(&traj_path)?;
     let traj_reps = ((50.0 * opts.reps_scale) as usize).max(1);
+    let train_traj_path = dir.join("waypoint-transformer-train.safetensors");
+    train_traj_model(&VarMap::new())?.save(&train_traj_path)?;
+    let train_traj_reps = ((10.0 * opts.reps_scale) as usize).max(1);
+    let train_traj = wants("train_traj_b256") || wants("train_traj_b256_peak");
     let torch = opts.install || torch_available(&opts.python);
     let mut ours: Vec<(String, Vec<f64>)> = Vec::new();
     let mut theirs: Vec<(String, Vec<f64>)> = Vec::new();
@@ -557,6 +672,10 @@ pub fn run(
                         vec![("traj_b6".into(), traj_ms(&traj, traj_reps)?)],
                     );
                 }
+                if train_traj {
+                    let rate = train_traj_steps_per_s(train_traj_reps)?;
+                    push(&mut ours, vec![("train_traj_b256".into(), rate)]);
+                }
             }
             Some((m, d)) => push(&mut ours, gpu_round(m, d, opts.reps_scale, wants)?),
         }
@@ -583,8 +702,32 @@ pub fn run(
                     )],
                 );
             }
+            if gpu.is_none() && train_traj {
+                let rate = train_traj_pytorch_steps_per_s(opts, &train_traj_path, train_traj_reps)?;
+                push(&mut theirs, vec![("train_traj_b256".into(), rate)]);
+            }
             progress(&format!("round {}: PyTorch done", r + 1));
         }
+    }
+    if gpu.is_none() && wants("train_traj_b256_peak") {
+        // Measured once, after the rounds, from the median rate: the peak run is a second of
+        // every core's FMA units, which would disturb a round.
+        let rate = ours
+            .iter()
+            .find(|(k, _)| k == "train_traj_b256")
+            .map_or(f64::NAN, |(_, v)| median(v.clone()));
+        let cfg = train_traj_model(&VarMap::new())?.config().clone();
+        let gflops = transformer_train_flop(&cfg, TRAIN_TRAJ_BATCH) * rate / 1e9;
+        let peak = flow_matching::kernel::peak::fma_peak_gflops();
+        progress(&format!(
+            "train_traj_b256: {:.2} GFLOP a step, {gflops:.1} GFLOP/s; the FMA peak of {} threads: {peak:.0} GFLOP/s",
+            transformer_train_flop(&cfg, TRAIN_TRAJ_BATCH) / 1e9,
+            flow_matching::kernel::available_threads()
+        ));
+        push(
+            &mut ours,
+            vec![("train_traj_b256_peak".into(), 100.0 * gflops / peak)],
+        );
     }
     if gpu.is_some() || !wants("peak_rss_b4096") {
         // Peak RSS is a CPU-memory figure; it says nothing about a GPU run.
@@ -620,7 +763,9 @@ pub fn run(
 fn figures(ours: Vec<(String, Vec<f64>)>, theirs: &[(String, Vec<f64>)]) -> Vec<Figure> {
     ours.into_iter()
         .map(|(k, xs)| {
-            let unit = if k.starts_with("train") {
+            let unit = if k.ends_with("_peak") {
+                "% of FMA peak"
+            } else if k.starts_with("train") {
                 "steps/s"
             } else if k.starts_with("peak") {
                 "MiB"
@@ -644,6 +789,22 @@ fn figures(ours: Vec<(String, Vec<f64>)>, theirs: &[(String, Vec<f64>)]) -> Vec<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn train_traj_b256_is_the_default_transformer_with_a_five_number_condition() {
+        let model = train_traj_model(&VarMap::new()).unwrap();
+        let cfg = model.config();
+        assert_eq!(cfg.x_dims.dims(), &[64, 2]);
+        assert_eq!(
+            (cfg.width, cfg.depth, cfg.heads, cfg.mlp_hidden),
+            (64, 3, 4, 128)
+        );
+        assert_eq!(cfg.cond_features(), TRAIN_TRAJ_COND);
+        // 8.48 M multiply-adds a sample (2.65 M a block, of which 0.52 M attention), times
+        // two FLOP, three passes and 256 samples.
+        let gflop = transformer_train_flop(cfg, TRAIN_TRAJ_BATCH) / 1e9;
+        assert!((13.0..13.1).contains(&gflop), "{gflop}");
+    }
 
     #[test]
     fn traj_b6_times_six_trajectories_of_the_waypoint_transformer() {

@@ -145,7 +145,7 @@ fn max_lanes(x: &[f32]) -> f32 {
 
 /// The sum of `f(x)` over the elements, in 16 lanes.
 #[inline(always)]
-fn sum_lanes(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+pub(super) fn sum_lanes(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
     let mut s = [0f32; 16];
     let mut chunks = x.chunks_exact(16);
     for c in &mut chunks {

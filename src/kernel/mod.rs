@@ -1,7 +1,7 @@
 //! Fused f32 CPU kernels: the path chosen at run time (AVX-512, AVX2+FMA or portable) and the
 //! thread policy here; [`matmul`](self) (the packed matmul and matvec, weight-gradient forms,
 //! `gemm` fallbacks), `elementwise` (exp, SiLU, dot), [`attention`] (softmax, layer norm,
-//! sin/cos, attention), [`mlp`] (the velocity-mlp's passes) and [`euler`] (the allocation-free
+//! sin/cos, attention), [`grad`] (the transformer's backward kernels), [`mlp`] (the velocity-mlp's passes) and [`euler`] (the allocation-free
 //! Euler loop); `x86` and `x512` hold the AVX2 and AVX-512 builds.
 //!
 //! Plain candle spends most of a small-batch step in thread hand-offs and most of a large-batch
@@ -242,6 +242,7 @@ macro_rules! simd_dispatch {
 pub mod attention;
 pub mod decoder;
 mod elementwise;
+pub mod grad;
 mod matmul;
 #[cfg(target_arch = "x86_64")]
 mod x512;

@@ -6,6 +6,7 @@ pub mod fast;
 mod file;
 mod transformer;
 pub mod transformer_fast;
+pub mod transformer_grad;
 mod velocity_mlp;
 
 pub use cond::{CondNorm, Condition, IntoCondition};

@@ -17,7 +17,7 @@ use crate::diffusion::XDims;
 use crate::error::{Error, Result};
 use crate::io::atomic_write;
 use crate::model::cond::{flat_features, CondNorm, Condition};
-use crate::train::{ModelConfig, TrainableModel};
+use crate::train::ModelConfig;
 
 /// `2 pi` rounded to float32 first, as the reference computes `((2*pi) * v) * f`.
 const TWO_PI_F32: f32 = 2.0 * std::f32::consts::PI;
@@ -474,16 +474,11 @@ impl WaypointTransformer {
         Ok(h.broadcast_matmul(&w.t()?)?.broadcast_add(b)?)
     }
 
-    /// The condition's embedding `[B, W]` (the learned null condition for `None` and for
-    /// rows whose keep entry is 0); `None` for an unconditional model.
-    pub fn forward_cond_embedding(
-        &self,
-        cond: Option<&Condition>,
-        b: usize,
-    ) -> Result<Option<Tensor>> {
-        let w = self.config.width;
+    /// What `cond` comes to for `b` rows of this model (checked against its `cond_dims`): nothing,
+    /// the null condition for every row, or the standardised features with their keep mask.
+    pub(crate) fn cond_input(&self, cond: Option<&Condition>, b: usize) -> Result<CondInput> {
         match (&self.config.cond_dims, cond) {
-            (None, None) => Ok(None),
+            (None, None) => Ok(CondInput::Absent),
             (None, Some(_)) => Err(Error::invalid(
                 "condition",
                 "given",
@@ -494,18 +489,38 @@ impl WaypointTransformer {
                 "class labels",
                 "continuous features: the waypoint transformer takes no class labels",
             )),
-            (Some(_), None) => Ok(Some(
+            (Some(_), None) => Ok(CondInput::Null),
+            (Some(dims), Some(Condition::Features { values, keep })) => {
+                let (flat, keep) = flat_features(values, keep.as_ref(), dims, b)?;
+                let normed = flat
+                    .broadcast_sub(self.get("cond_norm.mean"))?
+                    .broadcast_div(self.get("cond_norm.std"))?;
+                Ok(CondInput::Features { normed, keep })
+            }
+        }
+    }
+
+    /// The condition's embedding `[B, W]` (the learned null condition for `None` and for
+    /// rows whose keep entry is 0); `None` for an unconditional model.
+    pub fn forward_cond_embedding(
+        &self,
+        cond: Option<&Condition>,
+        b: usize,
+    ) -> Result<Option<Tensor>> {
+        let w = self.config.width;
+        match self.cond_input(cond, b)? {
+            CondInput::Absent => Ok(None),
+            CondInput::Null => Ok(Some(
                 self.get("cond_null")
                     .unsqueeze(0)?
                     .broadcast_as((b, w))?
                     .contiguous()?,
             )),
-            (Some(dims), Some(Condition::Features { values, keep })) => {
-                let (flat, keep) = flat_features(values, keep.as_ref(), dims, b)?;
-                let n = flat
-                    .broadcast_sub(self.get("cond_norm.mean"))?
-                    .broadcast_div(self.get("cond_norm.std"))?;
-                let k = self.linear(&self.linear(&n, "cond_embed.0")?.silu()?, "cond_embed.2")?;
+            CondInput::Features { normed, keep } => {
+                let k = self.linear(
+                    &self.linear(&normed, "cond_embed.0")?.silu()?,
+                    "cond_embed.2",
+                )?;
                 Ok(Some(match keep {
                     None => k,
                     Some(kp) => {
@@ -584,7 +599,9 @@ impl WaypointTransformer {
             };
             let (q, k, v) = (split(0)?, split(1)?, split(2)?);
             let att = (q.matmul(&k.t()?)? * scale)?;
-            let att = candle_nn::ops::softmax_last_dim(&att)?;
+            // The composed softmax, not `softmax_last_dim`: that fused op has no backward, so
+            // autograd through it gave the queries and keys no gradient at all.
+            let att = candle_nn::ops::softmax(&att, D::Minus1)?;
             let o = att.matmul(&v)?.transpose(1, 2)?.reshape((b, l, w))?;
             let o = self.linear(&o, &format!("{blk}.proj"))?;
             h = (h + o.broadcast_mul(&part(2)?)?)?;
@@ -599,6 +616,19 @@ impl WaypointTransformer {
         let h = modulate(&h, &m.narrow(2, 0, w)?, &m.narrow(2, w, w)?)?;
         Ok(self.linear(&h, "final_out")?.to_dtype(dtype)?)
     }
+}
+
+/// What a batch's condition comes to for a waypoint transformer.
+pub(crate) enum CondInput {
+    /// An unconditional model: no condition.
+    Absent,
+    /// A conditional model given none: the learned null condition for every row.
+    Null,
+    /// Standardised features `[B, cf]` and the keep mask `[B, 1]` (`None`: keep every row).
+    Features {
+        normed: Tensor,
+        keep: Option<Tensor>,
+    },
 }
 
 /// `LN(h) (1 + scale) + shift`, the layer norm without affine weights.
@@ -751,69 +781,4 @@ pub fn read_transformer_bytes(
 
 impl ModelConfig for TransformerConfig {
     type Model = WaypointTransformer;
-}
-
-impl TrainableModel for WaypointTransformer {
-    type Config = TransformerConfig;
-
-    fn init(config: Self::Config, varmap: &VarMap, device: &Device, seed: u64) -> Result<Self> {
-        WaypointTransformer::init(config, varmap, device, seed)
-    }
-
-    fn from_tensors(
-        config: Self::Config,
-        tensors: &HashMap<String, Tensor>,
-        path: &Path,
-    ) -> Result<Self> {
-        WaypointTransformer::from_tensors(config, tensors, path)
-    }
-
-    fn read_file(path: &Path, device: &Device) -> Result<(Self::Config, HashMap<String, Tensor>)> {
-        read_transformer_file(path, device)
-    }
-
-    fn config(&self) -> &Self::Config {
-        &self.config
-    }
-
-    fn x_dims(&self) -> &XDims {
-        &self.config.x_dims
-    }
-
-    fn num_classes(&self) -> usize {
-        0
-    }
-
-    fn cond_dims(&self) -> Option<&XDims> {
-        self.config.cond_dims.as_ref()
-    }
-
-    fn device(&self) -> &Device {
-        WaypointTransformer::device(self)
-    }
-
-    fn tensors(&self) -> Vec<(String, Tensor)> {
-        WaypointTransformer::tensors(self)
-    }
-
-    fn is_fixed(key: &str) -> bool {
-        TransformerConfig::is_fixed(key)
-    }
-
-    fn detach(&self) -> Self {
-        WaypointTransformer::detach(self)
-    }
-
-    fn forward_cond(&self, x: &Tensor, t: &Tensor, cond: Option<&Condition>) -> Result<Tensor> {
-        WaypointTransformer::forward_cond(self, x, t, cond)
-    }
-
-    fn save_with_metadata(
-        &self,
-        path: &Path,
-        extra: &[(String, Tensor)],
-        extra_meta: &HashMap<String, String>,
-    ) -> Result<()> {
-        WaypointTransformer::save_with_metadata(self, path, extra, extra_meta)
-    }
 }

@@ -19,23 +19,23 @@ const TWO_PI_F32: f32 = 2.0 * std::f32::consts::PI;
 /// A linear layer `y = x W^T + b` kept as `W` `[n, k]` and, when `n` suits the register-tiled
 /// kernel, `W^T` `[k, n]`.
 #[derive(Debug, Clone)]
-struct Lin {
-    w: Vec<f32>,
-    wt: Vec<f32>,
-    b: Vec<f32>,
-    n: usize,
-    k: usize,
+pub(crate) struct Lin {
+    pub(crate) w: Vec<f32>,
+    pub(crate) wt: Vec<f32>,
+    pub(crate) b: Vec<f32>,
+    pub(crate) n: usize,
+    pub(crate) k: usize,
 }
 
 impl Lin {
-    fn new(model: &WaypointTransformer, name: &str) -> Result<Self> {
+    pub(crate) fn new(model: &WaypointTransformer, name: &str) -> Result<Self> {
         Self::from(
             model.get(&format!("{name}.weight")),
             model.get(&format!("{name}.bias")),
         )
     }
 
-    fn from(w: &Tensor, b: &Tensor) -> Result<Self> {
+    pub(crate) fn from(w: &Tensor, b: &Tensor) -> Result<Self> {
         let (n, k) = w.dims2()?;
         let w = w.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
         let wt = if n.is_multiple_of(TILE_N) {
@@ -53,7 +53,7 @@ impl Lin {
     }
 
     /// `y[m, n] = x[m, k] W^T + b`.
-    fn apply(&self, y: &mut [f32], x: &[f32], m: usize) {
+    pub(crate) fn apply(&self, y: &mut [f32], x: &[f32], m: usize) {
         let (n, k) = (self.n, self.k);
         if self.wt.is_empty() || m == 1 {
             for r in 0..m {

@@ -103,6 +103,31 @@ pub fn default_loss_and_grads<M: TrainableModel>(
     model.loss_and_grads(noisy_x, t, cond, target)
 }
 
+/// Any [`TrainableModel`]'s loss and gradients by candle's autograd through its
+/// [`TrainableModel::forward_cond`], on any device: the trait's default, and the reference the
+/// fused CPU passes are tested against.
+pub fn autograd_loss_and_grads<M: TrainableModel>(
+    model: &M,
+    noisy_x: &Tensor,
+    t: &Tensor,
+    cond: Option<&Condition>,
+    target: &Tensor,
+) -> Result<(f32, Vec<(String, Tensor)>)> {
+    let params: Vec<(String, Tensor)> = model
+        .tensors()
+        .into_iter()
+        .filter(|(k, _)| !M::is_fixed(k))
+        .collect();
+    loss_and_grads_with(
+        |x, t, _| model.forward_cond(x, t, cond),
+        &params,
+        noisy_x,
+        t,
+        None,
+        target,
+    )
+}
+
 /// The velocity-mlp's loss and gradients by candle's autograd, on any device.
 pub fn loss_and_grads(
     model: &VelocityMlp,

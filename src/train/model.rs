@@ -59,7 +59,8 @@ pub trait TrainableModel: Clone + Sized + 'static {
     fn forward_cond(&self, x: &Tensor, t: &Tensor, cond: Option<&Condition>) -> Result<Tensor>;
 
     /// The MSE loss against `target` and the gradient of every trainable weight by key. The
-    /// default runs candle's autograd through [`Self::forward_cond`].
+    /// default runs candle's autograd through [`Self::forward_cond`]
+    /// ([`super::autograd_loss_and_grads`]).
     fn loss_and_grads(
         &self,
         noisy_x: &Tensor,
@@ -67,19 +68,7 @@ pub trait TrainableModel: Clone + Sized + 'static {
         cond: Option<&Condition>,
         target: &Tensor,
     ) -> Result<(f32, Vec<(String, Tensor)>)> {
-        let params: Vec<(String, Tensor)> = self
-            .tensors()
-            .into_iter()
-            .filter(|(k, _)| !Self::is_fixed(k))
-            .collect();
-        super::loss_and_grads_with(
-            |x, t, _| self.forward_cond(x, t, cond),
-            &params,
-            noisy_x,
-            t,
-            None,
-            target,
-        )
+        super::autograd_loss_and_grads(self, noisy_x, t, cond, target)
     }
 
     /// Writes the model with extra tensors and extra metadata (temporary name, then rename).
