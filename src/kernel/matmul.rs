@@ -504,11 +504,13 @@ pub(crate) fn matmul_panels_on(
     {
         let (yp, xp, wq) = (y.as_mut_ptr(), x.as_ptr(), wp.as_ptr());
         match path {
-            // The AVX2 kernel on AVX-512 machines too: a 16-column panel is one 512-bit row,
-            // and the AVX2 tile is the one measured on this layout.
-            // SAFETY: AVX2 and FMA come with AVX-512F on every such CPU (checked with it); the
+            // SAFETY: the path is supported by this CPU (checked when it was chosen); the
             // assert bounds every pointer the kernel reads.
-            KernelPath::Avx512 | KernelPath::Avx2 => {
+            KernelPath::Avx512 => {
+                return unsafe { x512::matmul_panels(yp, xp, (k, 1), wq, m, n, k, add) }
+            }
+            // SAFETY: as above.
+            KernelPath::Avx2 => {
                 return unsafe { x86::matmul_panels(yp, xp, (k, 1), wq, m, n, k, add) }
             }
             KernelPath::Portable => {}

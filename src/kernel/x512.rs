@@ -214,8 +214,11 @@ pub unsafe fn matvec_bias(
     }
 }
 
-/// One `MR x 16 NV` tile: `y[r0.., j0..] += x[r0.., :] * wt[:, j0..]`, accumulated in
-/// registers over the whole depth `k`; `x[r, kk]` is at `x + r * xs.0 + kk * xs.1`.
+/// One `MR x 16 NV` tile: `y[r0.., j0..] += x[r0.., :] * w[:, j0..]`, accumulated in
+/// registers over the whole depth `k`; `x[r, kk]` is at `x + r * xs.0 + kk * xs.1`, the
+/// weight's sixteen `v` of row `kk` at `wt + kk * lay.0 + v * lay.1` (the row layout: `(n,
+/// 16)`; 16-column panels: `(16, 16 k)`); `y` is overwritten instead when `add` is false.
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 unsafe fn tile<const MR: usize, const NV: usize>(
     y: *mut f32,
@@ -224,15 +227,20 @@ unsafe fn tile<const MR: usize, const NV: usize>(
     wt: *const f32,
     n: usize,
     k: usize,
+    lay: (usize, usize),
+    add: bool,
 ) {
     let mut acc = [[_mm512_setzero_ps(); NV]; MR];
-    for (r, a) in acc.iter_mut().enumerate() {
-        for (v, av) in a.iter_mut().enumerate() {
-            *av = _mm512_loadu_ps(y.add(r * n + 16 * v));
+    if add {
+        for (r, a) in acc.iter_mut().enumerate() {
+            for (v, av) in a.iter_mut().enumerate() {
+                *av = _mm512_loadu_ps(y.add(r * n + 16 * v));
+            }
         }
     }
     for kk in 0..k {
-        let b: [__m512; NV] = std::array::from_fn(|v| _mm512_loadu_ps(wt.add(kk * n + 16 * v)));
+        let b: [__m512; NV] =
+            std::array::from_fn(|v| _mm512_loadu_ps(wt.add(kk * lay.0 + v * lay.1)));
         for (r, a) in acc.iter_mut().enumerate() {
             let xv = _mm512_set1_ps(*x.add(r * xs.0 + kk * xs.1));
             for v in 0..NV {
@@ -248,6 +256,7 @@ unsafe fn tile<const MR: usize, const NV: usize>(
 }
 
 /// The row tiles of one column panel `NV * 16` wide.
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 unsafe fn panel<const NV: usize>(
     y: *mut f32,
@@ -257,22 +266,58 @@ unsafe fn panel<const NV: usize>(
     m: usize,
     n: usize,
     k: usize,
+    lay: (usize, usize),
+    add: bool,
 ) {
     let mut r0 = 0;
     while r0 + 8 <= m {
-        tile::<8, NV>(y.add(r0 * n), x.add(r0 * xs.0), xs, wt, n, k);
+        tile::<8, NV>(y.add(r0 * n), x.add(r0 * xs.0), xs, wt, n, k, lay, add);
         r0 += 8;
     }
     let (yr, xr) = (y.add(r0 * n), x.add(r0 * xs.0));
     match m - r0 {
-        7 => tile::<7, NV>(yr, xr, xs, wt, n, k),
-        6 => tile::<6, NV>(yr, xr, xs, wt, n, k),
-        5 => tile::<5, NV>(yr, xr, xs, wt, n, k),
-        4 => tile::<4, NV>(yr, xr, xs, wt, n, k),
-        3 => tile::<3, NV>(yr, xr, xs, wt, n, k),
-        2 => tile::<2, NV>(yr, xr, xs, wt, n, k),
-        1 => tile::<1, NV>(yr, xr, xs, wt, n, k),
+        7 => tile::<7, NV>(yr, xr, xs, wt, n, k, lay, add),
+        6 => tile::<6, NV>(yr, xr, xs, wt, n, k, lay, add),
+        5 => tile::<5, NV>(yr, xr, xs, wt, n, k, lay, add),
+        4 => tile::<4, NV>(yr, xr, xs, wt, n, k, lay, add),
+        3 => tile::<3, NV>(yr, xr, xs, wt, n, k, lay, add),
+        2 => tile::<2, NV>(yr, xr, xs, wt, n, k, lay, add),
+        1 => tile::<1, NV>(yr, xr, xs, wt, n, k, lay, add),
         _ => {}
+    }
+}
+
+/// The 48-row blocks of `y[m, n] (+)= x w`, 32 columns at a time and 16 for an odd sixteen;
+/// column `j0` of the weight starts at `wt + col(j0)`, its rows laid out as `lay` says.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn blocks(
+    y: *mut f32,
+    x: *const f32,
+    xs: (usize, usize),
+    wt: *const f32,
+    m: usize,
+    n: usize,
+    k: usize,
+    (col, lay): (usize, (usize, usize)),
+    add: bool,
+) {
+    // Blocks of 48 rows, as in the AVX2 kernel: their x stays in L2 while every column
+    // panel of the weight passes over it.
+    const ROWS: usize = 48;
+    let mut b0 = 0;
+    while b0 < m {
+        let mb = ROWS.min(m - b0);
+        let (yb, xb) = (y.add(b0 * n), x.add(b0 * xs.0));
+        let mut j0 = 0;
+        while j0 + 32 <= n {
+            panel::<2>(yb.add(j0), xb, xs, wt.add(j0 * col), mb, n, k, lay, add);
+            j0 += 32;
+        }
+        if j0 < n {
+            panel::<1>(yb.add(j0), xb, xs, wt.add(j0 * col), mb, n, k, lay, add);
+        }
+        b0 += mb;
     }
 }
 
@@ -289,21 +334,24 @@ pub unsafe fn matmul_packed(
     n: usize,
     k: usize,
 ) {
-    // Blocks of 48 rows, as in the AVX2 kernel: their x stays in L2 while every column
-    // panel of wt passes over it.
-    const ROWS: usize = 48;
-    let mut b0 = 0;
-    while b0 < m {
-        let mb = ROWS.min(m - b0);
-        let (yb, xb) = (y.add(b0 * n), x.add(b0 * xs.0));
-        let mut j0 = 0;
-        while j0 + 32 <= n {
-            panel::<2>(yb.add(j0), xb, xs, wt.add(j0), mb, n, k);
-            j0 += 32;
-        }
-        if j0 < n {
-            panel::<1>(yb.add(j0), xb, xs, wt.add(j0), mb, n, k);
-        }
-        b0 += mb;
-    }
+    blocks(y, x, xs, wt, m, n, k, (1, (n, 16)), true);
+}
+
+/// [`matmul_packed`] with the weight in 16-column panels ([`crate::kernel::pack_panels`]:
+/// panel `p`'s row `kk` at `(p k + kk) 16`), each tile reading contiguous streams; `add` false
+/// overwrites `y` instead of adding to it.
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx512f,avx2,fma")]
+pub unsafe fn matmul_panels(
+    y: *mut f32,
+    x: *const f32,
+    xs: (usize, usize),
+    wp: *const f32,
+    m: usize,
+    n: usize,
+    k: usize,
+    add: bool,
+) {
+    // Column j0 (a multiple of 16) starts panel j0 / 16, at j0 / 16 * 16 k = j0 k.
+    blocks(y, x, xs, wp, m, n, k, (k, (16, 16 * k)), add);
 }
