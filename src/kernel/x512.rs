@@ -255,6 +255,10 @@ unsafe fn tile<const MR: usize, const NV: usize>(
     }
 }
 
+/// Rows of a full tile: 12 x 2 accumulators, two weight vectors and a broadcast fit the 32
+/// registers, and each broadcast feeds two FMAs.
+const MR_MAX: usize = 12;
+
 /// The row tiles of one column panel `NV * 16` wide.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
@@ -270,12 +274,16 @@ unsafe fn panel<const NV: usize>(
     add: bool,
 ) {
     let mut r0 = 0;
-    while r0 + 8 <= m {
-        tile::<8, NV>(y.add(r0 * n), x.add(r0 * xs.0), xs, wt, n, k, lay, add);
-        r0 += 8;
+    while r0 + MR_MAX <= m {
+        tile::<MR_MAX, NV>(y.add(r0 * n), x.add(r0 * xs.0), xs, wt, n, k, lay, add);
+        r0 += MR_MAX;
     }
     let (yr, xr) = (y.add(r0 * n), x.add(r0 * xs.0));
     match m - r0 {
+        11 => tile::<11, NV>(yr, xr, xs, wt, n, k, lay, add),
+        10 => tile::<10, NV>(yr, xr, xs, wt, n, k, lay, add),
+        9 => tile::<9, NV>(yr, xr, xs, wt, n, k, lay, add),
+        8 => tile::<8, NV>(yr, xr, xs, wt, n, k, lay, add),
         7 => tile::<7, NV>(yr, xr, xs, wt, n, k, lay, add),
         6 => tile::<6, NV>(yr, xr, xs, wt, n, k, lay, add),
         5 => tile::<5, NV>(yr, xr, xs, wt, n, k, lay, add),
