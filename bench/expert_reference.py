@@ -42,11 +42,6 @@ def parse():
     p.add_argument("--figure", default=None, help="figure name (default expert_bB_pP)")
     p.add_argument("--no-ort", action="store_true", help="skip the onnxruntime column")
     p.add_argument("--onnx", default=None, help="where to keep the exported graph (reused)")
-    p.add_argument(
-        "--onnx-repeat",
-        default=None,
-        help="also export the graph with the in-projection's broadcast materialised (repeat), to this path",
-    )
     p.add_argument("--check", default=None, help="a golden expert case directory to verify")
     return p.parse_args()
 
@@ -98,15 +93,10 @@ def build(model_dir, torch):
             a = v[..., None] * self.freqs * 2 * math.pi
             return torch.cat([a.sin(), a.cos()], -1) * math.sqrt(2)
 
-        # The one line a tract user changes to export: tract's EinSum decluttering loses the
-        # broadcast of `expand` into the concatenated matmul; `repeat` materialises it (same values).
-        materialise = False
-
         def forward(self, x, t):
             b, l, _ = x.shape
             fx = self.fourier(x).reshape(b, l, -1)
-            ft = self.fourier(t)[:, None, :]
-            ft = ft.repeat(1, l, 1) if self.materialise else ft.expand(b, l, -1)
+            ft = self.fourier(t)[:, None, :].expand(b, l, -1)
             return self.norm(self.encoder.trunk(torch.cat([fx, ft], -1)))
 
     fam = e["family"]
@@ -332,11 +322,6 @@ def main():
 
     path = a.onnx or os.path.join(tempfile.mkdtemp(prefix="fm-expert-onnx-"), "expert.onnx")
     exported = export_onnx(cfg, mods[1:], path, b, l, p, torch)
-    if a.onnx_repeat and not os.path.exists(a.onnx_repeat):
-        in_proj = mods[1]
-        in_proj.materialise = True
-        export_onnx(cfg, mods[1:], a.onnx_repeat, b, l, p, torch)
-        in_proj.materialise = False
     so = ort.SessionOptions()
     so.intra_op_num_threads = a.threads
     so.inter_op_num_threads = 1

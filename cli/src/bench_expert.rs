@@ -212,12 +212,6 @@ fn script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/expert_reference.py")
 }
 
-/// Where the export with the in-projection's broadcast materialised (`repeat` for `expand`:
-/// the one line a tract user changes) goes, beside `onnx`.
-fn repeat_export(onnx: &Path) -> PathBuf {
-    onnx.with_file_name("expert_repeat.onnx")
-}
-
 /// One Python round: `(figure, ms)` for PyTorch eager and, unless `ort` is false, onnxruntime.
 fn theirs(
     py: &str,
@@ -233,9 +227,7 @@ fn theirs(
         .arg("--model")
         .arg(model)
         .arg("--onnx")
-        .arg(onnx)
-        .arg("--onnx-repeat")
-        .arg(repeat_export(onnx));
+        .arg(onnx);
     cmd.args([
         "--prefix",
         &PREFIX.to_string(),
@@ -311,14 +303,7 @@ pub fn figures(
         #[cfg(feature = "onnx")]
         if tract && onnx.is_file() {
             // A network tract refuses is a figure without its column, not a failed bench.
-            // The unchanged export first; tract's EinSum decluttering refuses the seed's
-            // in-projection (a lost broadcast), so then the export with the one-line change.
-            let run = tract_ms(&onnx, &cfg, &mut expert, reps).or_else(|e| {
-                progress(&format!(
-                    "{tract_name}: tract refuses the unchanged export ({e}); trying the export with `expand` replaced by `repeat` in the in-projection"
-                ));
-                tract_ms(&repeat_export(&onnx), &cfg, &mut expert, reps)
-            });
+            let run = tract_ms(&onnx, &cfg, &mut expert, reps);
             match run {
                 Ok(run) => {
                     progress(&format!(

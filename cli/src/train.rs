@@ -272,7 +272,7 @@ pub struct EarlyStopArgs {
 ///
 /// Sizes chosen from the data when --steps, --batch, --hidden or --depth are not given
 /// (printed at the start): data of dimension D ≤ 16 get hidden 128, depth 3, batch 256,
-/// 20,000 steps; 16 < D ≤ 256: hidden 256, depth 3, batch 256, 8,000 steps; larger: hidden
+/// 20,000 steps; 16 < D ≤ 256: hidden 256, depth 3, batch 256, 24,000 steps; larger: hidden
 /// 512, depth 4, batch 128, 8,000 steps. A data file of N rows is seen at most 300 times
 /// (steps ≤ 300 N / batch), never fewer than 2,000 steps. The same rule holds with a
 /// continuous condition (--cond; docs/training.md).
