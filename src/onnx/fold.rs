@@ -98,9 +98,7 @@ pub(crate) fn constant_node(n: &pb::NodeProto) -> Option<Ints> {
 
 /// `a op b` with numpy broadcasting of equal shapes or a one-element side.
 fn binary(a: &Ints, b: &Ints, op: impl Fn(i64, i64) -> Option<i64>) -> Option<Ints> {
-    let (dims, n) = if a.dims == b.dims {
-        (a.dims.clone(), a.v.len())
-    } else if b.v.len() == 1 && b.dims.len() <= a.dims.len() {
+    let (dims, n) = if a.dims == b.dims || (b.v.len() == 1 && b.dims.len() <= a.dims.len()) {
         (a.dims.clone(), a.v.len())
     } else if a.v.len() == 1 && a.dims.len() <= b.dims.len() {
         (b.dims.clone(), b.v.len())
