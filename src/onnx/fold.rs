@@ -355,11 +355,11 @@ pub(crate) fn fold_graph<'a>(
     }
     for n in &graph.node {
         let ins: Vec<Option<&Ints>> = n.input.iter().map(|i| vals.get(i.as_str())).collect();
-        let shape_of = n.input.first().and_then(|i| {
-            vals.get(i.as_str())
-                .map(|v| v.dims.as_slice())
-                .or_else(|| shapes.get(i.as_str()).map(Vec::as_slice))
-        });
+        // Every folded value's dims are in `shapes` too.
+        let shape_of = n
+            .input
+            .first()
+            .and_then(|i| shapes.get(i.as_str()).map(Vec::as_slice));
         // Shape and Size need only the input's shape; every other op needs every input's
         // value (an absent optional input is empty and stays `None`).
         let ready = matches!(n.op_type.as_str(), "Shape" | "Size" | "Constant")

@@ -136,19 +136,7 @@ pub fn loss_and_grads(
     cond: Option<&Condition>,
     target: &Tensor,
 ) -> Result<(f32, Vec<(String, Tensor)>)> {
-    let params: Vec<(String, Tensor)> = model
-        .tensors()
-        .into_iter()
-        .filter(|(k, _)| !crate::VelocityMlpConfig::is_fixed(k))
-        .collect();
-    loss_and_grads_with(
-        |x, t, _| model.forward_cond(x, t, cond),
-        &params,
-        noisy_x,
-        t,
-        None,
-        target,
-    )
+    autograd_loss_and_grads(model, noisy_x, t, cond, target)
 }
 
 /// Replaces the labels whose drop-mask entry is 1 by the null class `num_classes`.
