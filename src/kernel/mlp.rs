@@ -489,15 +489,25 @@ pub fn loss_and_grads(
             .map(|i| {
                 let (r0, r1) = (i * per, ((i + 1) * per).min(b));
                 let d = w.d;
-                train_block(
-                    w,
-                    &x[r0 * d..r1 * d],
-                    &t[r0..r1],
-                    labels.map(|l| &l[r0..r1]),
-                    &target[r0 * d..r1 * d],
-                    scale,
-                    &packed,
-                )
+                let mut grads = zero_grads(w);
+                let mut sse = 0.0;
+                // Blocks of rows small enough that a block's activations stay in the core's
+                // L2 from its forward to its backward; the weight gradients add up over them
+                // in a fixed order.
+                for s0 in (r0..r1).step_by(TRAIN_BLOCK_ROWS) {
+                    let s1 = (s0 + TRAIN_BLOCK_ROWS).min(r1);
+                    sse += train_block(
+                        w,
+                        &x[s0 * d..s1 * d],
+                        &t[s0..s1],
+                        labels.map(|l| &l[s0..s1]),
+                        &target[s0 * d..s1 * d],
+                        scale,
+                        &packed,
+                        &mut grads,
+                    );
+                }
+                (sse, grads)
             })
             .collect()
     };
@@ -543,8 +553,27 @@ fn give(bufs: impl IntoIterator<Item = Vec<f32>>) {
     POOL.with(|p| p.borrow_mut().extend(bufs));
 }
 
-/// Forward and backward over one block of rows; returns the block's sum of squared errors and
-/// its (unreduced) gradients.
+/// Rows per block of a training step (per thread): 256 rows of width 256 are 256 KB an
+/// activation, so a block's forward activations, sigmoids and gradients stay in a 2 MB L2.
+const TRAIN_BLOCK_ROWS: usize = 256;
+
+/// Zeroed gradients in [`loss_and_grads`]' order: the condition rows' embedding (when there is
+/// one), then each layer's weight and bias.
+fn zero_grads(w: &MlpWeights<'_>) -> Vec<Vec<f32>> {
+    let mut grads: Vec<Vec<f32>> = Vec::new();
+    if let Some(emb) = w.cond {
+        grads.push(vec![0.0; emb.len()]);
+    }
+    for (wl, bl) in &w.layers {
+        grads.push(vec![0.0; wl.len()]);
+        grads.push(vec![0.0; bl.len()]);
+    }
+    grads
+}
+
+/// Forward and backward over one block of rows, adding its gradients to `grads` (laid out as
+/// by [`zero_grads`]); returns the block's sum of squared errors.
+#[allow(clippy::too_many_arguments)]
 fn train_block(
     w: &MlpWeights<'_>,
     x: &[f32],
@@ -553,23 +582,16 @@ fn train_block(
     target: &[f32],
     scale: f32,
     packed: &[Vec<f32>],
-) -> (f64, Vec<Vec<f32>>) {
+    grads: &mut [Vec<f32>],
+) -> f64 {
     let (d, h, in0, f) = (w.d, w.h, w.in0(), w.f());
     let m = t.len();
     let depth = w.depth();
     let col_k = d + 2 * f;
     let k = in0 - col_k;
-    let mut grads: Vec<Vec<f32>> = Vec::new();
-    if let Some(emb) = w.cond {
-        grads.push(vec![0.0; emb.len()]);
-    }
-    let g0 = grads.len();
-    for (wl, bl) in &w.layers {
-        grads.push(vec![0.0; wl.len()]);
-        grads.push(vec![0.0; bl.len()]);
-    }
+    let g0 = usize::from(w.cond.is_some());
     if m == 0 {
-        return (0.0, grads);
+        return 0.0;
     }
     let null = w.cond.map_or(0, |emb| emb.len() / k.max(1) - 1);
     // The input rows [x, e(t), k(c)].
@@ -654,5 +676,5 @@ fn train_block(
     give([h0, grad_out]);
     give(acts);
     give(sigs);
-    (sse, grads)
+    sse
 }
