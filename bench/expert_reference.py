@@ -43,6 +43,11 @@ def parse():
     p.add_argument("--no-ort", action="store_true", help="skip the onnxruntime column")
     p.add_argument("--onnx", default=None, help="where to keep the exported graph (reused)")
     p.add_argument("--check", default=None, help="a golden expert case directory to verify")
+    p.add_argument(
+        "--tract-onnx",
+        default=None,
+        help="also export the network without a Concat feeding a MatMul (tract's variant) here",
+    )
     return p.parse_args()
 
 
@@ -170,7 +175,12 @@ class Exportable:
     """The same expert with the prefix keys and values as explicit inputs, for torch.onnx."""
 
     @staticmethod
-    def module(cfg, in_proj, decoder, out_proj, torch):
+    def module(cfg, in_proj, decoder, out_proj, torch, split=False):
+        """`split`: the same arithmetic with no Concat feeding a MatMul, for tract 0.23, whose
+        EinSum decluttering loses the broadcast of such a Concat's expanded part ("Trying to
+        substitute a 6,64,256 by 6,1,256"): the in-projection's first Linear is the values'
+        part plus the time's part broadcast over the tokens, and attention takes the prefix
+        and the own keys as two products under one softmax."""
         nn = torch.nn
         e = cfg["expert"]
         nh, nkv, hd = e["num_attention_heads"], e["num_key_value_heads"], e["head_dim"]
@@ -181,9 +191,21 @@ class Exportable:
                 super().__init__()
                 self.in_proj, self.decoder, self.out_proj = in_proj, decoder, out_proj
 
+            def in_proj_split(self, x, t):
+                ip = self.in_proj
+                b, l, _ = x.shape
+                fx = ip.fourier(x).reshape(b, l, -1)
+                first = ip.encoder.trunk[0]
+                kx = fx.shape[-1]
+                w = first.weight
+                h = fx @ w[:, :kx].T + (ip.fourier(t) @ w[:, kx:].T + first.bias)[:, None, :]
+                for m in list(ip.encoder.trunk)[1:]:
+                    h = m(h)
+                return ip.norm(h)
+
             def forward(self, x, t, pos, *kv):
                 b, l, _ = x.shape
-                h = self.in_proj(x, t)
+                h = self.in_proj_split(x, t) if split else self.in_proj(x, t)
                 inv = 1.0 / (theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
                 ang = pos[:, None].float() * inv[None]
                 emb = torch.cat([ang, ang], -1)
@@ -204,13 +226,21 @@ class Exportable:
                     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
                     q, k = rot(q), rot(k)
                     kp, vp = kv[2 * i], kv[2 * i + 1]
-                    k = torch.cat([kp.expand(b, -1, -1, -1), k], 2)
-                    v = torch.cat([vp.expand(b, -1, -1, -1), v], 2)
                     g = nh // nkv
-                    k = k[:, :, None].expand(-1, -1, g, -1, -1).reshape(b, nh, -1, hd)
-                    v = v[:, :, None].expand(-1, -1, g, -1, -1).reshape(b, nh, -1, hd)
-                    s = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(hd), -1)
-                    o = (s @ v).transpose(1, 2).reshape(b, l, nh * hd)
+                    heads = lambda z: z[:, :, None].expand(-1, -1, g, -1, -1).reshape(b, nh, -1, hd)
+                    if split:
+                        kp, vp = heads(kp.expand(b, -1, -1, -1)), heads(vp.expand(b, -1, -1, -1))
+                        k, v = heads(k), heads(v)
+                        np_ = kp.shape[2]
+                        s = torch.cat([q @ kp.transpose(-1, -2), q @ k.transpose(-1, -2)], -1)
+                        s = torch.softmax(s / math.sqrt(hd), -1)
+                        o = s[..., :np_] @ vp + s[..., np_:] @ v
+                    else:
+                        k = heads(torch.cat([kp.expand(b, -1, -1, -1), k], 2))
+                        v = heads(torch.cat([vp.expand(b, -1, -1, -1), v], 2))
+                        s = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(hd), -1)
+                        o = s @ v
+                    o = o.transpose(1, 2).reshape(b, l, nh * hd)
                     h = h + a.o_proj(o)
                     h = h + layer.mlp(layer.post_attention_layernorm(h))
                 return self.out_proj(self.decoder.norm(h))
@@ -218,10 +248,10 @@ class Exportable:
         return M().eval()
 
 
-def export_onnx(cfg, mods, path, b, l, p, torch):
+def export_onnx(cfg, mods, path, b, l, p, torch, split=False):
     """Exports the network once to `path` (kept and reused when it exists); returns the module."""
     e = cfg["expert"]
-    m = Exportable.module(cfg, *mods, torch)
+    m = Exportable.module(cfg, *mods, torch, split)
     if os.path.exists(path):
         return m
     nkv, hd, n = e["num_key_value_heads"], e["head_dim"], e["num_hidden_layers"]
@@ -341,6 +371,14 @@ def main():
     err = max(float(np.abs(mine - want).max()), float(np.abs(got - want).max()))
     if not err <= 1e-3 * (1 + float(np.abs(want).max())):
         raise SystemExit(f"the ONNX export disagrees with transformers' model by {err}")
+    if a.tract_onnx:
+        variant = export_onnx(cfg, mods[1:], a.tract_onnx, b, l, p, torch, split=True)
+        with torch.no_grad():
+            theirs = variant(x, t, torch.from_numpy(pos), *[z for kv in zip(ks, vs) for z in kv]).numpy()
+        tsess = ort.InferenceSession(a.tract_onnx, so, providers=["CPUExecutionProvider"])
+        err = max(float(np.abs(theirs - want).max()), float(np.abs(tsess.run(["v"], feed)[0] - want).max()))
+        if not err <= 1e-3 * (1 + float(np.abs(want).max())):
+            raise SystemExit(f"tract's variant of the ONNX export disagrees with transformers' model by {err}")
 
     def ort_call():
         ks, vs = caches.pop()

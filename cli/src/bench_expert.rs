@@ -212,11 +212,13 @@ fn script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/expert_reference.py")
 }
 
-/// One Python round: `(figure, ms)` for PyTorch eager and, unless `ort` is false, onnxruntime.
+/// One Python round: `(figure, ms)` for PyTorch eager and, unless `ort` is false, onnxruntime;
+/// with `tract_onnx`, the export's variant that tract 0.23 can load is written there too.
 fn theirs(
     py: &str,
     model: &Path,
     onnx: &Path,
+    tract_onnx: Option<&Path>,
     reps: usize,
     ort: bool,
 ) -> Result<Vec<(String, f64)>> {
@@ -238,6 +240,9 @@ fn theirs(
     cmd.args(["--threads", &threads]);
     if !ort {
         cmd.arg("--no-ort");
+    }
+    if let Some(p) = tract_onnx {
+        cmd.arg("--tract-onnx").arg(p);
     }
     let stdout = script_stdout(
         &mut cmd,
@@ -285,13 +290,18 @@ pub fn figures(
         ));
     }
     let onnx = dir.join("expert.onnx");
+    // tract 0.23 cannot load the export as written (a broadcast lost in its EinSum
+    // decluttering of a Concat feeding a MatMul), so it runs the same arithmetic written
+    // without one (bench/expert_reference.py --tract-onnx; checked against transformers).
+    let tract_onnx = dir.join("expert_tract.onnx");
     let (mut ours, mut torch_ms, mut ort_ms) = (Vec::new(), Vec::new(), Vec::new());
     let (mut tract_fresh, mut tract_same) = (Vec::new(), Vec::new());
     for r in 0..rounds.max(1) {
         ours.push(ours_ms(&mut expert, &cfg, reps)?);
         progress(&format!("{main} round {}: ours done", r + 1));
         if torch {
-            for (f, ms) in theirs(py, &model, &onnx, reps, ort)? {
+            let variant = (tract && ort).then_some(tract_onnx.as_path());
+            for (f, ms) in theirs(py, &model, &onnx, variant, reps, ort)? {
                 if f == main {
                     torch_ms.push(ms);
                 } else if f == ort_name {
@@ -301,9 +311,9 @@ pub fn figures(
             progress(&format!("{main} round {}: Python done", r + 1));
         }
         #[cfg(feature = "onnx")]
-        if tract && onnx.is_file() {
+        if tract && tract_onnx.is_file() {
             // A network tract refuses is a figure without its column, not a failed bench.
-            let run = tract_ms(&onnx, &cfg, &mut expert, reps);
+            let run = tract_ms(&tract_onnx, &cfg, &mut expert, reps);
             match run {
                 Ok(run) => {
                     progress(&format!(
