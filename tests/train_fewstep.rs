@@ -3,8 +3,11 @@
 
 use candle_core::{DType, Device, Tensor};
 use flow_matching::coupling::{pairing, Coupling, OtSolver};
+use flow_matching::model::{Condition, TransformerConfig};
 use flow_matching::reflow::{generate_pairs, reflow, ReflowOptions};
-use flow_matching::train::{EarlyStopping, Sizing, TrainConfig, Trainer, Validation};
+use flow_matching::train::{
+    EarlyStopReport, EarlyStopping, Sizing, TrainConfig, TrainableModel, Trainer, Validation,
+};
 use flow_matching::{Method, VelocityMlp, VelocityMlpConfig, XDims};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -184,6 +187,19 @@ fn flat(m: &VelocityMlp) -> Vec<Vec<f32>> {
         .collect()
 }
 
+/// Checks that early stopping kept the model that scored best (it scores the same again);
+/// returns that lowest validation loss.
+fn kept_best<M: TrainableModel>(report: &EarlyStopReport, val: &Validation, model: &M) -> f64 {
+    let min = report
+        .validation
+        .iter()
+        .map(|p| p.1)
+        .fold(f64::INFINITY, f64::min);
+    assert_eq!(report.best.1, min);
+    assert!((val.loss(model).unwrap() - min).abs() < 1e-9);
+    min
+}
+
 #[test]
 fn early_stopping_keeps_the_best_weights() {
     let mut rng = StdRng::seed_from_u64(7);
@@ -202,13 +218,7 @@ fn early_stopping_keeps_the_best_weights() {
             &stop,
         )
         .unwrap();
-    let min = report
-        .validation
-        .iter()
-        .map(|p| p.1)
-        .fold(f64::INFINITY, f64::min);
-    assert_eq!(report.best.1, min);
-    assert!((val.loss(&out.model).unwrap() - min).abs() < 1e-9);
+    kept_best(&report, &val, &out.model);
     // The loss falls at first, so the best is not the first evaluation.
     assert!(report.best.0 > 20, "{report:?}");
     if report.stopped_early {
@@ -227,6 +237,64 @@ fn early_stopping_keeps_the_best_weights() {
         e.contains("early stopping") && e.contains("at least 1"),
         "{e}"
     );
+}
+
+/// Sequences [4, 2] whose level is set by a 1-number condition c: x[l] = (c, c * l / 4).
+fn cond_sequences(rng: &mut StdRng, b: usize) -> (Tensor, Condition) {
+    let (mut x, mut c) = (Vec::with_capacity(8 * b), Vec::with_capacity(b));
+    for _ in 0..b {
+        let v: f32 = rng.random_range(-1.0..1.0);
+        for l in 0..4 {
+            let n: f32 = StandardNormal.sample(rng);
+            x.extend([v + 0.05 * n, v * l as f32 / 4.0]);
+        }
+        c.push(v);
+    }
+    (
+        Tensor::from_vec(x, (b, 4, 2), &CPU).unwrap(),
+        Condition::features(Tensor::from_vec(c, (b, 1), &CPU).unwrap()),
+    )
+}
+
+#[test]
+fn early_stopping_trains_a_conditional_transformer_and_keeps_its_best_weights() {
+    let mut rng = StdRng::seed_from_u64(3);
+    let (held, held_c) = cond_sequences(&mut rng, 64);
+    let val = Validation::with_condition(&held, Some(held_c.clone()), 2, 0).unwrap();
+    assert_eq!(val.len(), 128);
+    let cfg = TransformerConfig {
+        width: 16,
+        heads: 2,
+        depth: 1,
+        mlp_hidden: 32,
+        cond_dims: Some(XDims::new(1).unwrap()),
+        ..TransformerConfig::new(XDims::new([4, 2]).unwrap())
+    };
+    let stop = EarlyStopping {
+        every: 10,
+        patience: 3,
+        min_rel_improvement: 0.0,
+    };
+    let mut t = Trainer::new(cfg, config(60), &CPU).unwrap();
+    let untrained = val.loss(&t.ema_model().unwrap()).unwrap();
+    let (out, report) = t
+        .train_early_stopping(
+            |rng: &mut StdRng, b| Ok(cond_sequences(rng, b)),
+            &val,
+            &stop,
+        )
+        .unwrap();
+    // The returned model is the one that scored best, under the held-out condition.
+    let min = kept_best(&report, &val, &out.model);
+    assert!(
+        min < untrained,
+        "held-out loss {min} not below the untrained {untrained}"
+    );
+    // The condition's rows must match the samples'.
+    let e = Validation::with_condition(&held, Some(held_c.narrow(0, 10).unwrap()), 2, 0)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("10 rows") && e.contains("(64)"), "{e}");
 }
 
 #[test]

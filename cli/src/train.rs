@@ -19,8 +19,8 @@ use flow_matching::model::{
 };
 use flow_matching::output::{check_outputs, prepare_outputs};
 use flow_matching::train::{
-    AdamWParams, EarlyStopping, ModelConfig, Sizing, TrainConfig, TrainOutput, TrainableModel,
-    Trainer, Validation,
+    AdamWParams, Architecture, EarlyStopping, ModelConfig, Sizing, TrainConfig, TrainOutput,
+    TrainableModel, Trainer, Validation, TRANSFORMER_BUDGET, TRANSFORMER_STEPS,
 };
 
 /// Model and optimiser settings shared by `train` and `demo`.
@@ -240,7 +240,7 @@ impl std::str::FromStr for Arch {
             other => Err(Error::UnknownName {
                 kind: "architecture (--arch)",
                 name: flow_matching::limits::excerpt(other),
-                known: "mlp, transformer".to_string(),
+                known: "auto, mlp, transformer".to_string(),
             }),
         }
     }
@@ -271,11 +271,14 @@ pub struct EarlyStopArgs {
 /// Arguments of `train`.
 ///
 /// Sizes chosen from the data when --steps, --batch, --hidden or --depth are not given
-/// (printed at the start): data of dimension D ≤ 16 get hidden 128, depth 3, batch 256,
-/// 20,000 steps; 16 < D ≤ 256: hidden 256, depth 3, batch 256, 24,000 steps; larger: hidden
-/// 512, depth 4, batch 128, 8,000 steps. A data file of N rows is seen at most 300 times
-/// (steps ≤ 300 N / batch), never fewer than 2,000 steps. The same rule holds with a
-/// continuous condition (--cond; docs/training.md).
+/// (printed at the start). --arch auto takes the waypoint transformer (width 64, depth 3,
+/// batch 256, 3,000 steps, fewer if they would not fit in 9 minutes) for a file of at least
+/// 10,000 sequences [L, C] with L ≥ 32 and C ≤ 8 and no class labels, the velocity-mlp
+/// otherwise: data of dimension D ≤ 16 get hidden 128, depth 3, batch 256, 20,000 steps;
+/// 16 < D ≤ 256: hidden 256, depth 3, batch 256, 24,000 steps; larger: hidden 512, depth 4,
+/// batch 128, 8,000 steps. A data file of N rows is seen at most 300 times (steps ≤ 300 N /
+/// batch), never fewer than 2,000 steps. The same rule holds with a continuous condition
+/// (--cond; docs/training.md).
 #[derive(Debug, clap::Args)]
 #[command(verbatim_doc_comment)]
 pub struct TrainArgs {
@@ -293,9 +296,10 @@ pub struct TrainArgs {
     /// --data. Dropped to a learned null condition at --cond-drop (classifier-free guidance).
     #[arg(long, value_name = "C.npy")]
     cond: Option<PathBuf>,
-    /// The velocity network: mlp (any shape) or transformer (rows [L, C]: one token per
-    /// waypoint, docs/waypoint-transformer.md). A resumed run keeps its checkpoint's.
-    #[arg(long, default_value = "mlp")]
+    /// The velocity network: auto (the rule below), mlp (any shape) or transformer (rows
+    /// [L, C]: one token per waypoint, docs/waypoint-transformer.md). A resumed run keeps its
+    /// checkpoint's.
+    #[arg(long, default_value = "auto")]
     arch: String,
     #[command(flatten)]
     settings: TrainSettings,
@@ -631,13 +635,14 @@ fn run_trainer<M: TrainableModel>(
     }
 }
 
-/// [`fit`] for the waypoint transformer.
+/// [`fit`] for the waypoint transformer, optionally with early stopping on a held-out slice.
 pub fn fit_transformer(
     data: &TrainingData,
     settings: &TrainSettings,
     resume: Option<&Path>,
     out: &Path,
     device: &Device,
+    early: Option<&EarlyStopArgs>,
 ) -> Result<TrainOutput<WaypointTransformer>> {
     let trainer = trainer_for(
         data,
@@ -651,11 +656,10 @@ pub fn fit_transformer(
         trainer.config().batch_size,
         trainer.config().steps,
     )?;
-    run_trainer(data, trainer, out)
+    run_early(data, trainer, out, early)
 }
 
-/// [`fit`], optionally with early stopping on a held-out slice (velocity-mlp without a
-/// continuous condition).
+/// [`fit`], optionally with early stopping on a held-out slice.
 pub fn fit_with(
     data: &TrainingData,
     settings: &TrainSettings,
@@ -676,64 +680,137 @@ pub fn fit_with(
         trainer.config().batch_size,
         trainer.config().steps,
     )?;
+    run_early(data, trainer, out, early)
+}
+
+/// Refuses a `--val-fraction` outside (0, 1).
+fn check_fraction(fraction: f64) -> Result<()> {
+    if fraction > 0.0 && fraction < 1.0 {
+        return Ok(());
+    }
+    Err(Error::invalid(
+        "--val-fraction",
+        fraction,
+        "a fraction strictly between 0 and 1",
+    ))
+}
+
+/// Rows held out of a toy or of the driving scenes (fresh draws, not seen in training).
+const HELD_OUT_DRAWN: usize = 2000;
+
+/// The held-out rows of an early-stopped run and the data it trains on instead.
+struct HeldOut {
+    /// The rest of a table with its condition rows (`None`: endless data, drawn as before).
+    train: Option<TrainingData>,
+    /// The held-out samples `[N, *x_dims]`.
+    x: Tensor,
+    /// Their labels or continuous condition rows.
+    cond: Option<Condition>,
+}
+
+impl TrainingData {
+    /// Splits off a seeded `fraction` of a table's rows (the same rows of its condition), or
+    /// draws fresh held-out rows from endless data.
+    fn held_out(&self, fraction: f64, seed: u64) -> Result<HeldOut> {
+        check_fraction(fraction)?;
+        let labels = |l: Option<Vec<u32>>, device: &Device| -> Result<Option<Condition>> {
+            match l {
+                Some(l) if self.num_classes > 0 => Ok(Some(Condition::labels(&l, device)?)),
+                _ => Ok(None),
+            }
+        };
+        let Some(t) = &self.table else {
+            if self.source == DataSource::Driving {
+                let d = driving::draw_driving(HELD_OUT_DRAWN, seed)?;
+                return Ok(HeldOut {
+                    train: None,
+                    x: d.x,
+                    cond: Some(Condition::features(d.cond)),
+                });
+            }
+            let all: Vec<usize> = (0..HELD_OUT_DRAWN).collect();
+            let (x, l) = self.source.load(HELD_OUT_DRAWN, seed)?.batch(&all)?;
+            let cond = labels(l, x.device())?;
+            return Ok(HeldOut {
+                train: None,
+                x,
+                cond,
+            });
+        };
+        if t.len() < 2 {
+            return Err(Error::invalid(
+                "--early-stop",
+                &self.source,
+                format!(
+                    "a data file of at least 2 rows to hold some out (it has {})",
+                    t.len()
+                ),
+            ));
+        }
+        let mut rng: StdRng = rand::SeedableRng::seed_from_u64(seed);
+        let idx = t.shuffled_indices(&mut rng);
+        let k = ((t.len() as f64 * fraction).round() as usize).clamp(1, t.len() - 1);
+        let (held_idx, rest_idx) = idx.split_at(k);
+        let (x, held_labels) = t.batch(held_idx)?;
+        let rest = t.batch(rest_idx)?;
+        let rows = |which: &[usize], c: &Tensor| -> Result<Tensor> {
+            let i: Vec<u32> = which.iter().map(|&i| i as u32).collect();
+            Ok(c.index_select(&Tensor::from_vec(i, which.len(), c.device())?, 0)?)
+        };
+        let (cond, train_cond) = match &self.cond {
+            Some(c) => (
+                Some(Condition::features(rows(held_idx, &c.values)?)),
+                Some(CondData {
+                    values: rows(rest_idx, &c.values)?,
+                    origin: c.origin.clone(),
+                }),
+            ),
+            None => (labels(held_labels, x.device())?, None),
+        };
+        Ok(HeldOut {
+            train: Some(TrainingData {
+                source: self.source.clone(),
+                table: Some(Dataset::new(rest.0, rest.1, t.num_classes)?),
+                x_dims: self.x_dims.clone(),
+                num_classes: self.num_classes,
+                cond: train_cond,
+            }),
+            x,
+            cond,
+        })
+    }
+}
+
+/// Runs a trainer to its end, or, with `--early-stop`, on the data less a held-out slice
+/// until the slice's loss stops improving (the best EMA weights are returned and written).
+fn run_early<M: TrainableModel>(
+    data: &TrainingData,
+    trainer: Trainer<M>,
+    out: &Path,
+    early: Option<&EarlyStopArgs>,
+) -> Result<TrainOutput<M>> {
     let Some(early) = early.filter(|e| e.early_stop) else {
         return run_trainer(data, trainer, out);
     };
-    if let Some(c) = &data.cond {
-        return Err(Error::invalid(
-            "--early-stop",
-            &c.origin,
-            "a run without a continuous condition (held-out losses under --cond are not implemented)",
-        ));
-    }
-    if !(early.val_fraction > 0.0 && early.val_fraction < 1.0) {
-        return Err(Error::invalid(
-            "--val-fraction",
-            early.val_fraction,
-            "a fraction strictly between 0 and 1",
-        ));
-    }
-    let bar = crate::progress::Bar::new(trainer.config().steps, "step");
-    let mut trainer = trainer.with_checkpoint(out).with_progress(bar.callback());
     let seed = trainer.config().seed;
-    // The held-out rows: a seeded slice of a table (training draws from the rest), or a fresh
-    // sample of a toy.
-    let (train_table, held) = match &data.table {
-        Some(t) => {
-            let mut rng: StdRng = rand::SeedableRng::seed_from_u64(seed ^ 0x5eed);
-            let idx = t.shuffled_indices(&mut rng);
-            let k = ((t.len() as f64 * early.val_fraction).round() as usize).clamp(1, t.len() - 1);
-            let held = t.batch(&idx[..k])?;
-            let rest = t.batch(&idx[k..])?;
-            (Some(Dataset::new(rest.0, rest.1, t.num_classes)?), held)
-        }
-        None => (
-            None,
-            data.source
-                .load(2000, seed.wrapping_add(0x5eed))?
-                .batch(&(0..2000).collect::<Vec<_>>())?,
-        ),
-    };
-    let labels = if data.num_classes > 0 { held.1 } else { None };
-    let validation = Validation::new(&held.0, labels, 4, seed.wrapping_add(1))?;
+    let held = data.held_out(early.val_fraction, seed ^ 0x5eed)?;
+    let validation = Validation::with_condition(&held.x, held.cond, 4, seed.wrapping_add(1))?;
     let stop = EarlyStopping {
         every: early.val_every,
         patience: early.patience,
         ..EarlyStopping::default()
     };
-    let draw = |rng: &mut StdRng, b: usize| -> Result<Batch> {
-        match &train_table {
-            Some(t) => {
-                let (x, l) = t.random_batch(rng, b)?;
-                Ok((x, if data.num_classes > 0 { l } else { None }))
-            }
-            None => data.draw(rng, b),
-        }
+    let bar = crate::progress::Bar::new(trainer.config().steps, "step");
+    let mut trainer = trainer.with_checkpoint(out).with_progress(bar.callback());
+    let train = held.train.as_ref().unwrap_or(data);
+    let (out, report) = if train.cond.is_some() {
+        trainer.train_early_stopping(|rng, b| train.draw_cond(rng, b), &validation, &stop)?
+    } else {
+        trainer.train_early_stopping(|rng, b| train.draw(rng, b), &validation, &stop)?
     };
-    let (out, report) = trainer.train_early_stopping(draw, &validation, &stop)?;
     drop(bar);
     eprintln!(
-        "early stopping: best held-out loss {:.5} at step {}{} ({} evaluations)",
+        "early stopping: best held-out loss {:.5} at step {}{} ({} evaluations on {} held-out rows)",
         report.best.1,
         report.best.0,
         if report.stopped_early {
@@ -741,13 +818,14 @@ pub fn fit_with(
         } else {
             String::new()
         },
-        report.validation.len()
+        report.validation.len(),
+        held.x.dims().first().copied().unwrap_or(0)
     );
     Ok(out)
 }
 
 /// Runs `train`.
-pub fn run(a: TrainArgs) -> Result<()> {
+pub fn run(mut a: TrainArgs) -> Result<()> {
     let device = Device::Cpu;
     // Every output is checked and locked before the data is read or a step is taken.
     let mut outputs = vec![("--out", a.out.as_path())];
@@ -769,26 +847,44 @@ pub fn run(a: TrainArgs) -> Result<()> {
         check_outputs(&[("--loss-plot", plot)], &[("--resume", resume)])?;
     }
     // A resumed run keeps its checkpoint's kind of model.
-    let arch = match &a.resume {
-        Some(p) if file_format(p)?.as_deref() == Some(TRANSFORMER_FORMAT) => Arch::Transformer,
-        Some(_) => Arch::Mlp,
-        None => a.arch.parse()?,
+    let resumed = match &a.resume {
+        Some(p) if file_format(p)?.as_deref() == Some(TRANSFORMER_FORMAT) => {
+            Some(Arch::Transformer)
+        }
+        Some(_) => Some(Arch::Mlp),
+        None => None,
     };
+    let auto = resumed.is_none() && a.arch == "auto";
+    if !auto && resumed.is_none() {
+        a.arch.parse::<Arch>()?;
+    }
     let mut data = TrainingData::open(&a.data, a.label_column, a.conditional)?;
     if let Some(c) = &a.cond {
         data = data.with_cond_file(c, &device)?;
     }
-    if arch == Arch::Transformer && a.early.early_stop {
-        return Err(Error::invalid(
-            "--early-stop",
-            "--arch transformer",
-            "a velocity-mlp run (early stopping is not implemented for the transformer)",
-        ));
+    let arch = match resumed {
+        Some(arch) => arch,
+        None if auto => match Architecture::for_data(data.rows(), &data.x_dims) {
+            Architecture::Transformer if data.num_classes == 0 => Arch::Transformer,
+            _ => Arch::Mlp,
+        },
+        None => a.arch.parse()?,
+    };
+    if auto && arch == Arch::Transformer && a.settings.steps.is_none() {
+        // The measured step count, capped by the budget on a slower machine; a budget the
+        // user gives is kept.
+        a.settings.steps = Some(TRANSFORMER_STEPS);
+        if a.settings.time_budget.is_none() {
+            a.settings.time_budget = Some(format!("{}m", TRANSFORMER_BUDGET.as_secs() / 60));
+        }
     }
     if a.resume.is_none() {
         let (sizing, chosen) = data.sizing(&a.settings);
         // Refuse bad settings before printing anything.
         a.settings.train_config(&sizing)?;
+        if a.early.early_stop {
+            check_fraction(a.early.val_fraction)?;
+        }
         let steps = match (&a.settings.time_budget, a.settings.steps) {
             (Some(b), None) => format!("steps planned to fit {b}"),
             (Some(b), Some(n)) => format!("at most {n} steps planned to fit {b}"),
@@ -798,7 +894,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
             Arch::Mlp => {
                 data.mlp_config(&a.settings, &sizing)?;
                 format!(
-                    "hidden {}, depth {}, batch {}, {steps}",
+                    "velocity-mlp hidden {}, depth {}, batch {}, {steps}",
                     sizing.hidden, sizing.depth, sizing.batch_size
                 )
             }
@@ -812,7 +908,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         };
         if chosen {
             eprintln!(
-                "sizes: {what} (chosen from the data: {} of dimension {}{}; set --steps --batch --hidden --depth to override)",
+                "sizes: {what} (chosen from the data: {} of dimension {}{}; set --arch --steps --batch --hidden --depth to override)",
                 data.rows().map_or("endless samples".to_string(), |n| format!("{n} rows")),
                 data.dim(),
                 data.cond_features().map_or(String::new(), |c| format!(" with a {c}-number condition"))
@@ -820,21 +916,15 @@ pub fn run(a: TrainArgs) -> Result<()> {
         }
     }
     let start = std::time::Instant::now();
+    let (s, o, resume, early) = (
+        &a.settings,
+        a.out.as_path(),
+        a.resume.as_deref(),
+        Some(&a.early),
+    );
     let history = match arch {
-        Arch::Mlp => {
-            fit_with(
-                &data,
-                &a.settings,
-                a.resume.as_deref(),
-                &a.out,
-                &device,
-                Some(&a.early),
-            )?
-            .history
-        }
-        Arch::Transformer => {
-            fit_transformer(&data, &a.settings, a.resume.as_deref(), &a.out, &device)?.history
-        }
+        Arch::Mlp => fit_with(&data, s, resume, o, &device, early)?.history,
+        Arch::Transformer => fit_transformer(&data, s, resume, o, &device, early)?.history,
     };
     let secs = start.elapsed().as_secs_f64();
     let last = history.last().map(|h| h.1).unwrap_or(f32::NAN);

@@ -5,7 +5,7 @@ mod support;
 
 use std::path::Path;
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use flow_matching::io::{read_npy, write_npy};
 use rand::{Rng, SeedableRng};
 use support::{run, tmp};
@@ -49,6 +49,39 @@ fn fails(args: &[&str]) -> String {
     err
 }
 
+/// `train --cond` with the tests' small sizes (both architectures' flags) and `extra` flags;
+/// returns its stderr.
+fn train(x: &str, c: &str, arch: &str, steps: &str, model: &Path, extra: &[&str]) -> String {
+    let model = s(model);
+    let mut args = vec![
+        "train",
+        "--data",
+        x,
+        "--cond",
+        c,
+        "--arch",
+        arch,
+        "--steps",
+        steps,
+        "--batch",
+        "64",
+        "--hidden",
+        "64",
+        "--depth",
+        "2",
+        "--width",
+        "32",
+        "--mlp-hidden",
+        "64",
+        "--warmup",
+        "10",
+        "--out",
+        &model,
+    ];
+    args.extend_from_slice(extra);
+    ok(&args)
+}
+
 #[test]
 fn conditional_train_and_sample_for_both_architectures() {
     let (x, c) = write_data(256, "both");
@@ -57,31 +90,7 @@ fn conditional_train_and_sample_for_both_architectures() {
         // 1500 MLP steps: under logit-normal times and the EMA, 300 leave the second channel
         // about 0.45 off its target (measured); 1500 land within 0.08 (seeds 0-2).
         let steps = if arch == "mlp" { "1500" } else { "60" };
-        ok(&[
-            "train",
-            "--data",
-            &x,
-            "--cond",
-            &c,
-            "--arch",
-            arch,
-            "--steps",
-            steps,
-            "--batch",
-            "64",
-            "--hidden",
-            "64",
-            "--depth",
-            "2",
-            "--width",
-            "32",
-            "--mlp-hidden",
-            "64",
-            "--warmup",
-            "10",
-            "--out",
-            &s(&model),
-        ]);
+        train(&x, &c, arch, steps, &model, &[]);
         // Two condition rows, 5 samples each: [10, 4, 2], condition-major.
         let cond2 = tmp(&format!("{arch}-c2.npy"));
         write_npy(
@@ -131,6 +140,136 @@ fn conditional_train_and_sample_for_both_architectures() {
         ]);
         assert_eq!(read_npy(&out, &Device::Cpu).unwrap().dims(), &[4, 4, 2]);
     }
+}
+
+/// `n` sequences [l, 2] with a 1-number condition (zeros: only the shapes matter here).
+fn write_sequences(n: usize, l: usize, name: &str) -> (String, String) {
+    let xp = tmp(&format!("{name}-x.npy"));
+    let cp = tmp(&format!("{name}-c.npy"));
+    write_npy(
+        &xp,
+        &Tensor::zeros((n, l, 2), DType::F32, &Device::Cpu).unwrap(),
+    )
+    .unwrap();
+    write_npy(
+        &cp,
+        &Tensor::zeros((n, 1), DType::F32, &Device::Cpu).unwrap(),
+    )
+    .unwrap();
+    (s(&xp), s(&cp))
+}
+
+#[test]
+fn the_architecture_is_chosen_from_the_data_and_printed() {
+    // 10,000 sequences of 32 waypoints: the transformer (the rule's smallest such table).
+    let (x, c) = write_sequences(10_000, 32, "auto-big");
+    let model = tmp("auto-big.safetensors");
+    let err = ok(&[
+        "train",
+        "--data",
+        &x,
+        "--cond",
+        &c,
+        "--out",
+        &s(&model),
+        "--steps",
+        "2",
+    ]);
+    assert!(
+        err.contains("sizes: transformer width 64, depth 3, heads 4, batch 256, 2 steps (chosen from the data: 10000 rows of dimension 64 with a 1-number condition"),
+        "{err}"
+    );
+    // Without --steps the transformer takes the measured 3,000 steps at most, within 9
+    // minutes or within the budget given.
+    let err = ok(&[
+        "train",
+        "--data",
+        &x,
+        "--cond",
+        &c,
+        "--out",
+        &s(&model),
+        "--time-budget",
+        "1s",
+    ]);
+    assert!(
+        err.contains("sizes: transformer width 64, depth 3, heads 4, batch 256, at most 3000 steps planned to fit 1s"),
+        "{err}"
+    );
+    // Fewer rows or shorter sequences: the velocity-mlp.
+    for (n, l) in [(9_999, 32), (10_000, 31)] {
+        let (x, c) = write_sequences(n, l, &format!("auto-{n}-{l}"));
+        let err = ok(&[
+            "train",
+            "--data",
+            &x,
+            "--cond",
+            &c,
+            "--out",
+            &s(&model),
+            "--steps",
+            "2",
+        ]);
+        assert!(
+            err.contains("sizes: velocity-mlp hidden 256, depth 3"),
+            "{n} x {l}: {err}"
+        );
+    }
+}
+
+#[test]
+fn early_stopping_holds_out_condition_rows_for_both_architectures() {
+    let (x, c) = write_data(200, "early");
+    for arch in ["mlp", "transformer"] {
+        let model = tmp(&format!("early-{arch}.safetensors"));
+        let early = [
+            "--early-stop",
+            "--val-every",
+            "20",
+            "--patience",
+            "2",
+            "--val-fraction",
+            "0.25",
+        ];
+        let err = train(&x, &c, arch, "60", &model, &early);
+        // A quarter of 200 rows, scored at steps 20, 40 and 60 (unless stopped first).
+        assert!(
+            err.contains("early stopping: best held-out loss")
+                && err.contains("on 50 held-out rows"),
+            "{arch}: {err}"
+        );
+        let out = tmp(&format!("early-{arch}-samples.npy"));
+        ok(&[
+            "sample",
+            "--model",
+            &s(&model),
+            "--cond",
+            &c,
+            "--per-cond",
+            "1",
+            "--out",
+            &s(&out),
+        ]);
+        assert_eq!(read_npy(&out, &Device::Cpu).unwrap().dims(), &[200, 4, 2]);
+    }
+    let e = fails(&[
+        "train",
+        "--data",
+        &x,
+        "--cond",
+        &c,
+        "--steps",
+        "5",
+        "--early-stop",
+        "--val-fraction",
+        "1.5",
+        "--out",
+        &s(&tmp("early-bad.safetensors")),
+    ]);
+    assert_eq!(
+        e,
+        "error: invalid --val-fraction 1.5: a fraction strictly between 0 and 1"
+    );
 }
 
 #[test]

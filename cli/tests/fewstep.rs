@@ -25,7 +25,7 @@ fn train_prints_the_sizes_it_chose() {
     let (ok, _, err) = cli(&["train", "--data", "moons", "--steps", "3", "--out", o]);
     assert!(ok, "{err}");
     assert!(
-        err.contains("sizes: hidden 128, depth 3, batch 256, 3 steps (chosen from the data: endless samples of dimension 2"),
+        err.contains("sizes: velocity-mlp hidden 128, depth 3, batch 256, 3 steps (chosen from the data: endless samples of dimension 2"),
         "{err}"
     );
     let m = VelocityMlp::load(&out, &Device::Cpu).unwrap();

@@ -30,7 +30,10 @@ pub use budget::TimeBudget;
 pub use config::TrainConfig;
 pub use model::{ModelConfig, TrainableModel};
 pub use optim::{clip_grad_norm, grad_norm, lr_at, AdamW, AdamWParams, Ema, LrSchedule};
-pub use sizing::{Sizing, MAX_EPOCHS, MIN_STEPS};
+pub use sizing::{
+    Architecture, Sizing, MAX_EPOCHS, MIN_STEPS, TRANSFORMER_BUDGET, TRANSFORMER_MAX_CHANNELS,
+    TRANSFORMER_MIN_ROWS, TRANSFORMER_MIN_TOKENS, TRANSFORMER_STEPS,
+};
 pub use validation::{EarlyStopReport, EarlyStopping, Validation};
 
 /// The loss and the gradient of every trainable weight (by its file key) for one batch:

@@ -1,5 +1,5 @@
 //! Early stopping: train until a held-out validation loss stops improving, keep the best
-//! weights.
+//! weights (any [`TrainableModel`], under labels, a continuous condition or none).
 //!
 //! The flow-matching loss of one batch is very noisy (it depends on the drawn times and
 //! noise), so the validation set fixes its draws once: each held-out row gets `draws` times
@@ -10,22 +10,54 @@ use candle_core::{DType, Tensor};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use super::{TrainOutput, Trainer};
+use super::{TrainOutput, TrainableModel, Trainer};
 use crate::error::{Error, Result};
 use crate::flow_matching::{randn, TrainingBatch};
-use crate::model::VelocityMlp;
+use crate::model::{Condition, IntoCondition};
+
+/// Held-out samples scored per forward pass: bounds the memory of one evaluation (a
+/// transformer's activations grow with its tokens).
+const CHUNK: usize = 1024;
 
 /// A held-out set with its times and noise drawn once.
 #[derive(Debug, Clone)]
 pub struct Validation {
     batch: TrainingBatch,
-    labels: Option<Vec<u32>>,
+    cond: Option<Condition>,
 }
 
 impl Validation {
     /// Fixes `draws` uniform times and noise rows for each row of `x` `[N, *x_dims]` (with
     /// its labels for a conditional model), from `seed`.
     pub fn new(x: &Tensor, labels: Option<Vec<u32>>, draws: usize, seed: u64) -> Result<Self> {
+        let cond = labels
+            .map(|l| Condition::labels(&l, x.device()))
+            .transpose()?;
+        Self::with_condition(x, cond, draws, seed)
+    }
+
+    /// [`Self::new`] for any condition: the rows' labels or continuous features
+    /// `[N, *c_dims]` (row i conditions row i of `x`).
+    ///
+    /// ```
+    /// use candle_core::{DType, Device, Tensor};
+    /// use flow_matching::model::Condition;
+    /// use flow_matching::train::Validation;
+    /// let x = Tensor::zeros((10, 4), DType::F32, &Device::Cpu)?;
+    /// let c = Condition::features(Tensor::ones((10, 3), DType::F32, &Device::Cpu)?);
+    /// let v = Validation::with_condition(&x, Some(c), 2, 0)?;
+    /// assert_eq!(v.len(), 20);
+    /// // One condition row per sample row.
+    /// let c = Condition::features(Tensor::ones((9, 3), DType::F32, &Device::Cpu)?);
+    /// assert!(Validation::with_condition(&x, Some(c), 2, 0).is_err());
+    /// # Ok::<(), flow_matching::Error>(())
+    /// ```
+    pub fn with_condition(
+        x: &Tensor,
+        cond: Option<Condition>,
+        draws: usize,
+        seed: u64,
+    ) -> Result<Self> {
         if draws == 0 {
             return Err(Error::invalid("validation draws", 0, "at least 1 per row"));
         }
@@ -37,21 +69,31 @@ impl Validation {
             });
         }
         let n = x.dim(0)?;
-        if let Some(l) = &labels {
-            if l.len() != n {
+        if let Some(c) = &cond {
+            let rows = c.batch()?;
+            if rows != n {
                 return Err(Error::invalid(
-                    "validation labels",
-                    format!("{} labels", l.len()),
+                    "validation condition",
+                    format!("{rows} rows"),
                     format!("one per held-out row ({n})"),
                 ));
             }
         }
-        let idx: Vec<u32> = (0..n * draws).map(|i| (i % n) as u32).collect();
-        let idx = Tensor::from_vec(idx, n * draws, x.device())?;
-        let x = x.to_dtype(DType::F32)?.index_select(&idx, 0)?;
-        let labels = labels.map(|l| (0..n * draws).map(|i| l[i % n]).collect());
-        let mut rng = StdRng::seed_from_u64(seed);
         let m = n * draws;
+        let idx: Vec<u32> = (0..m).map(|i| (i % n) as u32).collect();
+        let idx = Tensor::from_vec(idx, m, x.device())?;
+        let x = x.to_dtype(DType::F32)?.index_select(&idx, 0)?;
+        let cond = match cond {
+            None => None,
+            Some(Condition::Labels(l)) => Some(Condition::Labels(
+                l.to_dtype(DType::U32)?.index_select(&idx, 0)?,
+            )),
+            Some(Condition::Features { values, keep }) => Some(Condition::Features {
+                values: values.index_select(&idx, 0)?,
+                keep: keep.map(|k| k.index_select(&idx, 0)).transpose()?,
+            }),
+        };
+        let mut rng = StdRng::seed_from_u64(seed);
         // Uniform times weight the whole path equally, as the sampler integrates it.
         let t: Vec<f32> = (0..m).map(|_| rng.random::<f32>()).collect();
         let t = Tensor::from_vec(t, m, x.device())?;
@@ -59,20 +101,43 @@ impl Validation {
         let mask = Tensor::zeros(m, DType::F32, x.device())?;
         Ok(Validation {
             batch: TrainingBatch::from_parts(&x, &t, &noise, mask)?,
-            labels,
+            cond,
         })
     }
 
+    /// The number of scored samples (held-out rows × draws).
+    pub fn len(&self) -> usize {
+        self.batch.x.dims().first().copied().unwrap_or(0)
+    }
+
+    /// Whether there is nothing to score (never, for a set built by [`Self::new`]).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// The mean squared error of `model`'s velocity on the fixed draws.
-    pub fn loss(&self, model: &VelocityMlp) -> Result<f64> {
-        let m = self.batch.x.dim(0)?;
-        let labels = match &self.labels {
-            Some(l) => Some(model.labels_tensor(l, m)?),
-            None => None,
-        };
-        let pred = model.forward(&self.batch.noisy_x, &self.batch.t, labels.as_ref())?;
-        let err = (pred - self.batch.target()?)?.sqr()?.mean_all()?;
-        Ok(err.to_dtype(DType::F64)?.to_scalar::<f64>()?)
+    pub fn loss<M: TrainableModel>(&self, model: &M) -> Result<f64> {
+        let m = self.len();
+        let target = self.batch.target()?;
+        let mut sum = 0.0f64;
+        for start in (0..m).step_by(CHUNK) {
+            let len = CHUNK.min(m - start);
+            let cond = self
+                .cond
+                .as_ref()
+                .map(|c| c.narrow(start, len))
+                .transpose()?;
+            let pred = model
+                .forward_cond(
+                    &self.batch.noisy_x.narrow(0, start, len)?,
+                    &self.batch.t.narrow(0, start, len)?,
+                    cond.as_ref(),
+                )?
+                .detach();
+            let err = (pred - target.narrow(0, start, len)?)?.sqr()?.sum_all()?;
+            sum += err.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        }
+        Ok(sum / target.elem_count() as f64)
     }
 }
 
@@ -109,19 +174,20 @@ pub struct EarlyStopReport {
     pub stopped_early: bool,
 }
 
-impl Trainer {
+impl<M: TrainableModel> Trainer<M> {
     /// Trains up to `config.steps`, evaluating the EMA model on `validation` every
     /// `stop.every` steps, and stops once `stop.patience` evaluations in a row brought no
     /// new best; the returned model is the best EMA model seen (`raw` is the last raw
     /// weights). A checkpoint, when a path is set, is written at the end.
-    pub fn train_early_stopping<D>(
+    pub fn train_early_stopping<D, C>(
         &mut self,
         mut data: D,
         validation: &Validation,
         stop: &EarlyStopping,
-    ) -> Result<(TrainOutput, EarlyStopReport)>
+    ) -> Result<(TrainOutput<M>, EarlyStopReport)>
     where
-        D: FnMut(&mut StdRng, usize) -> Result<(Tensor, Option<Vec<u32>>)>,
+        D: FnMut(&mut StdRng, usize) -> Result<(Tensor, C)>,
+        C: IntoCondition,
     {
         if stop.every == 0 || stop.patience == 0 {
             return Err(Error::invalid(
@@ -130,11 +196,18 @@ impl Trainer {
                 "both at least 1",
             ));
         }
+        // Held for the whole run, as by `train`: a second run writing the same checkpoint
+        // fails at once.
+        let _lock = self
+            .checkpoint
+            .as_deref()
+            .map(crate::output::OutputLock::acquire)
+            .transpose()?;
         let mut total = self.config.steps;
         let mut reporter = crate::progress::Reporter::new("train", self.step.min(total), total);
         self.start_budget();
         let mut history = Vec::new();
-        let mut best: Option<(usize, f64, VelocityMlp)> = None;
+        let mut best: Option<(usize, f64, M)> = None;
         let mut misses = 0;
         let mut stopped_early = false;
         while self.step < total {
