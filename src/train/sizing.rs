@@ -21,7 +21,7 @@
 //! [`TRANSFORMER_BUDGET`]; the MLP above otherwise. On the two outside trajectory sources at
 //! equal time (the MLP's 23,438 steps against 1,000 transformer steps) the MLP scored better
 //! (highway-env 0.247 against 0.325 m, urban 0.425 against 0.504 m); at 3,000 transformer
-//! steps (about three times the MLP's time, 7.4 minutes on a 2-core Xeon) the transformer
+//! steps (two to three times the MLP's time, 5-7.4 minutes on a 2-core Xeon) the transformer
 //! scored better on each (docs/training.md, "Which network").
 
 use std::fmt;
@@ -40,8 +40,9 @@ pub enum Architecture {
 /// The steps of a waypoint transformer chosen by the rule (the measured point: 3,000 steps at
 /// batch 256 took minADE_6 below the velocity-mlp's on both outside sources).
 pub const TRANSFORMER_STEPS: usize = 3_000;
-/// The wall-clock budget that caps [`TRANSFORMER_STEPS`] on a slower machine (7.4 minutes on
-/// a 2-core Xeon: 6.8 steps/s).
+/// The wall-clock budget that caps [`TRANSFORMER_STEPS`] on a slower machine (they take 5.1
+/// to 7.4 minutes on a quiet 2-core Xeon: 9.7 to 6.8 steps/s in `bench --figures
+/// train_traj_b256`).
 pub const TRANSFORMER_BUDGET: Duration = Duration::from_secs(9 * 60);
 /// The fewest rows, waypoints and the most channels for which the rule takes the transformer.
 pub const TRANSFORMER_MIN_ROWS: usize = 10_000;
