@@ -231,18 +231,34 @@ pub enum Arch {
     Transformer,
 }
 
-impl std::str::FromStr for Arch {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
+impl Arch {
+    /// `train --arch`: `auto` (`None`: chosen from the data by `Architecture::for_data`) or
+    /// one of the networks.
+    fn parse_or_auto(s: &str) -> Result<Option<Self>> {
+        if s == "auto" {
+            return Ok(None);
+        }
+        Self::named(s, "auto, mlp, transformer").map(Some)
+    }
+
+    /// The network named `s`; an unknown name's error lists `known`.
+    fn named(s: &str, known: &str) -> Result<Self> {
         match s {
             "mlp" => Ok(Arch::Mlp),
             "transformer" => Ok(Arch::Transformer),
             other => Err(Error::UnknownName {
                 kind: "architecture (--arch)",
                 name: flow_matching::limits::excerpt(other),
-                known: "auto, mlp, transformer".to_string(),
+                known: known.to_string(),
             }),
         }
+    }
+}
+
+impl std::str::FromStr for Arch {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Self::named(s, "mlp, transformer")
     }
 }
 
@@ -846,31 +862,23 @@ pub fn run(mut a: TrainArgs) -> Result<()> {
     if let (Some(plot), Some(resume)) = (&a.loss_plot, &a.resume) {
         check_outputs(&[("--loss-plot", plot)], &[("--resume", resume)])?;
     }
-    // A resumed run keeps its checkpoint's kind of model.
-    let resumed = match &a.resume {
+    // A resumed run keeps its checkpoint's kind of model; `None`: --arch auto.
+    let asked = match &a.resume {
         Some(p) if file_format(p)?.as_deref() == Some(TRANSFORMER_FORMAT) => {
             Some(Arch::Transformer)
         }
         Some(_) => Some(Arch::Mlp),
-        None => None,
+        None => Arch::parse_or_auto(&a.arch)?,
     };
-    let auto = resumed.is_none() && a.arch == "auto";
-    if !auto && resumed.is_none() {
-        a.arch.parse::<Arch>()?;
-    }
     let mut data = TrainingData::open(&a.data, a.label_column, a.conditional)?;
     if let Some(c) = &a.cond {
         data = data.with_cond_file(c, &device)?;
     }
-    let arch = match resumed {
-        Some(arch) => arch,
-        None if auto => match Architecture::for_data(data.rows(), &data.x_dims) {
-            Architecture::Transformer if data.num_classes == 0 => Arch::Transformer,
-            _ => Arch::Mlp,
-        },
-        None => a.arch.parse()?,
-    };
-    if auto && arch == Arch::Transformer && a.settings.steps.is_none() {
+    let arch = asked.unwrap_or_else(|| match Architecture::for_data(data.rows(), &data.x_dims) {
+        Architecture::Transformer if data.num_classes == 0 => Arch::Transformer,
+        _ => Arch::Mlp,
+    });
+    if asked.is_none() && arch == Arch::Transformer && a.settings.steps.is_none() {
         // The measured step count, capped by the budget on a slower machine; a budget the
         // user gives is kept.
         a.settings.steps = Some(TRANSFORMER_STEPS);

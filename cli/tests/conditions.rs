@@ -161,37 +161,24 @@ fn write_sequences(n: usize, l: usize, name: &str) -> (String, String) {
 
 #[test]
 fn the_architecture_is_chosen_from_the_data_and_printed() {
+    let model = tmp("auto-big.safetensors");
+    // `train` with every size chosen, plus `extra`; returns its stderr.
+    let train_chosen = |x: &str, c: &str, extra: &[&str]| {
+        let m = s(&model);
+        let mut args = vec!["train", "--data", x, "--cond", c, "--out", &m];
+        args.extend_from_slice(extra);
+        ok(&args)
+    };
     // 10,000 sequences of 32 waypoints: the transformer (the rule's smallest such table).
     let (x, c) = write_sequences(10_000, 32, "auto-big");
-    let model = tmp("auto-big.safetensors");
-    let err = ok(&[
-        "train",
-        "--data",
-        &x,
-        "--cond",
-        &c,
-        "--out",
-        &s(&model),
-        "--steps",
-        "2",
-    ]);
+    let err = train_chosen(&x, &c, &["--steps", "2"]);
     assert!(
         err.contains("sizes: transformer width 64, depth 3, heads 4, batch 256, 2 steps (chosen from the data: 10000 rows of dimension 64 with a 1-number condition"),
         "{err}"
     );
     // Without --steps the transformer takes the measured 3,000 steps at most, within 9
     // minutes or within the budget given.
-    let err = ok(&[
-        "train",
-        "--data",
-        &x,
-        "--cond",
-        &c,
-        "--out",
-        &s(&model),
-        "--time-budget",
-        "1s",
-    ]);
+    let err = train_chosen(&x, &c, &["--time-budget", "1s"]);
     assert!(
         err.contains("sizes: transformer width 64, depth 3, heads 4, batch 256, at most 3000 steps planned to fit 1s"),
         "{err}"
@@ -199,17 +186,7 @@ fn the_architecture_is_chosen_from_the_data_and_printed() {
     // Fewer rows or shorter sequences: the velocity-mlp.
     for (n, l) in [(9_999, 32), (10_000, 31)] {
         let (x, c) = write_sequences(n, l, &format!("auto-{n}-{l}"));
-        let err = ok(&[
-            "train",
-            "--data",
-            &x,
-            "--cond",
-            &c,
-            "--out",
-            &s(&model),
-            "--steps",
-            "2",
-        ]);
+        let err = train_chosen(&x, &c, &["--steps", "2"]);
         assert!(
             err.contains("sizes: velocity-mlp hidden 256, depth 3"),
             "{n} x {l}: {err}"
