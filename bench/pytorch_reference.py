@@ -234,6 +234,12 @@ def main():
 
     ms = median_ms(step, max(1, int(10 * args.reps_scale)))
     out.append({"figure": "train_b4096", "value": 1e3 / ms})
+    # gemm_b4096: the hidden layer's product at the training batch, into a kept output.
+    a = torch.randn(b, 256, generator=g)
+    w = torch.randn(256, 256, generator=g)
+    y = torch.empty(b, 256)
+    ms = median_ms(lambda: torch.matmul(a, w, out=y), max(1, int(20 * args.reps_scale)))
+    out.append({"figure": "gemm_b4096", "value": 2 * b * 256 * 256 / (ms * 1e6)})
     for o in out:
         print(json.dumps(o), flush=True)
 

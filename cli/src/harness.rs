@@ -26,20 +26,37 @@ pub const BIG_BATCH: usize = 4096;
 /// Euler steps per sample.
 pub const STEPS: usize = 10;
 
-/// The velocity-mlp and waypoint-transformer figures this module makes, in the table's order
-/// (the first six are the ones `bench/pytorch_reference.py` times).
-pub const FIGURES: [&str; 10] = [
+/// The velocity-mlp and waypoint-transformer figures this module makes, in the table's order.
+pub const FIGURES: [&str; 12] = [
     "sample_b1",
     "sample_rk4_b1",
     "sample_cfg_b1",
     "sample_b64",
     "sample_b4096",
     "train_b4096",
+    "train_b4096_peak",
+    "gemm_b4096",
     "traj_b6",
     "train_traj_b256",
     "train_traj_b256_peak",
     "peak_rss_b4096",
 ];
+
+/// The figures that `bench/pytorch_reference.py` times, all in one run of it.
+const SCRIPT_FIGURES: [&str; 8] = [
+    "sample_b1",
+    "sample_rk4_b1",
+    "sample_cfg_b1",
+    "sample_b64",
+    "sample_b4096",
+    "train_b4096",
+    "train_b4096_peak",
+    "gemm_b4096",
+];
+
+/// Rows, depth and width of the `gemm_b4096` product: the velocity-mlp's hidden layer at the
+/// training batch.
+const GEMM: (usize, usize, usize) = (BIG_BATCH, 256, 256);
 
 /// A choice of figures by name (`bench --figures`).
 pub type Wants<'a> = &'a dyn Fn(&str) -> bool;
@@ -62,11 +79,14 @@ impl Figure {
     /// theirs / ours, rates ours / theirs.
     pub fn ratio(&self) -> Option<f64> {
         let p = self.pytorch?;
-        Some(if self.unit == "steps/s" {
-            self.ours / p
-        } else {
-            p / self.ours
-        })
+        // Rates and shares of the peak are better higher; times and memory lower.
+        Some(
+            if matches!(self.unit, "steps/s" | "GFLOP/s" | "% of FMA peak") {
+                self.ours / p
+            } else {
+                p / self.ours
+            },
+        )
     }
 }
 
@@ -583,13 +603,54 @@ fn our_round(
             v.push(("sample_cfg_b1".into(), cfg_sample_ms(cond, reps(n))?));
         }
     }
-    if wants("train_b4096") {
+    // The share of the peak is computed from the rate after the rounds.
+    if wants("train_b4096") || wants("train_b4096_peak") {
         v.push((
             "train_b4096".into(),
             train_steps_per_s(BIG_BATCH, reps(10))?,
         ));
     }
+    if wants("gemm_b4096") {
+        v.push(("gemm_b4096".into(), gemm_gflops(reps(20))));
+    }
     Ok(v)
+}
+
+/// GFLOP/s of the `gemm_b4096` product `y += x w` (`[4096, 256] x [256, 256]`) through the
+/// packed kernel that training uses, each pool thread taking its share of the rows as a
+/// training step does; the median of `reps` products.
+pub fn gemm_gflops(reps: usize) -> f64 {
+    use rayon::prelude::*;
+    let (m, k, n) = GEMM;
+    let x: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.37).sin()).collect();
+    let wt: Vec<f32> = (0..k * n).map(|i| (i as f32 * 0.11).cos() / 16.0).collect();
+    let mut y = vec![0f32; m * n];
+    let per = m.div_ceil(flow_matching::kernel::available_threads());
+    let mut times = Vec::with_capacity(reps);
+    for rep in 0..=reps {
+        let t0 = Instant::now();
+        y.par_chunks_mut(per * n)
+            .zip(x.par_chunks(per * k))
+            .for_each(|(yc, xc)| {
+                flow_matching::kernel::matmul_packed(yc, xc, &wt, xc.len() / k, n, k)
+            });
+        // The first product warms the pool and the caches.
+        if rep > 0 {
+            times.push(t0.elapsed().as_secs_f64());
+        }
+    }
+    std::hint::black_box(&y);
+    2.0 * (m * n * k) as f64 / median(times) / 1e9
+}
+
+/// The floating-point operations of one training step of a velocity-mlp at `batch` rows:
+/// twice the multiply-adds of every layer's forward product and weight gradient, and of
+/// every input gradient but the first layer's (the input needs none).
+pub fn mlp_train_flop(cfg: &VelocityMlpConfig, batch: usize) -> f64 {
+    let d: usize = cfg.x_dims.dims().iter().product();
+    let (h, first) = (cfg.hidden, d + 2 * cfg.num_freqs);
+    let forward = first * h + (cfg.depth - 1) * h * h + h * d;
+    2.0 * ((3 * forward - first * h) * batch) as f64
 }
 
 /// One round on a GPU: `model` is already on `device`.
@@ -681,7 +742,7 @@ pub fn run(
         }
         progress(&format!("round {}: ours done", r + 1));
         // PyTorch's script times all its sampling and training figures at once.
-        let script_figures = FIGURES[..6].iter().any(|f| wants(f));
+        let script_figures = SCRIPT_FIGURES.iter().any(|f| wants(f));
         if torch && script_figures {
             let cond_arg = cond_path.to_string_lossy();
             let guidance = GUIDANCE.to_string();
@@ -709,16 +770,44 @@ pub fn run(
             progress(&format!("round {}: PyTorch done", r + 1));
         }
     }
+    // Measured once, after the rounds: the peak run is a second of every core's FMA units,
+    // which would disturb a round.
+    let peak = (gpu.is_none() && (wants("train_traj_b256_peak") || wants("train_b4096_peak")))
+        .then(flow_matching::kernel::peak::fma_peak_gflops)
+        .unwrap_or(f64::NAN);
+    if gpu.is_none() && wants("train_b4096_peak") {
+        let flop = mlp_train_flop(model.config(), BIG_BATCH);
+        let rate = |acc: &[(String, Vec<f64>)]| {
+            acc.iter()
+                .find(|(k, _)| k == "train_b4096")
+                .map(|(_, v)| median(v.clone()))
+        };
+        let share = |r: f64| 100.0 * flop * r / 1e9 / peak;
+        let mine = rate(&ours).unwrap_or(f64::NAN);
+        let note = rate(&theirs).map_or(String::new(), |r| {
+            push(&mut theirs, vec![("train_b4096_peak".into(), share(r))]);
+            format!(
+                "; PyTorch {:.1} GFLOP/s; twice PyTorch's rate would be {:.0}% of the peak",
+                flop * r / 1e9,
+                share(2.0 * r)
+            )
+        });
+        progress(&format!(
+            "train_b4096: {:.2} GFLOP a step, ours {:.1} GFLOP/s{note}; the FMA peak of {} threads: {peak:.0} GFLOP/s",
+            flop / 1e9,
+            flop * mine / 1e9,
+            flow_matching::kernel::available_threads()
+        ));
+        push(&mut ours, vec![("train_b4096_peak".into(), share(mine))]);
+    }
     if gpu.is_none() && wants("train_traj_b256_peak") {
-        // Measured once, after the rounds, from the median rate: the peak run is a second of
-        // every core's FMA units, which would disturb a round.
+        // From the median rate.
         let rate = ours
             .iter()
             .find(|(k, _)| k == "train_traj_b256")
             .map_or(f64::NAN, |(_, v)| median(v.clone()));
         let cfg = train_traj_model(&VarMap::new())?.config().clone();
         let gflops = transformer_train_flop(&cfg, TRAIN_TRAJ_BATCH) * rate / 1e9;
-        let peak = flow_matching::kernel::peak::fma_peak_gflops();
         progress(&format!(
             "train_traj_b256: {:.2} GFLOP a step, {gflops:.1} GFLOP/s; the FMA peak of {} threads: {peak:.0} GFLOP/s",
             transformer_train_flop(&cfg, TRAIN_TRAJ_BATCH) / 1e9,
@@ -765,6 +854,8 @@ fn figures(ours: Vec<(String, Vec<f64>)>, theirs: &[(String, Vec<f64>)]) -> Vec<
         .map(|(k, xs)| {
             let unit = if k.ends_with("_peak") {
                 "% of FMA peak"
+            } else if k.starts_with("gemm") {
+                "GFLOP/s"
             } else if k.starts_with("train") {
                 "steps/s"
             } else if k.starts_with("peak") {
@@ -804,6 +895,24 @@ mod tests {
         // two FLOP, three passes and 256 samples.
         let gflop = transformer_train_flop(cfg, TRAIN_TRAJ_BATCH) / 1e9;
         assert!((13.0..13.1).contains(&gflop), "{gflop}");
+    }
+
+    #[test]
+    fn train_b4096_counts_the_workload_step_and_gemm_b4096_runs() {
+        let model = workload_model(&VarMap::new()).unwrap();
+        // Forward 34 x 256 + 2 x 256 x 256 + 256 x 2 = 140,288 multiply-adds a row; three
+        // passes less the first layer's input gradient (8,704), two FLOP each, 4,096 rows.
+        let flop = mlp_train_flop(model.config(), BIG_BATCH);
+        assert_eq!(flop, 2.0 * (3.0 * 140_288.0 - 8_704.0) * 4096.0);
+        let g = gemm_gflops(1);
+        assert!(g.is_finite() && g > 0.0, "{g}");
+        let f = Figure {
+            figure: "gemm_b4096".into(),
+            ours: 200.0,
+            pytorch: Some(100.0),
+            unit: "GFLOP/s",
+        };
+        assert_eq!(f.ratio(), Some(2.0));
     }
 
     #[test]
