@@ -26,7 +26,8 @@ pub const BIG_BATCH: usize = 4096;
 /// Euler steps per sample.
 pub const STEPS: usize = 10;
 
-/// The velocity-mlp and waypoint-transformer figures this module makes, in the table's order.
+/// The velocity-mlp and waypoint-transformer figures this module makes, in the table's order
+/// (the first [`SCRIPT_FIGURES`] are the ones `bench/pytorch_reference.py` times).
 pub const FIGURES: [&str; 12] = [
     "sample_b1",
     "sample_rk4_b1",
@@ -42,17 +43,8 @@ pub const FIGURES: [&str; 12] = [
     "peak_rss_b4096",
 ];
 
-/// The figures that `bench/pytorch_reference.py` times, all in one run of it.
-const SCRIPT_FIGURES: [&str; 8] = [
-    "sample_b1",
-    "sample_rk4_b1",
-    "sample_cfg_b1",
-    "sample_b64",
-    "sample_b4096",
-    "train_b4096",
-    "train_b4096_peak",
-    "gemm_b4096",
-];
+/// How many of [`FIGURES`], from the first, `bench/pytorch_reference.py` times in one run.
+const SCRIPT_FIGURES: usize = 8;
 
 /// Rows, depth and width of the `gemm_b4096` product: the velocity-mlp's hidden layer at the
 /// training batch.
@@ -742,7 +734,7 @@ pub fn run(
         }
         progress(&format!("round {}: ours done", r + 1));
         // PyTorch's script times all its sampling and training figures at once.
-        let script_figures = SCRIPT_FIGURES.iter().any(|f| wants(f));
+        let script_figures = FIGURES[..SCRIPT_FIGURES].iter().any(|f| wants(f));
         if torch && script_figures {
             let cond_arg = cond_path.to_string_lossy();
             let guidance = GUIDANCE.to_string();
@@ -777,14 +769,9 @@ pub fn run(
         .unwrap_or(f64::NAN);
     if gpu.is_none() && wants("train_b4096_peak") {
         let flop = mlp_train_flop(model.config(), BIG_BATCH);
-        let rate = |acc: &[(String, Vec<f64>)]| {
-            acc.iter()
-                .find(|(k, _)| k == "train_b4096")
-                .map(|(_, v)| median(v.clone()))
-        };
         let share = |r: f64| 100.0 * flop * r / 1e9 / peak;
-        let mine = rate(&ours).unwrap_or(f64::NAN);
-        let note = rate(&theirs).map_or(String::new(), |r| {
+        let mine = median_of(&ours, "train_b4096").unwrap_or(f64::NAN);
+        let note = median_of(&theirs, "train_b4096").map_or(String::new(), |r| {
             push(&mut theirs, vec![("train_b4096_peak".into(), share(r))]);
             format!(
                 "; PyTorch {:.1} GFLOP/s; twice PyTorch's rate would be {:.0}% of the peak",
@@ -801,16 +788,13 @@ pub fn run(
         push(&mut ours, vec![("train_b4096_peak".into(), share(mine))]);
     }
     if gpu.is_none() && wants("train_traj_b256_peak") {
-        // From the median rate.
-        let rate = ours
-            .iter()
-            .find(|(k, _)| k == "train_traj_b256")
-            .map_or(f64::NAN, |(_, v)| median(v.clone()));
+        let rate = median_of(&ours, "train_traj_b256").unwrap_or(f64::NAN);
         let cfg = train_traj_model(&VarMap::new())?.config().clone();
-        let gflops = transformer_train_flop(&cfg, TRAIN_TRAJ_BATCH) * rate / 1e9;
+        let flop = transformer_train_flop(&cfg, TRAIN_TRAJ_BATCH);
+        let gflops = flop * rate / 1e9;
         progress(&format!(
             "train_traj_b256: {:.2} GFLOP a step, {gflops:.1} GFLOP/s; the FMA peak of {} threads: {peak:.0} GFLOP/s",
-            transformer_train_flop(&cfg, TRAIN_TRAJ_BATCH) / 1e9,
+            flop / 1e9,
             flow_matching::kernel::available_threads()
         ));
         push(
@@ -849,6 +833,13 @@ pub fn run(
 }
 
 /// The medians of both sides' rounds as table rows, in our figures' order.
+/// The median of the figure `name` over the rounds in `acc`, when it was measured.
+fn median_of(acc: &[(String, Vec<f64>)], name: &str) -> Option<f64> {
+    acc.iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| median(v.clone()))
+}
+
 fn figures(ours: Vec<(String, Vec<f64>)>, theirs: &[(String, Vec<f64>)]) -> Vec<Figure> {
     ours.into_iter()
         .map(|(k, xs)| {
@@ -863,10 +854,7 @@ fn figures(ours: Vec<(String, Vec<f64>)>, theirs: &[(String, Vec<f64>)]) -> Vec<
             } else {
                 "ms"
             };
-            let pytorch = theirs
-                .iter()
-                .find(|(n, _)| *n == k)
-                .map(|(_, v)| median(v.clone()));
+            let pytorch = median_of(theirs, &k);
             Figure {
                 figure: k,
                 ours: median(xs),
