@@ -832,7 +832,6 @@ pub fn run(
     Ok(figures(ours, &theirs))
 }
 
-/// The medians of both sides' rounds as table rows, in our figures' order.
 /// The median of the figure `name` over the rounds in `acc`, when it was measured.
 fn median_of(acc: &[(String, Vec<f64>)], name: &str) -> Option<f64> {
     acc.iter()
@@ -840,6 +839,7 @@ fn median_of(acc: &[(String, Vec<f64>)], name: &str) -> Option<f64> {
         .map(|(_, v)| median(v.clone()))
 }
 
+/// The medians of both sides' rounds as table rows, in our figures' order.
 fn figures(ours: Vec<(String, Vec<f64>)>, theirs: &[(String, Vec<f64>)]) -> Vec<Figure> {
     ours.into_iter()
         .map(|(k, xs)| {
